@@ -1,0 +1,1 @@
+"""Scenes: camera models, COLMAP and transforms.json readers, image decoding and caching."""

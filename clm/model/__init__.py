@@ -1,0 +1,1 @@
+"""Gaussian models: the attribute spec, initialisation, and the PLY format."""

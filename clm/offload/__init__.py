@@ -1,0 +1,1 @@
+"""Offloading: host row store, frustum culling, the GPU row cache and the transfers."""

@@ -1,0 +1,1 @@
+"""Optimisers: dense and lazy sparse Adam, on the GPU and natively on the CPU."""

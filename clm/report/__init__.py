@@ -1,0 +1,1 @@
+"""Reports written next to a run: metrics and plots."""

@@ -1,0 +1,1 @@
+"""Procedural scenes rendered by ray casting, written in COLMAP layout for tests, demos and benchmarks."""

@@ -1,0 +1,1 @@
+"""Training presets as TOML files (shipped in the wheel as clm.configs)."""

@@ -1,0 +1,1 @@
+"""CUDA and C sources compiled at run time (shipped in the wheel as clm.kernels)."""
