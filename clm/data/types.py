@@ -13,11 +13,20 @@ class Distortion:
     """Lens distortion of a COLMAP/OpenCV camera, removed when the image is decoded.
 
     ``model`` is one of ``SIMPLE_RADIAL`` (k1), ``RADIAL`` (k1, k2) and ``OPENCV``
-    (k1, k2, p1, p2), with ``params`` in that order.
+    (k1, k2, p1, p2), with ``params`` in that order. ``fx, fy, cx, cy`` and
+    ``width``/``height`` describe the distorted image as it is undistorted: the file after any
+    resize, with the pixel-edge convention (the first pixel's centre is at 0.5). The Frame's
+    own ``K`` and size are the undistorted pinhole image's, which these determine.
     """
 
     model: str
     params: tuple[float, ...]
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+    width: int
+    height: int
 
 
 @dataclass(frozen=True, eq=False)
