@@ -1,0 +1,246 @@
+"""The INRIA 3DGS PLY: layout checked with plyfile directly, round trips, and bad input."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from plyfile import PlyData
+
+from clm.errors import ClmError
+from clm.model import ply as ply_module
+from clm.model.ply import read_ply, sh_degree_of, write_ply
+
+
+def random_splats(n: int, num_rest: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+
+    def draw(*shape: int) -> np.ndarray:
+        return rng.normal(size=shape).astype(np.float32)
+
+    return {
+        "means": draw(n, 3),
+        "scales": draw(n, 3),
+        "quats": draw(n, 4),
+        "opacities": draw(n),
+        "sh0": draw(n, 1, 3),
+        "shN": draw(n, num_rest, 3),
+    }
+
+
+def expected_names(num_rest: int) -> list[str]:
+    """The INRIA property list, spelled out independently of the module."""
+    names = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+    names += [f"f_rest_{i}" for i in range(3 * num_rest)]
+    names += ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    return names
+
+
+@pytest.mark.parametrize("num_rest", [0, 3, 15])
+def test_round_trip_is_bit_identical(tmp_path: Path, num_rest: int) -> None:
+    splats = random_splats(37, num_rest)
+    assert write_ply(tmp_path / "s.ply", splats) == 0
+    back = read_ply(tmp_path / "s.ply")
+    assert set(back) == set(splats)
+    for key, value in splats.items():
+        assert back[key].dtype == np.float32
+        assert back[key].shape == value.shape
+        assert back[key].tobytes() == value.tobytes(), key
+
+
+@pytest.mark.parametrize("num_rest", [0, 15])
+def test_header_names_order_and_dtypes(tmp_path: Path, num_rest: int) -> None:
+    write_ply(tmp_path / "s.ply", random_splats(4, num_rest))
+    raw = (tmp_path / "s.ply").read_bytes()
+    assert raw.startswith(b"ply\nformat binary_little_endian 1.0\n")
+    data = PlyData.read(str(tmp_path / "s.ply"))
+    assert [el.name for el in data.elements] == ["vertex"]
+    vertex = data["vertex"]
+    assert vertex.count == 4
+    assert [p.name for p in vertex.properties] == expected_names(num_rest)
+    assert all(p.val_dtype in ("f4", "float32", "float") for p in vertex.properties)
+    assert vertex.data.dtype == np.dtype([(n, "<f4") for n in expected_names(num_rest)])
+    # Header plus exactly N rows of float32, nothing else.
+    header_len = raw.index(b"end_header\n") + len(b"end_header\n")
+    assert len(raw) - header_len == 4 * 4 * len(expected_names(num_rest))
+    np.testing.assert_array_equal(vertex["nx"], 0)
+
+
+def test_channel_major_layout_against_hand_built_example(tmp_path: Path) -> None:
+    # Degree 1: K = 3 coefficients per channel. Encode (k, c) as 10 * k + c + 1.
+    k_count = 3
+    shn = np.array([[[10 * k + c + 1 for c in range(3)] for k in range(k_count)]], dtype=np.float32)
+    splats = {
+        "means": np.array([[1, 2, 3]], np.float32),
+        "scales": np.array([[-1, -2, -3]], np.float32),
+        "quats": np.array([[0.5, 0.1, 0.2, 0.3]], np.float32),
+        "opacities": np.array([0.25], np.float32),
+        "sh0": np.array([[[7, 8, 9]]], np.float32),
+        "shN": shn,
+    }
+    write_ply(tmp_path / "s.ply", splats)
+    row = PlyData.read(str(tmp_path / "s.ply"))["vertex"].data[0]
+    # f_rest_{c*K + k} = shN[k, c]: first all of red's coefficients, then green's, then blue's.
+    rest = [float(row[f"f_rest_{i}"]) for i in range(9)]
+    assert rest == [1, 11, 21, 2, 12, 22, 3, 13, 23]
+    assert [float(row[f"f_dc_{c}"]) for c in range(3)] == [7, 8, 9]
+    assert [float(row[n]) for n in ("x", "y", "z")] == [1, 2, 3]
+    assert [float(row[f"scale_{i}"]) for i in range(3)] == [-1, -2, -3]
+    assert [float(row[f"rot_{i}"]) for i in range(4)] == pytest.approx([0.5, 0.1, 0.2, 0.3])
+    assert float(row["opacity"]) == 0.25
+
+
+def test_accepts_torch_tensors(tmp_path: Path) -> None:
+    splats = random_splats(6, 15, seed=3)
+    tensors = {k: torch.from_numpy(v).double().requires_grad_() for k, v in splats.items()}
+    write_ply(tmp_path / "s.ply", tensors)
+    back = read_ply(tmp_path / "s.ply")
+    for key, value in splats.items():
+        np.testing.assert_array_equal(back[key], value)
+
+
+def test_non_finite_rows_are_dropped_and_counted(tmp_path: Path) -> None:
+    splats = random_splats(10, 3, seed=1)
+    splats["opacities"][2] = np.nan
+    splats["means"][5, 1] = np.inf
+    splats["shN"][7, 2, 0] = -np.inf
+    assert write_ply(tmp_path / "s.ply", splats) == 3
+    back = read_ply(tmp_path / "s.ply")
+    keep = [0, 1, 3, 4, 6, 8, 9]
+    for key, value in splats.items():
+        np.testing.assert_array_equal(back[key], value[keep])
+
+
+def test_rows_written_in_chunks_keep_their_order(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(ply_module, "_CHUNK_ROWS", 4)
+    splats = random_splats(11, 8, seed=2)
+    splats["scales"][[1, 4, 10], 0] = np.nan  # bad rows in the first, second and last chunk
+    assert write_ply(tmp_path / "s.ply", splats) == 3
+    back = read_ply(tmp_path / "s.ply")
+    keep = [0, 2, 3, 5, 6, 7, 8, 9]
+    for key, value in splats.items():
+        np.testing.assert_array_equal(back[key], value[keep])
+
+
+def test_no_splats_at_all(tmp_path: Path) -> None:
+    assert write_ply(tmp_path / "s.ply", random_splats(0, 15)) == 0
+    assert PlyData.read(str(tmp_path / "s.ply"))["vertex"].count == 0
+    assert read_ply(tmp_path / "s.ply")["shN"].shape == (0, 15, 3)
+
+
+def test_all_rows_bad_gives_an_empty_but_valid_file(tmp_path: Path) -> None:
+    splats = random_splats(3, 0)
+    splats["opacities"][:] = np.nan
+    assert write_ply(tmp_path / "s.ply", splats) == 3
+    back = read_ply(tmp_path / "s.ply")
+    assert back["means"].shape == (0, 3)
+    assert back["shN"].shape == (0, 0, 3)
+
+
+def test_write_replaces_atomically_and_leaves_no_temp_file(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "s.ply"
+    write_ply(target, random_splats(5, 0))
+    before = target.read_bytes()
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ply_module.os, "fsync", disk_full)
+    with pytest.raises(ClmError, match="No space left"):
+        write_ply(target, random_splats(50, 15))
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.ply"]
+
+
+def test_unwritable_folder_is_named(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ClmError, match=re.escape(str(blocker))):
+        write_ply(blocker / "s.ply", random_splats(2, 0))
+    with pytest.raises(ClmError, match="missing"):
+        write_ply(tmp_path / "missing" / "s.ply", random_splats(2, 0))
+
+
+def test_bad_shapes_are_rejected(tmp_path: Path) -> None:
+    splats = random_splats(4, 15)
+    splats["quats"] = splats["quats"][:, :3]
+    with pytest.raises(ValueError, match="quats"):
+        write_ply(tmp_path / "s.ply", splats)
+    splats = random_splats(4, 14)
+    with pytest.raises(ValueError, match="shN"):
+        write_ply(tmp_path / "s.ply", splats)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"hello\n", b"ply\nformat binary_little_endian 1.0\nelement vertex 3\n"],
+    ids=["empty", "not-ply", "header-cut"],
+)
+def test_unreadable_files(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.ply"
+    path.write_bytes(content)
+    with pytest.raises(ClmError, match=r"bad\.ply"):
+        read_ply(path)
+
+
+def test_truncated_data(tmp_path: Path) -> None:
+    write_ply(tmp_path / "s.ply", random_splats(20, 15))
+    raw = (tmp_path / "s.ply").read_bytes()
+    (tmp_path / "cut.ply").write_bytes(raw[:-7])
+    with pytest.raises(ClmError, match=r"cut\.ply.*end-of-file"):
+        read_ply(tmp_path / "cut.ply")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ClmError, match=r"nope\.ply"):
+        read_ply(tmp_path / "nope.ply")
+
+
+def write_header_only_ply(path: Path, names: list[str], rows: int = 1) -> None:
+    header = ["ply", "format ascii 1.0", f"element vertex {rows}"]
+    header += [f"property float {n}" for n in names]
+    header += ["end_header"]
+    body = [" ".join("0.5" for _ in names)] * rows
+    path.write_text("\n".join(header + body) + "\n")
+
+
+def test_missing_property_is_named(tmp_path: Path) -> None:
+    names = [n for n in expected_names(0) if n != "rot_2"]
+    write_header_only_ply(tmp_path / "s.ply", names)
+    with pytest.raises(ClmError, match=r"s\.ply.*rot_2"):
+        read_ply(tmp_path / "s.ply")
+
+
+@pytest.mark.parametrize("rest_count", [4, 6, 3 * 14])
+def test_f_rest_count_must_match_a_degree(tmp_path: Path, rest_count: int) -> None:
+    names = expected_names(0)
+    names[9:9] = [f"f_rest_{i}" for i in range(rest_count)]
+    write_header_only_ply(tmp_path / "s.ply", names)
+    with pytest.raises(ClmError, match=f"{rest_count} f_rest"):
+        read_ply(tmp_path / "s.ply")
+
+
+def test_f_rest_numbering_gap(tmp_path: Path) -> None:
+    names = expected_names(3)
+    names[names.index("f_rest_4")] = "f_rest_9"
+    write_header_only_ply(tmp_path / "s.ply", names)
+    with pytest.raises(ClmError, match="numbered"):
+        read_ply(tmp_path / "s.ply")
+
+
+def test_reads_ascii_files_without_normals(tmp_path: Path) -> None:
+    names = [n for n in expected_names(3) if n not in ("nx", "ny", "nz")]
+    write_header_only_ply(tmp_path / "s.ply", names, rows=2)
+    back = read_ply(tmp_path / "s.ply")
+    assert back["shN"].shape == (2, 3, 3)
+    assert back["opacities"].shape == (2,)
+    assert np.all(back["quats"] == 0.5)
+
+
+def test_sh_degree_of() -> None:
+    assert [sh_degree_of(k) for k in (0, 3, 8, 15)] == [0, 1, 2, 3]
+    for bad in (-1, 1, 14, 16):
+        with pytest.raises(ValueError):
+            sh_degree_of(bad)
