@@ -1,0 +1,44 @@
+"""What every clm command shares: console logging that keeps the progress bar intact, and the
+promise that a user's mistake ends in one line on stderr and a non-zero exit, not a traceback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+from tqdm import tqdm
+
+from clm.errors import ClmError
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def setup_console_logging(verbose: bool = True) -> None:
+    root = logging.getLogger("clm")
+    if not any(isinstance(h, _TqdmHandler) for h in root.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    root.propagate = False
+
+
+def run_cli(body: Callable[[], int]) -> int:
+    """Run a command body, turning expected failures into ``error: ...`` and an exit status."""
+    setup_console_logging()
+    try:
+        return body()
+    except ClmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: aborted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Engines: where Gaussians live and how one optimiser step runs (resident, naive, clm)."""

@@ -1,0 +1,123 @@
+"""What every engine offers the trainer: one optimiser step over a batch of views, rendering for
+evaluation, the row operations density control needs, and a dense snapshot for checkpoints.
+
+Engines differ only in where rows live and how they move; they share the renderer, the loss and
+Adam's arithmetic, so switching ``--offload`` changes speed and memory, not the result.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from clm.model.spec import GaussianSpec
+from clm.model.table import Compaction
+from clm.render.base import RenderFn, RenderOutput, View
+from clm.train.schedule import LearningRates
+
+# loss_fn(position in the batch as given, render) -> scalar loss, already divided by the batch size
+LossFn = Callable[[int, RenderOutput], Tensor]
+# observe(global row ids of out.ids, render, view), called after each backward
+ObserveFn = Callable[[Tensor, RenderOutput, View], None]
+
+
+@dataclass(frozen=True)
+class AdamSettings:
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-15
+
+
+@dataclass
+class Snapshot:
+    """Parameters and Adam moments of every row, on the CPU, as dense Adam would have them."""
+
+    params: dict[str, Tensor]
+    exp_avg: dict[str, Tensor]
+    exp_avg_sq: dict[str, Tensor]
+    step: int
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class StepStats:
+    """Figures of one step for the progress bar and benchmarks (engines fill what applies)."""
+
+    visible_rows: int = 0
+    bytes_to_gpu: int = 0
+    bytes_to_host: int = 0
+    cache_hits: int = 0
+    cache_lookups: int = 0
+    adam_exposed_s: float = 0.0
+    adam_total_s: float = 0.0
+
+
+class Engine(ABC):
+    """Owns the Gaussians and their optimiser state; see the module docstring."""
+
+    def __init__(
+        self,
+        spec: GaussianSpec,
+        render_fn: RenderFn,
+        lrs: LearningRates,
+        adam: AdamSettings,
+        device: torch.device,
+    ) -> None:
+        self.spec = spec
+        self.render_fn = render_fn
+        self.lrs = lrs
+        self.adam = adam
+        self.device = device
+        self.step = 0  # last optimiser step applied
+        self.max_gaussians: int | None = None  # what the memory budgets allow
+        self.last_stats = StepStats()
+
+    @property
+    @abstractmethod
+    def num_gaussians(self) -> int: ...
+
+    @abstractmethod
+    def key_param(self, name: str) -> Tensor:
+        """Live rows of a key attribute on the compute device, up to date with the last step."""
+
+    @abstractmethod
+    def train_step(
+        self,
+        views: Sequence[View],
+        loss_fn: LossFn,
+        observe: ObserveFn,
+        sh_degree: int,
+        background: Tensor,
+    ) -> None:
+        """Render each view, backpropagate its loss, then apply optimiser step ``self.step + 1``."""
+
+    @abstractmethod
+    def render(self, view: View, sh_degree: int, background: Tensor) -> RenderOutput:
+        """Render without gradients (evaluation, previews)."""
+
+    @abstractmethod
+    def append(self, src: Tensor, overrides: Mapping[str, Tensor]) -> None:
+        """Add one row per index in ``src``: a copy of that row, with ``overrides`` (key
+        attributes) replacing some values; new rows start with zero Adam moments."""
+
+    @abstractmethod
+    def compact(self, plan: Compaction) -> None:
+        """Remove rows (see :class:`Compaction`)."""
+
+    @abstractmethod
+    def reset_opacity(self, max_logit: float) -> None:
+        """Clamp every opacity logit to ``max_logit`` and zero its Adam moments (3DGS reset)."""
+
+    @abstractmethod
+    def snapshot(self) -> Snapshot:
+        """Everything, caught up to ``self.step``, on the CPU."""
+
+    @abstractmethod
+    def load(self, snap: Snapshot) -> None:
+        """Replace all rows and optimiser state with a snapshot's."""
+
+    def close(self) -> None:  # noqa: B027 (engines without background work have nothing to stop)
+        """Stop background work (threads, streams); the engine is unusable afterwards."""

@@ -1,0 +1,78 @@
+"""Pick and size the engine for ``--offload`` and the memory budgets."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from clm.engine.base import AdamSettings, Engine
+from clm.engine.naive import NaiveEngine
+from clm.engine.offloaded import OffloadEngine
+from clm.engine.resident import ResidentEngine
+from clm.errors import ClmError
+from clm.model.spec import GaussianSpec
+from clm.offload.budget import GIB, apply_gpu_cap, plan_gpu
+from clm.render.base import RenderFn
+from clm.train.config import TrainConfig
+from clm.train.schedule import LearningRates
+
+log = logging.getLogger("clm")
+
+
+def make_engine(
+    cfg: TrainConfig,
+    spec: GaussianSpec,
+    params: Mapping[str, Tensor],
+    render_fn: RenderFn,
+    lrs: LearningRates,
+    adam: AdamSettings,
+    device: torch.device,
+    max_pixels: int,
+) -> Engine:
+    """The engine ``cfg.offload`` asks for, sized to the budgets, with the plan logged."""
+    num = next(iter(params.values())).shape[0]
+    common = {"spec": spec, "render_fn": render_fn, "lrs": lrs, "adam": adam, "device": device}
+    host_bytes = int(cfg.max_host_gb * GIB) if cfg.max_host_gb else None
+    plan = None
+    if device.type == "cuda":
+        if cfg.max_gpu_gb is not None:
+            budget = apply_gpu_cap(device, cfg.max_gpu_gb)
+        else:  # no hard cap asked for: plan for most of the card
+            budget = int(0.9 * torch.cuda.get_device_properties(device).total_memory)
+        plan = plan_gpu(spec, cfg.offload, budget, max_pixels)
+        log.info(plan.describe(cfg.offload))
+        if num > plan.max_gaussians:
+            raise ClmError(
+                f"the scene starts with {num} Gaussians but {budget / GIB:.1f} GiB of GPU memory "
+                f"holds at most {plan.max_gaussians} with --offload {cfg.offload}"
+            )
+    max_gaussians = plan.max_gaussians if plan else None
+    if cfg.offload == "none":
+        engine: Engine = ResidentEngine(params, **common)
+    elif cfg.offload == "naive":
+        engine = NaiveEngine(
+            params, max_host_bytes=host_bytes, cpu_threads=cfg.cpu_threads, **common
+        )
+    else:
+        cache_rows = plan.cache_rows if plan else None
+        engine = OffloadEngine(
+            params,
+            cache_rows=cache_rows,
+            max_host_bytes=host_bytes,
+            cpu_threads=cfg.cpu_threads,
+            **common,
+        )
+        host_rows = engine.host.store.max_rows()
+        if host_rows is not None:
+            max_gaussians = min(max_gaussians or host_rows, host_rows)
+            log.info(
+                "host budget %.1f GiB: up to %.2fM Gaussians at %d B each",
+                cfg.max_host_gb,
+                host_rows / 1e6,
+                engine.host.store.bytes_per_row,
+            )
+    engine.max_gaussians = max_gaussians
+    return engine

@@ -1,0 +1,355 @@
+"""``--offload clm``: key attributes on the GPU, every other attribute in pinned host memory.
+
+One step, for a batch of views (see DESIGN.md):
+
+1. cull all views against the key attributes (no PCIe traffic) and plan the batch through the
+   row cache (:mod:`clm.offload.plan`);
+2. a background thread brings the rows each view will load up to date (host rows are updated
+   lazily; dense Adam would have moved a row that went unseen, and the render must see that),
+   one view ahead of the gathers;
+3. for each view in the planned order: gather the rows it is the first to use from pinned
+   memory into cache slots (a kernel on the copy stream, one view ahead of rendering), render,
+   backpropagate, accumulate gradients in the cache, and flush the rows whose last use this was:
+   their gradients go to pinned staging on a second stream and the CPU Adam thread updates them
+   while the GPU renders the next views;
+4. Adam for the key attributes on the GPU; the next batch's culling overlaps the CPU Adam tail.
+
+Only the coefficients of the active SH degree move. On a machine without CUDA the same code
+runs with the torch twins of the kernels and no streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from clm.engine.base import Engine, LossFn, ObserveFn, Snapshot, StepStats
+from clm.model.spec import active_row_width, unpack_rows
+from clm.model.table import Compaction
+from clm.offload.culling import Culler
+from clm.offload.lazy_rows import DeviceRows, HostRows
+from clm.offload.plan import BatchPlan, plan_batch
+from clm.offload.transfer import RowGather
+from clm.offload.worker import BackgroundQueue, StagingRing, wait_for
+from clm.optim.lazy_adam import AdamConfig
+from clm.render.base import RenderOutput, View
+
+
+@contextlib.contextmanager
+def _on(stream: torch.cuda.Stream | None) -> Iterator[None]:
+    if stream is None:
+        yield
+    else:
+        with torch.cuda.stream(stream):
+            yield
+
+
+class OffloadEngine(Engine):
+    def __init__(
+        self,
+        params: Mapping[str, Tensor],
+        *,
+        cache_rows: int | None,
+        staging_rows: int = 1 << 20,
+        max_host_bytes: int | None = None,
+        chunk_shift: int = 20,
+        cpu_threads: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        config = AdamConfig(self.adam.betas, self.adam.eps)
+        cuda = self.device.type == "cuda"
+        self.key = DeviceRows(self.spec.key, params, self.lrs, config, self.device)
+        self.host = HostRows(
+            self.spec.host,
+            self.lrs,
+            config,
+            pinned=cuda,
+            max_bytes=max_host_bytes,
+            chunk_shift=chunk_shift,
+            threads=cpu_threads,
+        )
+        self.host.append({a.name: params[a.name] for a in self.spec.host}, step=0)
+        self.gather = RowGather(self.host.store, self.device)
+        self.culler = Culler(self.device)
+        self.capacity = cache_rows
+        width = self.host.width
+        self.cache_param = torch.empty(0, width, device=self.device)
+        self.cache_grad = torch.empty(0, width, device=self.device)
+        self.staging = StagingRing(staging_rows, width, pinned=cuda)
+        self.worker = BackgroundQueue("clm-cpu-adam")  # updates rows whose gradients arrived
+        self.prefetch = BackgroundQueue("clm-catch-up")  # readies rows before their gather
+        self.exposed_seconds = 0.0  # main thread waiting for CPU work, over the run
+        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self.d2h_stream = torch.cuda.Stream(self.device) if cuda else None
+        self._deferred: list[tuple[Tensor, Tensor]] = []
+
+    # ---- basic facts ----------------------------------------------------------------------
+
+    @property
+    def num_gaussians(self) -> int:
+        return len(self.key)
+
+    def key_param(self, name: str) -> Tensor:
+        return self.key.views()[name]
+
+    def _ensure_cache(self, rows: int) -> None:
+        if self.cache_param.shape[0] >= rows:
+            return
+        grown = max(rows, int(self.cache_param.shape[0] * 1.25))
+        if self.capacity is not None:
+            grown = min(self.capacity, grown)
+        self.cache_param = torch.empty(grown, self.host.width, device=self.device)
+        self.cache_grad = torch.zeros(grown, self.host.width, device=self.device)
+
+    def _event(self, stream: torch.cuda.Stream | None = None) -> torch.cuda.Event | None:
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def train_step(
+        self,
+        views: Sequence[View],
+        loss_fn: LossFn,
+        observe: ObserveFn,
+        sh_degree: int,
+        background: Tensor,
+    ) -> None:
+        step = self.step + 1
+        width = active_row_width(self.spec.host, sh_degree)
+        keys = self.key.views()
+        culled = self.culler.cull(keys["means"], keys["scales"], keys["opacities"], views)
+        capacity = self.capacity if self.capacity is not None else culled.ids.numel()
+        plan = plan_batch(culled.ids, culled.vis, max(capacity, 1))
+        self._ensure_cache(plan.slots_needed)
+        key_grads = torch.zeros(culled.ids.numel(), self.key.width, device=self.device)
+        stats = StepStats(visible_rows=int(culled.ids.numel()), cache_lookups=plan.uses)
+        stats.cache_hits = plan.uses - plan.loads
+
+        # Rows of this batch must have their previous update before being caught up, gathered.
+        stats.adam_exposed_s = self._drain()
+        self.host.advance_to(step - 1)
+        ready = self._catch_up_loads(plan, step - 1)
+        busy_before = self.worker.busy_seconds
+        loaded: list[torch.cuda.Event | None] = []
+        flushed: list[torch.cuda.Event | None] = []
+        for k, mb in enumerate(plan.micro):
+            # Issue loads up to one view ahead, each once the flush it waits for is queued
+            # (at a segment boundary that is this view's own flush: no overlap there).
+            while (
+                len(loaded) <= k + 1
+                and len(loaded) < len(plan.micro)
+                and plan.micro[len(loaded)].load_after < len(flushed)
+            ):
+                loaded.append(self._load(plan, len(loaded), width, ready, flushed))
+            if loaded[k] is not None:
+                torch.cuda.current_stream(self.device).wait_event(loaded[k])
+            gids = plan.ids[mb.render_pos]
+            key_leaf = self.key.param[gids].requires_grad_()
+            host_leaf = self.cache_param[mb.render_slots, :width].requires_grad_()
+            params = unpack_rows(key_leaf, self.key.layout)
+            params.update(unpack_rows(host_leaf, self.host.layout, sh_degree))
+            view = views[mb.view]
+            out = self.render_fn(params, view, sh_degree, background)
+            loss_fn(mb.view, out).backward()
+            observe(gids[out.ids], out, view)
+            if key_leaf.grad is not None:
+                key_grads.index_add_(0, mb.render_pos, key_leaf.grad)
+            if host_leaf.grad is not None:
+                self.cache_grad[:, :width].index_add_(0, mb.render_slots, host_leaf.grad)
+            stats.bytes_to_host += self._flush(plan, mb.flush_pos, mb.flush_slots, width, step)
+            stats.bytes_to_host += self._defer(plan, mb.defer_pos, mb.defer_slots, width)
+            flushed.append(self._event())
+        stats.bytes_to_gpu = plan.loads * width * 4
+
+        if self._deferred:
+            self._flush_deferred(width, step)
+        self.key.step_sparse(culled.ids, key_grads, step)
+        self.step = step
+        # The CPU Adam of this batch finishes while the next batch culls; record what it cost.
+        stats.adam_total_s = self.worker.busy_seconds - busy_before
+        self.last_stats = stats
+
+    def _drain(self) -> float:
+        """Wait for all background CPU work; returns (and accumulates) the seconds waited."""
+        t0 = time.perf_counter()
+        self.prefetch.drain()
+        self.worker.drain()
+        waited = time.perf_counter() - t0
+        self.exposed_seconds += waited
+        return waited
+
+    def _catch_up_loads(self, plan: BatchPlan, upto: int) -> list[threading.Event]:
+        """Queue the catch-up of each view's load rows; returns one event per view."""
+        counts = [mb.load_pos.numel() for mb in plan.micro]
+        rows = plan.ids[torch.cat([mb.load_pos for mb in plan.micro])].cpu()
+        done = [threading.Event() for _ in plan.micro]
+        start = 0
+        for k, n in enumerate(counts):
+
+            def job(lo=start, hi=start + n, event=done[k]) -> None:
+                if hi > lo:
+                    self.host.catch_up(rows[lo:hi], upto)
+                event.set()
+
+            self.prefetch.submit(job)
+            start += n
+        return done
+
+    def _load(
+        self,
+        plan: BatchPlan,
+        k: int,
+        width: int,
+        ready: Sequence[threading.Event],
+        flushed: Sequence[torch.cuda.Event | None] = (),
+    ) -> torch.cuda.Event | None:
+        """Gather micro-batch k's new rows on the copy stream; returns its completion event."""
+        mb = plan.micro[k]
+        t0 = time.perf_counter()
+        while not ready[k].wait(timeout=0.1):
+            self.prefetch.raise_error()
+        self.exposed_seconds += time.perf_counter() - t0
+        with _on(self.copy_stream):
+            if mb.load_after >= 0 and self.copy_stream is not None:
+                after = flushed[mb.load_after]
+                if after is not None:
+                    self.copy_stream.wait_event(after)
+            rows = plan.ids[mb.load_pos]
+            self.gather.gather(
+                rows, mb.load_slots, width, self.cache_param, self.cache_grad, self.copy_stream
+            )
+            return self._event(self.copy_stream)
+
+    def _download(self, grads: Tensor, rows: Tensor) -> tuple[int, torch.cuda.Event | None]:
+        """Copy gradient rows into the staging ring on the D2H stream."""
+        n = rows.numel()
+        start = self.staging.acquire(n)
+        ready = self._event()
+        with _on(self.d2h_stream):
+            if self.d2h_stream is not None and ready is not None:
+                self.d2h_stream.wait_event(ready)
+            self.staging.grads[start : start + n, : grads.shape[1]].copy_(grads, non_blocking=True)
+            self.staging.rows[start : start + n].copy_(rows, non_blocking=True)
+            done = self._event(self.d2h_stream)
+        return start, done
+
+    def _flush(self, plan: BatchPlan, pos: Tensor, slots: Tensor, width: int, step: int) -> int:
+        """Final gradients of ``pos``: to the host, then the CPU Adam (in the background)."""
+        total = 0
+        for lo in range(0, pos.numel(), self.staging.capacity // 2):
+            p, s = (
+                pos[lo : lo + self.staging.capacity // 2],
+                slots[lo : lo + self.staging.capacity // 2],
+            )
+            grads = self.cache_grad[s, :width]
+            start, done = self._download(grads, plan.ids[p])
+            n = p.numel()
+
+            def job(start=start, n=n, done=done) -> None:
+                wait_for(done)
+                rows = self.staging.rows[start : start + n]
+                self.host.step_rows(rows, self.staging.grads[start : start + n], width, step)
+                self.staging.release()
+
+            self.worker.submit(job)
+            total += n * width * 4
+        return total
+
+    def _defer(self, plan: BatchPlan, pos: Tensor, slots: Tensor, width: int) -> int:
+        """Partial gradients of rows used in several segments: kept until the batch ends."""
+        if pos.numel() == 0:
+            return 0
+        grads = self.cache_grad[slots, :width].cpu()
+        self._deferred.append((plan.ids[pos].cpu(), grads))
+        return pos.numel() * width * 4
+
+    def _flush_deferred(self, width: int, step: int) -> None:
+        rows = torch.cat([r for r, _ in self._deferred])
+        grads = torch.cat([g for _, g in self._deferred])
+        self._deferred.clear()
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        summed = torch.zeros(unique.numel(), width).index_add_(0, inverse, grads)
+        self.worker.submit(lambda: self.host.step_rows(unique, summed, width, step))
+
+    # ---- evaluation -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def render(self, view: View, sh_degree: int, background: Tensor) -> RenderOutput:
+        self._drain()
+        keys = self.key.views()
+        culled = self.culler.cull(keys["means"], keys["scales"], keys["opacities"], [view])
+        ids = culled.ids
+        self.host.catch_up(ids.cpu(), self.step)
+        rows = torch.empty(ids.numel(), self.host.width, device=self.device)
+        slots = torch.arange(ids.numel(), device=self.device)
+        self.gather.gather(ids, slots, self.host.width, rows)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        params = unpack_rows(self.key.param[ids], self.key.layout)
+        params.update(unpack_rows(rows, self.host.layout, sh_degree))
+        out = self.render_fn(params, view, sh_degree, background)
+        out.ids = ids[out.ids]
+        return out
+
+    # ---- density control ------------------------------------------------------------------
+
+    def append(self, src: Tensor, overrides: Mapping[str, Tensor]) -> None:
+        self._drain()
+        src = src.to(self.device)
+        keys = self.key.views()
+        self.key.append({n: overrides[n] if n in overrides else t[src] for n, t in keys.items()})
+        src_cpu = src.cpu()
+        unique = torch.unique(src_cpu)
+        self.host.catch_up(unique, self.step)
+        self.host.append_copies(src_cpu, self.step)
+
+    def compact(self, plan: Compaction) -> None:
+        self._drain()
+        self.key.compact(plan)
+        self.host.compact(Compaction(plan.holes.cpu(), plan.movers.cpu(), plan.new_len))
+
+    def reset_opacity(self, max_logit: float) -> None:
+        self.key.views()["opacities"].clamp_(max=max_logit)
+        self.key.zero_moments("opacities")
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        self._drain()
+        params, exp_avg, exp_avg_sq = self.key.dense()
+        hp, hm, hv = self.host.dense(self.step)
+        params.update(hp)
+        exp_avg.update(hm)
+        exp_avg_sq.update(hv)
+        return Snapshot(params, exp_avg, exp_avg_sq, self.step)
+
+    def load(self, snap: Snapshot) -> None:
+        self._drain()
+        host = [a.name for a in self.spec.host]
+        pick = lambda d, names: {n: d[n] for n in names}  # noqa: E731
+        keys = [a.name for a in self.spec.key]
+        self.key.load(
+            pick(snap.params, keys), pick(snap.exp_avg, keys), pick(snap.exp_avg_sq, keys)
+        )
+        self.host.load(
+            pick(snap.params, host),
+            pick(snap.exp_avg, host),
+            pick(snap.exp_avg_sq, host),
+            snap.step,
+        )
+        self.host.advance_to(snap.step)
+        self.step = snap.step
+
+    def close(self) -> None:
+        self.prefetch.close()
+        self.worker.close()

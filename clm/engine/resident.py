@@ -1,0 +1,95 @@
+"""``--offload none``: every attribute and its Adam state on the compute device, dense Adam.
+
+The GPU-only baseline (what gsplat's trainer does) and the reference the offloading engines must
+match number for number. On the CPU it is simply the whole model in RAM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from clm.engine.base import Engine, LossFn, ObserveFn, Snapshot, StepStats
+from clm.model.table import Compaction, RowTable
+from clm.optim.lazy_adam import AdamConfig, adam_step
+from clm.render.base import RenderOutput, View
+
+
+class ResidentEngine(Engine):
+    def __init__(self, params: Mapping[str, Tensor], **kwargs) -> None:
+        super().__init__(**kwargs)
+        on_device = {n: params[n].to(self.device, torch.float32) for n in self.spec.names}
+        self.params = RowTable(on_device)
+        self.exp_avg = RowTable({n: torch.zeros_like(t) for n, t in on_device.items()})
+        self.exp_avg_sq = RowTable({n: torch.zeros_like(t) for n, t in on_device.items()})
+
+    @property
+    def num_gaussians(self) -> int:
+        return len(self.params)
+
+    def key_param(self, name: str) -> Tensor:
+        return self.params[name]
+
+    def train_step(
+        self,
+        views: Sequence[View],
+        loss_fn: LossFn,
+        observe: ObserveFn,
+        sh_degree: int,
+        background: Tensor,
+    ) -> None:
+        leaves = {n: t.detach().requires_grad_() for n, t in self.params.items()}
+        all_rows = None
+        for i, view in enumerate(views):
+            out = self.render_fn(leaves, view, sh_degree, background)
+            loss_fn(i, out).backward()
+            observe(out.ids, out, view)
+            all_rows = out.ids
+        step = self.step + 1
+        config = AdamConfig(self.adam.betas, self.adam.eps)
+        with torch.no_grad():
+            for name, leaf in leaves.items():
+                grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                lr = self.lrs.at(name, step)
+                p, m, v = self.params[name], self.exp_avg[name], self.exp_avg_sq[name]
+                adam_step(p, grad, m, v, step, lr, config)
+        self.step = step
+        visible = 0 if all_rows is None else int(all_rows.numel())
+        self.last_stats = StepStats(visible_rows=visible)
+
+    @torch.no_grad()
+    def render(self, view: View, sh_degree: int, background: Tensor) -> RenderOutput:
+        return self.render_fn(dict(self.params.items()), view, sh_degree, background)
+
+    def append(self, src: Tensor, overrides: Mapping[str, Tensor]) -> None:
+        src = src.to(self.device)
+        rows = {n: overrides[n] if n in overrides else t[src] for n, t in self.params.items()}
+        self.params.append(rows)
+        zeros = {n: torch.zeros_like(t) for n, t in rows.items()}
+        self.exp_avg.append(zeros)
+        self.exp_avg_sq.append(zeros)
+
+    def compact(self, plan: Compaction) -> None:
+        for table in (self.params, self.exp_avg, self.exp_avg_sq):
+            table.compact(plan)
+
+    def reset_opacity(self, max_logit: float) -> None:
+        self.params["opacities"].clamp_(max=max_logit)
+        self.exp_avg["opacities"].zero_()
+        self.exp_avg_sq["opacities"].zero_()
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            self.params.state(), self.exp_avg.state(), self.exp_avg_sq.state(), self.step
+        )
+
+    def load(self, snap: Snapshot) -> None:
+        def table(tensors: Mapping[str, Tensor]) -> RowTable:
+            return RowTable({n: tensors[n].to(self.device, torch.float32) for n in self.spec.names})
+
+        self.params = table(snap.params)
+        self.exp_avg = table(snap.exp_avg)
+        self.exp_avg_sq = table(snap.exp_avg_sq)
+        self.step = snap.step

@@ -1,0 +1,169 @@
+"""Gaussian attributes described as data, so engines and optimisers need no code per attribute.
+
+An attribute is *key* when frustum culling needs it (position, shape, opacity): key attributes and
+their optimiser state stay on the GPU. Every other attribute lives with its optimiser state in host
+memory as columns of one row per Gaussian, and only the rows a camera sees cross PCIe.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+ACTIVATIONS = ("identity", "exp", "sigmoid", "normalize")
+
+
+@dataclass(frozen=True)
+class AttributeSpec:
+    """One per-Gaussian parameter tensor of shape ``[N, *shape]``.
+
+    ``lr`` is the Adam learning rate at batch size 1; ``lr_final`` (optional) makes it decay
+    exponentially to that value over training; ``scale_lr_by_extent`` multiplies both by the scene
+    extent (positions). ``sh_rest`` marks the higher spherical-harmonic bands: with active degree
+    ``d`` only the leading ``(d + 1) ** 2 - 1`` rows of ``shape`` are in use, so only those move.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    lr: float
+    key: bool = False
+    activation: str = "identity"
+    lr_final: float | None = None
+    scale_lr_by_extent: bool = False
+    sh_rest: bool = False
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"attribute {self.name}: unknown activation {self.activation!r}")
+        if self.sh_rest and len(self.shape) != 2:
+            raise ValueError(f"attribute {self.name}: sh_rest needs shape (bands, channels)")
+
+    @property
+    def width(self) -> int:
+        """Floats per Gaussian."""
+        return math.prod(self.shape)
+
+    def active_width(self, sh_degree: int) -> int:
+        """Floats per Gaussian in use at this SH degree (all of them unless ``sh_rest``)."""
+        if not self.sh_rest:
+            return self.width
+        bands = min((sh_degree + 1) ** 2 - 1, self.shape[0])
+        return bands * self.shape[1]
+
+
+@dataclass(frozen=True)
+class GaussianSpec:
+    """The ordered attributes of a splatting variant."""
+
+    attributes: tuple[AttributeSpec, ...]
+
+    def __post_init__(self) -> None:
+        names = [a.name for a in self.attributes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate attribute names in {names}")
+        if "means" not in names:
+            raise ValueError("a Gaussian spec needs a 'means' attribute")
+        if sum(a.sh_rest for a in self.attributes) > 1:
+            raise ValueError("at most one attribute may be sh_rest")
+
+    def __iter__(self) -> Iterator[AttributeSpec]:
+        return iter(self.attributes)
+
+    def __getitem__(self, name: str) -> AttributeSpec:
+        for attr in self.attributes:
+            if attr.name == name:
+                return attr
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.attributes]
+
+    @property
+    def key(self) -> tuple[AttributeSpec, ...]:
+        return tuple(a for a in self.attributes if a.key)
+
+    @property
+    def host(self) -> tuple[AttributeSpec, ...]:
+        """Non-key attributes in host-row order: the ``sh_rest`` one last, so at any SH degree the
+        columns in use are a prefix of the row."""
+        rest = [a for a in self.attributes if not a.key]
+        return tuple(sorted(rest, key=lambda a: a.sh_rest))
+
+    @property
+    def max_sh_degree(self) -> int:
+        for attr in self.attributes:
+            if attr.sh_rest:
+                return math.isqrt(attr.shape[0] + 1) - 1
+        return 0
+
+
+@dataclass(frozen=True)
+class ColumnSegment:
+    """Where one attribute sits in a packed row of several attributes."""
+
+    attr: AttributeSpec
+    start: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.attr.width
+
+
+def row_layout(attrs: Iterable[AttributeSpec]) -> tuple[list[ColumnSegment], int]:
+    """Pack attributes side by side in one row; returns the segments and the row width."""
+    segments, start = [], 0
+    for attr in attrs:
+        segments.append(ColumnSegment(attr, start))
+        start += attr.width
+    return segments, start
+
+
+def active_row_width(attrs: Iterable[AttributeSpec], sh_degree: int) -> int:
+    """Leading columns of a packed row in use at this SH degree (see :attr:`GaussianSpec.host`)."""
+    return sum(a.active_width(sh_degree) for a in attrs)
+
+
+def gaussian_splatting_spec(sh_degree: int = 3) -> GaussianSpec:
+    """The attributes of standard 3DGS with the INRIA learning rates."""
+    rest_bands = (sh_degree + 1) ** 2 - 1
+    return GaussianSpec(
+        (
+            AttributeSpec(
+                "means", (3,), 1.6e-4, key=True, lr_final=1.6e-6, scale_lr_by_extent=True
+            ),
+            AttributeSpec("scales", (3,), 5e-3, key=True, activation="exp"),
+            AttributeSpec("quats", (4,), 1e-3, key=True, activation="normalize"),
+            AttributeSpec("opacities", (), 5e-2, key=True, activation="sigmoid"),
+            AttributeSpec("sh0", (1, 3), 2.5e-3),
+            AttributeSpec("shN", (rest_bands, 3), 2.5e-3 / 20, sh_rest=True),
+        )
+    )
+
+
+def pack_rows(params: dict[str, Tensor], segments: Sequence[ColumnSegment]) -> Tensor:
+    """Attributes side by side as one ``[N, width]`` float32 tensor."""
+    parts = [params[seg.attr.name].reshape(params[seg.attr.name].shape[0], -1) for seg in segments]
+    return torch.cat(parts, dim=1).float().contiguous()
+
+
+def unpack_rows(
+    rows: Tensor, segments: Sequence[ColumnSegment], sh_degree: int | None = None
+) -> dict[str, Tensor]:
+    """Views of packed rows as ``[n, *shape]`` attributes; with ``sh_degree``, the ``sh_rest``
+    attribute only has its active bands (and ``rows`` may be just the active columns)."""
+    out = {}
+    n = rows.shape[0]
+    for seg in segments:
+        attr = seg.attr
+        if attr.sh_rest and sh_degree is not None:
+            width = attr.active_width(sh_degree)
+            shape = (width // attr.shape[1], attr.shape[1])
+        else:
+            width, shape = attr.width, attr.shape
+        out[attr.name] = rows[:, seg.start : seg.start + width].reshape(n, *shape)
+    return out

@@ -1,0 +1,43 @@
+"""CUDA kernels from kernels/*.cu, compiled at run time through CuPy/NVRTC (cached by CuPy).
+
+CuPy is optional: without it (or without CUDA) callers use their pure-torch twins.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from typing import Any
+
+
+@functools.cache
+def cupy_available() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no cupy, no driver, no device: all mean "use the torch path"
+        return False
+
+
+@functools.cache
+def kernel(source: str, name: str) -> Any:
+    """A compiled kernel function ``name`` from ``kernels/<source>``."""
+    import cupy
+
+    code = (resources.files("clm.kernels") / source).read_text()
+    module = cupy.RawModule(code=code, options=("--std=c++17", "-O3"), name_expressions=None)
+    return module.get_function(name)
+
+
+def launch(fn: Any, n: int, args: tuple, stream: Any = None, block: int = 256) -> None:
+    """Launch over ``n`` threads on a torch CUDA stream (the current one by default)."""
+    import cupy
+    import torch
+
+    if n == 0:
+        return
+    torch_stream = stream if stream is not None else torch.cuda.current_stream()
+    grid = ((n + block - 1) // block,)
+    with cupy.cuda.ExternalStream(torch_stream.cuda_stream):
+        fn(grid, (block,), args)

@@ -1,0 +1,147 @@
+"""Which Gaussians may touch which camera of a batch, from the GPU-resident key attributes alone.
+
+The test is conservative with respect to gsplat's own: gsplat draws a Gaussian when its
+``3.33·sqrt(Σ2d + 0.3)`` box (rounded up) overlaps the image, where ``Σ2d = J Σ Jᵀ`` uses the
+Jacobian at the view-clamped position. A row of J has norm at most ``(f/z)·sqrt(1 + lim²)`` (lim:
+the clamp limit), so ``Σ2d`` along an axis is at most ``(f/z)²(1 + lim²)·s_max²``; a box of that
+radius (plus rounding) around the projected centre contains gsplat's. Also dropped: Gaussians
+behind the near or beyond the far plane, and those below gsplat's 1/255 opacity threshold.
+
+Work is chunked over Gaussians (a kernel on CUDA, torch ops elsewhere), never ``N × cameras``;
+the result is one bit word per Gaussian, so a batch costs one host sync per chunk, not per camera.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from clm.offload.cuda_kernels import cupy_available, kernel, launch
+from clm.render.base import View
+from clm.render.projection import ALPHA_THRESHOLD
+
+MAX_CAMERAS = 64
+CAM_STRIDE = 24
+EXTEND = 3.33 * 1.001  # gsplat's extent, with slack for float32 rounding
+NEAR_PLANE, FAR_PLANE = 0.01, 1e10
+# Below this logit the opacity is under 1/255 and gsplat skips the Gaussian (with slack).
+MIN_OPACITY_LOGIT = math.log(ALPHA_THRESHOLD / (1 - ALPHA_THRESHOLD)) - 1e-3
+
+
+def pack_cameras(views: Sequence[View]) -> Tensor:
+    """``[B, 24]`` float32: R (9), t (3), fx, fy, cx, cy, W, H, 1+lim_x², 1+lim_y², near, far,
+    extent multiplier, pad."""
+    if len(views) > MAX_CAMERAS:
+        raise ValueError(f"at most {MAX_CAMERAS} cameras per batch, got {len(views)}")
+    rows = []
+    for v in views:
+        vm = v.viewmat.detach().double().cpu().numpy()
+        K = v.K.detach().double().cpu().numpy()
+        fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+        lim_x = max((v.width - cx) / fx, cx / fx) + 0.3 * 0.5 * v.width / fx
+        lim_y = max((v.height - cy) / fy, cy / fy) + 0.3 * 0.5 * v.height / fy
+        row = np.zeros(CAM_STRIDE)
+        row[:9] = vm[:3, :3].reshape(-1)
+        row[9:12] = vm[:3, 3]
+        row[12:18] = (fx, fy, cx, cy, v.width, v.height)
+        row[18:23] = (1 + lim_x**2, 1 + lim_y**2, NEAR_PLANE * (1 - 1e-5), FAR_PLANE, EXTEND)
+        rows.append(row)
+    return torch.tensor(np.stack(rows), dtype=torch.float32)
+
+
+def cull_bits_torch(
+    means: Tensor, log_scales: Tensor, opacity_logits: Tensor, cams: Tensor
+) -> Tensor:
+    """Bit word per Gaussian (bit c: may touch camera c), the same arithmetic as the kernel."""
+    cams = cams.to(means.device)
+    rot = cams[:, :9].reshape(-1, 3, 3)
+    p = torch.einsum("bij,nj->bni", rot, means) + cams[:, None, 9:12]
+    x, y, z = p.unbind(-1)
+    s2 = torch.exp(log_scales.max(dim=-1).values)[None] ** 2
+    col = lambda j: cams[:, j, None]  # noqa: E731
+    rz = 1.0 / z
+    px, py = col(12) * x * rz + col(14), col(13) * y * rz + col(15)
+    fxz, fyz = col(12) * rz, col(13) * rz
+    rx = col(22) * torch.sqrt(fxz * fxz * col(18) * s2 + 0.3) + 1.5
+    ry = col(22) * torch.sqrt(fyz * fyz * col(19) * s2 + 0.3) + 1.5
+    vis = (
+        (z >= col(20))
+        & (z <= col(21))
+        & (px + rx > 0)
+        & (px - rx < col(16))
+        & (py + ry > 0)
+        & (py - ry < col(17))
+        & (opacity_logits >= MIN_OPACITY_LOGIT)[None]
+    )
+    weights = torch.ones(vis.shape[0], dtype=torch.int64, device=means.device)
+    weights = torch.bitwise_left_shift(weights, torch.arange(vis.shape[0], device=means.device))
+    return (vis.long() * weights[:, None]).sum(0)
+
+
+@dataclass
+class CullResult:
+    """``ids``: ascending rows visible to some camera; ``vis[b, j]``: camera b sees ``ids[j]``."""
+
+    ids: Tensor  # [U] int64
+    vis: Tensor  # [B, U] bool
+
+
+def unpack_bits(bits: Tensor, num_cameras: int) -> Tensor:
+    shifts = torch.arange(num_cameras, device=bits.device)
+    return (torch.bitwise_right_shift(bits[None, :], shifts[:, None]) & 1).bool()
+
+
+class Culler:
+    """Culls key attributes in chunks; uses the CUDA kernel when CuPy is there."""
+
+    def __init__(self, device: torch.device, chunk: int = 1 << 24) -> None:
+        self.device = device
+        self.use_kernel = device.type == "cuda" and cupy_available()
+        # Torch intermediates are [B, chunk] wide, so the twin works in smaller chunks.
+        self.chunk = chunk if self.use_kernel else max(chunk // 64, 1 << 14)
+
+    def _bits(self, means: Tensor, log_scales: Tensor, opacity: Tensor, cams: Tensor) -> Tensor:
+        if not self.use_kernel:
+            return cull_bits_torch(means, log_scales, opacity, cams)
+        import cupy
+
+        out = torch.empty(means.shape[0], dtype=torch.int64, device=means.device)
+        fn = kernel("cull.cu", "cull_bits")
+        args = (
+            cupy.asarray(means.contiguous()),
+            cupy.asarray(log_scales.contiguous()),
+            cupy.asarray(opacity.contiguous()),
+            np.int64(means.shape[0]),
+            cupy.asarray(cams.to(means.device)),
+            np.int32(cams.shape[0]),
+            np.float32(MIN_OPACITY_LOGIT),
+            cupy.asarray(out),
+        )
+        launch(fn, means.shape[0], args)
+        return out
+
+    def cull(
+        self, means: Tensor, log_scales: Tensor, opacity_logits: Tensor, views: Sequence[View]
+    ) -> CullResult:
+        cams = pack_cameras(views)
+        ids_parts, bits_parts = [], []
+        for start in range(0, means.shape[0], self.chunk):
+            stop = min(start + self.chunk, means.shape[0])
+            bits = self._bits(
+                means[start:stop], log_scales[start:stop], opacity_logits[start:stop], cams
+            )
+            ids = torch.nonzero(bits).squeeze(1)
+            ids_parts.append(ids + start)
+            bits_parts.append(bits[ids])
+        if not ids_parts:
+            empty = torch.zeros(0, dtype=torch.int64, device=means.device)
+            return CullResult(
+                empty, torch.zeros(len(views), 0, dtype=torch.bool, device=means.device)
+            )
+        bits = torch.cat(bits_parts)
+        return CullResult(torch.cat(ids_parts), unpack_bits(bits, len(views)))

@@ -1,0 +1,235 @@
+"""Host rows: the non-key attributes of every Gaussian and their Adam state, in chunks of pinned
+memory that the GPU reads directly (zero-copy) and the CPU Adam updates in place.
+
+Chunks mean there is no capacity to guess and no reallocation: densification adds chunks, pruning
+fills holes from the tail and frees emptied chunks. Before a chunk is added the store checks the
+``--max-host-gb`` budget and the memory the OS still has, and refuses with a clear error while
+nothing has been changed. Without CUDA the same code runs on ordinary memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from clm.errors import ClmError
+from clm.model.table import Compaction
+
+log = logging.getLogger(__name__)
+
+# Leave this much RAM to the OS and everything else: pinned pages cannot be swapped out.
+HOST_RESERVE_BYTES = 2 << 30
+CUDA_HOST_REGISTER_PORTABLE_MAPPED = 0x01 | 0x02
+
+
+def available_host_bytes() -> int | None:
+    """``MemAvailable`` from /proc/meminfo (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class _PinnedBlock:
+    """One page-locked allocation: ordinary memory registered with CUDA as mapped.
+
+    Registration (rather than torch's pinned allocator, which rounds sizes up to a power of two)
+    wastes nothing; mapped means kernels can read it through the returned device pointer.
+    """
+
+    def __init__(self, numel: int, dtype: torch.dtype) -> None:
+        self.tensor = torch.empty(numel, dtype=dtype)
+        ptr, size = self.tensor.data_ptr(), numel * self.tensor.element_size()
+        err = torch.cuda.cudart().cudaHostRegister(ptr, size, CUDA_HOST_REGISTER_PORTABLE_MAPPED)
+        if int(err) != 0:
+            raise ClmError(f"cannot pin {size / 2**30:.2f} GiB of host memory (CUDA error {err})")
+        weakref.finalize(self, torch.cuda.cudart().cudaHostUnregister, ptr)
+
+
+class HostStore:
+    """``N`` rows of ``width`` float32 parameters, with Adam moments and a last-update step.
+
+    Row ``r`` lives in chunk ``r >> chunk_shift`` at offset ``r & (chunk_rows - 1)``.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        chunk_shift: int = 20,
+        pinned: bool = False,
+        max_bytes: int | None = None,
+    ) -> None:
+        self.width = width
+        self.chunk_shift = chunk_shift
+        self.chunk_rows = 1 << chunk_shift
+        self.pinned = pinned
+        self.max_bytes = max_bytes
+        self.param_chunks: list[Tensor] = []
+        self.exp_avg_chunks: list[Tensor] = []
+        self.exp_avg_sq_chunks: list[Tensor] = []
+        self.last_chunks: list[Tensor] = []
+        self._blocks: list[object] = []
+        self._len = 0
+
+    # ---- size ---------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def bytes_per_row(self) -> int:
+        return 3 * self.width * 4 + 4
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_rows * self.bytes_per_row
+
+    @property
+    def allocated_bytes(self) -> int:
+        return len(self.param_chunks) * self.chunk_bytes
+
+    @property
+    def capacity(self) -> int:
+        return len(self.param_chunks) * self.chunk_rows
+
+    def max_rows(self) -> int | None:
+        """Rows the budget allows (whole chunks), or None when unbounded."""
+        if self.max_bytes is None:
+            return None
+        return (self.max_bytes // self.chunk_bytes) * self.chunk_rows
+
+    def _new_chunk(self) -> None:
+        need = self.chunk_bytes
+        if self.max_bytes is not None and self.allocated_bytes + need > self.max_bytes:
+            raise ClmError(
+                f"host budget --max-host-gb {self.max_bytes / 2**30:g} is full at "
+                f"{self._len} Gaussians ({self.bytes_per_row} bytes each); raise it or cap growth"
+            )
+        free = available_host_bytes()
+        if free is not None and free - need < HOST_RESERVE_BYTES:
+            raise ClmError(
+                f"host memory would run out: {free / 2**30:.1f} GiB available, a chunk of "
+                f"{need / 2**30:.2f} GiB needed for more than {self._len} Gaussians"
+            )
+        rows, width = self.chunk_rows, self.width
+        # One allocation per chunk, zeroed: rows past the end hold a valid (empty) state, so a
+        # whole-chunk catch-up never reads garbage.
+        if self.pinned:
+            block = _PinnedBlock(rows * (3 * width + 1), torch.float32)
+            self._blocks.append(block)
+            flat = block.tensor.zero_()
+        else:
+            flat = torch.zeros(rows * (3 * width + 1))
+        parts = flat[: 3 * rows * width].view(3, rows, width)
+        param, m, v = parts[0], parts[1], parts[2]
+        last = flat[3 * rows * width :].view(torch.int32)
+        self.param_chunks.append(param)
+        self.exp_avg_chunks.append(m)
+        self.exp_avg_sq_chunks.append(v)
+        self.last_chunks.append(last)
+
+    def reserve(self, rows: int) -> None:
+        """Add chunks until ``rows`` fit; on a budget error nothing has been changed."""
+        needed = -(-rows // self.chunk_rows) - len(self.param_chunks)
+        if needed <= 0:
+            return
+        if self.max_bytes is not None:
+            total = (len(self.param_chunks) + needed) * self.chunk_bytes
+            if total > self.max_bytes:
+                raise ClmError(
+                    f"host budget --max-host-gb {self.max_bytes / 2**30:g} cannot hold {rows} "
+                    f"Gaussians ({self.bytes_per_row} bytes each)"
+                )
+        for _ in range(needed):
+            self._new_chunk()
+
+    def _arrays(self) -> tuple[list[Tensor], ...]:
+        return self.param_chunks, self.exp_avg_chunks, self.exp_avg_sq_chunks, self.last_chunks
+
+    # ---- rows ---------------------------------------------------------------------------------
+
+    def chunk_slices(self, start: int, stop: int):
+        """(chunk index, offset in chunk, offset in the range, count) covering [start, stop)."""
+        pos = start
+        while pos < stop:
+            chunk, offset = pos >> self.chunk_shift, pos & (self.chunk_rows - 1)
+            count = min(self.chunk_rows - offset, stop - pos)
+            yield chunk, offset, pos - start, count
+            pos += count
+
+    def append(self, params: Tensor, step: int) -> None:
+        """Add rows with zero Adam moments, considered up to date at ``step``."""
+        n = params.shape[0]
+        self.reserve(self._len + n)
+        for chunk, offset, src, count in self.chunk_slices(self._len, self._len + n):
+            self.param_chunks[chunk][offset : offset + count] = params[src : src + count]
+            self.exp_avg_chunks[chunk][offset : offset + count] = 0
+            self.exp_avg_sq_chunks[chunk][offset : offset + count] = 0
+            self.last_chunks[chunk][offset : offset + count] = step
+        self._len += n
+
+    def _gather(self, chunks: Sequence[Tensor], rows: Tensor) -> Tensor:
+        rows = rows.to("cpu", torch.int64)
+        out = torch.empty((rows.numel(), *chunks[0].shape[1:]), dtype=chunks[0].dtype)
+        which = rows >> self.chunk_shift
+        for chunk in torch.unique(which).tolist():
+            sel = torch.nonzero(which == chunk).squeeze(1)
+            out[sel] = chunks[chunk][rows[sel] & (self.chunk_rows - 1)]
+        return out
+
+    def _scatter(self, chunks: Sequence[Tensor], rows: Tensor, values: Tensor) -> None:
+        rows = rows.to("cpu", torch.int64)
+        which = rows >> self.chunk_shift
+        for chunk in torch.unique(which).tolist():
+            sel = torch.nonzero(which == chunk).squeeze(1)
+            chunks[chunk][rows[sel] & (self.chunk_rows - 1)] = values[sel]
+
+    def gather_params(self, rows: Tensor) -> Tensor:
+        """``[n, width]`` copy of the parameter rows (the CPU twin of the GPU gather kernel)."""
+        return self._gather(self.param_chunks, rows)
+
+    def compact(self, plan: Compaction) -> None:
+        """Fill holes from the tail (O(removed) moves), then free chunks no longer needed."""
+        if plan.holes.numel():
+            for chunks in self._arrays():
+                self._scatter(chunks, plan.holes, self._gather(chunks, plan.movers))
+        self._len = plan.new_len
+        keep_chunks = -(-self._len // self.chunk_rows)
+        for chunks in self._arrays():
+            del chunks[keep_chunks:]
+        del self._blocks[keep_chunks:]
+
+    # ---- whole-store views (checkpoints) ------------------------------------------------------
+
+    def dense(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Copies of every row's parameters and Adam moments."""
+        out = []
+        for chunks in (self.param_chunks, self.exp_avg_chunks, self.exp_avg_sq_chunks):
+            dense = torch.empty(self._len, self.width)
+            for c, o, src, n in self.chunk_slices(0, self._len):
+                dense[src : src + n] = chunks[c][o : o + n]
+            out.append(dense)
+        return out[0], out[1], out[2]
+
+    def load_dense(self, params: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int) -> None:
+        """Replace every row (a checkpoint's, caught up to ``step``)."""
+        self._len = 0
+        for chunks in self._arrays():
+            chunks.clear()
+        self._blocks.clear()
+        self.append(params, step)
+        for chunk, offset, src, count in self.chunk_slices(0, self._len):
+            self.exp_avg_chunks[chunk][offset : offset + count] = exp_avg[src : src + count]
+            self.exp_avg_sq_chunks[chunk][offset : offset + count] = exp_avg_sq[src : src + count]
+
+    def device_pointers(self) -> Tensor:
+        """int64 addresses of the parameter chunks, for the zero-copy gather kernel."""
+        return torch.tensor([t.data_ptr() for t in self.param_chunks], dtype=torch.int64)

@@ -1,0 +1,198 @@
+"""Packed attribute rows and their Adam: key attributes dense on the GPU, the rest in host
+memory with lazy Adam on the CPU.
+
+A host row is brought up to date only when it receives a gradient (or before it is copied,
+saved or exported), so a step costs host work in proportion to the rows a batch sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from clm.model.spec import AttributeSpec, pack_rows, row_layout, unpack_rows
+from clm.model.table import Compaction, RowTable
+from clm.offload.host_store import HostStore
+from clm.optim.cpu_adam import CpuRowAdam
+from clm.optim.lazy_adam import AdamConfig, Segment, SkipTable, adam_step
+from clm.train.schedule import LearningRates
+
+
+class _Schedule:
+    """Per-attribute learning rates and the skip tables that remember their history (lazy Adam)."""
+
+    def __init__(
+        self,
+        attrs: Sequence[AttributeSpec],
+        lrs: LearningRates,
+        config: AdamConfig,
+        device: torch.device,
+    ) -> None:
+        self.layout, self.width = row_layout(attrs)
+        self.lrs = lrs
+        self.config = config
+        self.tables = {seg.attr.name: SkipTable(config, device=device) for seg in self.layout}
+
+    @property
+    def table_step(self) -> int:
+        return next(iter(self.tables.values())).step
+
+    def advance_to(self, step: int) -> None:
+        """Fold in learning rates up to ``step`` (after every update of that step)."""
+        for t in range(self.table_step + 1, step + 1):
+            for seg in self.layout:
+                self.tables[seg.attr.name].advance(t, self.lrs.at(seg.attr.name, t))
+
+    def segments(self, step: int) -> list[Segment]:
+        return [
+            Segment(s.start, s.end, self.lrs.at(s.attr.name, step), self.tables[s.attr.name])
+            for s in self.layout
+        ]
+
+
+class HostRows(_Schedule):
+    """Rows in a :class:`HostStore`, updated by the native CPU Adam."""
+
+    def __init__(
+        self,
+        attrs: Sequence[AttributeSpec],
+        lrs: LearningRates,
+        config: AdamConfig,
+        *,
+        pinned: bool,
+        max_bytes: int | None = None,
+        chunk_shift: int = 20,
+        threads: int | None = None,
+    ) -> None:
+        super().__init__(attrs, lrs, config, torch.device("cpu"))
+        self.store = HostStore(self.width, chunk_shift, pinned=pinned, max_bytes=max_bytes)
+        self.adam = CpuRowAdam(self.store, config, threads=threads)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def step_rows(self, rows: Tensor, grads: Tensor, width: int, step: int) -> None:
+        """Adam step ``step`` for ``rows`` (their first update at this step)."""
+        self.advance_to(step - 1)
+        self.adam.step_rows(rows, grads, width, step, self.segments(step))
+
+    def catch_up(self, rows: Tensor | None, step: int) -> None:
+        """Bring ``rows`` (all when None) up to ``step``, the last step applied."""
+        self.advance_to(step)
+        if len(self.store):
+            self.adam.catch_up(rows, step, self.segments(step))
+
+    def append(self, params: Mapping[str, Tensor], step: int) -> None:
+        self.store.append(pack_rows(dict(params), self.layout), step)
+
+    def append_copies(self, src: Tensor, step: int) -> None:
+        """Copy rows ``src`` (already up to date at ``step``) to new rows, moments zeroed."""
+        self.store.append(self.store.gather_params(src), step)
+
+    def compact(self, plan: Compaction) -> None:
+        self.store.compact(plan)
+
+    def dense(self, step: int) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """Every row up to date at ``step``, unpacked into attributes."""
+        self.catch_up(None, step)
+        p, m, v = self.store.dense()
+        return tuple(
+            {k: t.clone() for k, t in unpack_rows(x, self.layout).items()} for x in (p, m, v)
+        )
+
+    def load(self, params: Mapping[str, Tensor], exp_avg: Mapping[str, Tensor],
+             exp_avg_sq: Mapping[str, Tensor], step: int) -> None:  # fmt: skip
+        pack = lambda d: pack_rows(dict(d), self.layout)  # noqa: E731
+        self.store.load_dense(pack(params), pack(exp_avg), pack(exp_avg_sq), step)
+
+
+class DeviceRows:
+    """Key attributes packed ``[N, width]`` on the device, with dense Adam.
+
+    Culling reads every key row each step, so they must all be exactly what dense Adam gives:
+    rows a batch did not see take their zero-gradient step too. The batch's gradients arrive
+    for its rows only; the update walks the table in chunks and scatters them into a chunk-sized
+    zero gradient, so no ``[N, width]`` gradient is ever allocated.
+    """
+
+    def __init__(
+        self,
+        attrs: Sequence[AttributeSpec],
+        params: Mapping[str, Tensor],
+        lrs: LearningRates,
+        config: AdamConfig,
+        device: torch.device,
+        chunk_rows: int = 1 << 24,
+    ) -> None:
+        self.layout, self.width = row_layout(attrs)
+        self.lrs = lrs
+        self.config = config
+        self.device = device
+        self.chunk_rows = chunk_rows
+        packed = pack_rows(dict(params), self.layout).to(device)
+        self.table = RowTable(
+            {
+                "param": packed,
+                "exp_avg": torch.zeros_like(packed),
+                "exp_avg_sq": torch.zeros_like(packed),
+            }
+        )
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def param(self) -> Tensor:
+        return self.table["param"]
+
+    def views(self) -> dict[str, Tensor]:
+        """Per-attribute views of the parameters."""
+        return unpack_rows(self.param, self.layout)
+
+    def step_sparse(self, rows: Tensor, grads: Tensor, step: int) -> None:
+        """Adam step ``step`` for every row; ``rows`` (ascending) have gradients ``grads``."""
+        n = len(self.table)
+        starts = list(range(0, n, self.chunk_rows))
+        bounds = torch.searchsorted(rows, torch.tensor([*starts, n], device=rows.device))
+        bounds = bounds.tolist()
+        p, m, v = self.table["param"], self.table["exp_avg"], self.table["exp_avg_sq"]
+        for i, a in enumerate(starts):
+            b = min(a + self.chunk_rows, n)
+            grad = torch.zeros(b - a, self.width, device=self.device)
+            lo, hi = bounds[i], bounds[i + 1]
+            grad[rows[lo:hi] - a] = grads[lo:hi]
+            for seg in self.layout:
+                cols = slice(seg.start, seg.end)
+                adam_step(p[a:b, cols], grad[:, cols], m[a:b, cols], v[a:b, cols], step,
+                          self.lrs.at(seg.attr.name, step), self.config)  # fmt: skip
+
+    def append(self, params: Mapping[str, Tensor]) -> None:
+        packed = pack_rows(dict(params), self.layout).to(self.device)
+        zeros = torch.zeros_like(packed)
+        self.table.append({"param": packed, "exp_avg": zeros, "exp_avg_sq": zeros})
+
+    def compact(self, plan: Compaction) -> None:
+        self.table.compact(plan)
+
+    def zero_moments(self, name: str) -> None:
+        seg = next(s for s in self.layout if s.attr.name == name)
+        self.table["exp_avg"][:, seg.start : seg.end] = 0
+        self.table["exp_avg_sq"][:, seg.start : seg.end] = 0
+
+    def dense(self) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        return tuple(
+            {
+                k: v.detach().cpu().clone()
+                for k, v in unpack_rows(self.table[key], self.layout).items()
+            }
+            for key in ("param", "exp_avg", "exp_avg_sq")
+        )
+
+    def load(self, params: Mapping[str, Tensor], exp_avg: Mapping[str, Tensor],
+             exp_avg_sq: Mapping[str, Tensor]) -> None:  # fmt: skip
+        pack = lambda d: pack_rows(dict(d), self.layout).to(self.device)  # noqa: E731
+        self.table = RowTable(
+            {"param": pack(params), "exp_avg": pack(exp_avg), "exp_avg_sq": pack(exp_avg_sq)}
+        )

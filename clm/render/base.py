@@ -1,0 +1,51 @@
+"""The renderer interface the engines drive: raw parameters and one camera in, an image out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class View:
+    """One camera: world-to-camera ``viewmat [4, 4]`` (OpenCV axes) and intrinsics ``K [3, 3]``."""
+
+    viewmat: Tensor
+    K: Tensor
+    width: int
+    height: int
+
+    @property
+    def camera_center(self) -> Tensor:
+        rot, trans = self.viewmat[:3, :3], self.viewmat[:3, 3]
+        return -rot.T @ trans
+
+    def to(self, device: torch.device | str) -> View:
+        return View(self.viewmat.to(device), self.K.to(device), self.width, self.height)
+
+
+@dataclass
+class RenderOutput:
+    """What a render gives back.
+
+    ``means2d`` holds the screen-space centres of the Gaussians that reached the image, rows of
+    the input given by ``ids``; after backward its ``.grad`` drives densification.
+    """
+
+    image: Tensor  # [H, W, C]
+    alpha: Tensor  # [H, W, 1]
+    means2d: Tensor  # [M, 2]
+    radii: Tensor  # [M, 2] int32, pixels
+    ids: Tensor  # [M] int64
+
+
+class RenderFn(Protocol):
+    """A splatting variant's renderer: raw (pre-activation) parameters, as the spec names them."""
+
+    def __call__(
+        self, params: Mapping[str, Tensor], view: View, sh_degree: int, background: Tensor
+    ) -> RenderOutput: ...

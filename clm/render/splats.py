@@ -1,0 +1,90 @@
+"""The standard 3DGS renderer on both backends: gsplat's CUDA rasterizer, or ours in torch.
+
+Both take the raw parameters of :func:`clm.model.spec.gaussian_splatting_spec` and apply the
+activations themselves, so engines hand over exactly the tensors they optimise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from clm.render.base import RenderFn, RenderOutput, View
+from clm.render.projection import project
+from clm.render.sh import sh_to_rgb
+from clm.render.torch_rasterizer import rasterize
+
+
+def sh_coefficients(params: Mapping[str, Tensor], sh_degree: int) -> Tensor:
+    """``[N, (d + 1)², 3]``: degree 0 and the active higher bands side by side."""
+    bands = (sh_degree + 1) ** 2 - 1
+    return torch.cat([params["sh0"], params["shN"][:, :bands]], dim=1)
+
+
+def render_torch(
+    params: Mapping[str, Tensor], view: View, sh_degree: int, background: Tensor
+) -> RenderOutput:
+    """3DGS through the pure-torch rasterizer (CPU, or as a reference on CUDA)."""
+    means = params["means"]
+    opacities = torch.sigmoid(params["opacities"])
+    proj = project(
+        means,
+        params["quats"],
+        torch.exp(params["scales"]),
+        opacities,
+        view.viewmat,
+        view.K,
+        view.width,
+        view.height,
+    )
+    ids = torch.nonzero(proj.visible).squeeze(1)
+    means2d = proj.means2d[ids]
+    if means2d.requires_grad:
+        means2d.retain_grad()
+    coeffs = sh_coefficients({"sh0": params["sh0"][ids], "shN": params["shN"][ids]}, sh_degree)
+    colors = sh_to_rgb(sh_degree, coeffs, means[ids] - view.camera_center)
+    image, alpha = rasterize(
+        means2d,
+        proj.conics[ids],
+        colors,
+        opacities[ids],
+        proj.depths[ids],
+        proj.radii[ids],
+        view.width,
+        view.height,
+        background,
+    )
+    return RenderOutput(image, alpha, means2d, proj.radii[ids], ids)
+
+
+def render_gsplat(
+    params: Mapping[str, Tensor], view: View, sh_degree: int, background: Tensor
+) -> RenderOutput:
+    """3DGS through gsplat 1.5.3's CUDA rasterizer (packed mode: memory scales with visibility)."""
+    from gsplat import rasterization
+
+    image, alpha, info = rasterization(
+        means=params["means"],
+        quats=params["quats"],
+        scales=torch.exp(params["scales"]),
+        opacities=torch.sigmoid(params["opacities"]),
+        colors=sh_coefficients(params, sh_degree),
+        viewmats=view.viewmat[None],
+        Ks=view.K[None],
+        width=view.width,
+        height=view.height,
+        sh_degree=sh_degree,
+        packed=True,
+        backgrounds=background[None],
+    )
+    means2d = info["means2d"]
+    if means2d.requires_grad:
+        means2d.retain_grad()
+    return RenderOutput(image[0], alpha[0], means2d, info["radii"], info["gaussian_ids"].long())
+
+
+def default_renderer(device: torch.device) -> RenderFn:
+    """gsplat on CUDA, the torch rasterizer elsewhere."""
+    return render_gsplat if device.type == "cuda" else render_torch

@@ -1,0 +1,406 @@
+"""The training loop: batches of views through an engine, density control, logs, checkpoints,
+evaluation and export. Engines decide where Gaussians live; everything here is the same for all."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from clm.data.images import ImageCache
+from clm.data.scene import load_scene
+from clm.engine.base import AdamSettings, Engine, Snapshot
+from clm.engine.factory import make_engine
+from clm.errors import ClmError
+from clm.model.init import init_from_points
+from clm.model.spec import gaussian_splatting_spec
+from clm.render.base import RenderOutput, View
+from clm.render.splats import default_renderer
+from clm.train.checkpoint import list_checkpoints, save_checkpoint
+from clm.train.config import TrainConfig, config_to_dict
+from clm.train.densify import DensifyConfig, DensityController
+from clm.train.evaluate import evaluate, write_json
+from clm.train.export import export_ply, import_ply
+from clm.train.log import TrainLog
+from clm.train.loss import photometric_loss
+from clm.train.schedule import LearningRates, adam_betas, sh_degree_at
+from clm.train.views import BatchSampler, frame_to_view
+
+log = logging.getLogger("clm")
+
+
+class Interrupted(Exception):
+    """Training stopped on request after saving a checkpoint."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {checkpoint}")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ClmError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_output(output: Path, resuming: bool) -> None:
+    """Create the output folder, and refuse to start a fresh run over an existing one."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ClmError(f"{output}: output folder is not writable ({exc.strerror})") from None
+    if not resuming and list_checkpoints(output):
+        raise ClmError(
+            f"{output} already holds a run; pass --resume to continue it or choose another --output"
+        )
+
+
+def attach_file_log(output: Path) -> logging.Handler:
+    handler = logging.FileHandler(output / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("clm").addHandler(handler)
+    logging.getLogger("clm").setLevel(logging.INFO)
+    return handler
+
+
+def format_count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, checkpoint: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        prepare_output(cfg.output, resuming=checkpoint is not None)
+        self._log_handler = attach_file_log(cfg.output)
+        seed_everything(cfg.seed)
+        if cfg.scene is None:
+            raise ClmError("no scene given")
+        self.scene = load_scene(cfg.scene, cfg.data_factor, cfg.test_every, seed=cfg.seed)
+        scene = self.scene
+        frames = scene.train + scene.test
+        cache_dir = cfg.cache_dir or cfg.output / "cache"
+        self.images = ImageCache(frames, cache_dir, scene.background)
+        self.background = torch.tensor(scene.background, dtype=torch.float32, device=self.device)
+        self.train_views = [frame_to_view(f, self.device) for f in scene.train]
+
+        self.spec = gaussian_splatting_spec(cfg.sh_degree)
+        self.total_steps = cfg.total_steps()
+        batch = min(cfg.batch_size, len(scene.train))
+        self.batch_size = batch
+        lrs = LearningRates(self.spec, self.total_steps, extent=scene.extent, batch_size=batch)
+        adam = AdamSettings(betas=adam_betas(batch))
+        if checkpoint is not None:
+            params = checkpoint["snapshot"]["params"]
+        elif cfg.init_ply is not None:
+            params = import_ply(cfg.init_ply, scene.to_train, self.spec)
+        else:
+            params = init_from_points(
+                self.spec, scene.points, scene.colors, init_opacity=cfg.init_opacity
+            )
+        max_pixels = max(f.width * f.height for f in frames)
+        self.engine: Engine = make_engine(
+            cfg,
+            self.spec,
+            params,
+            default_renderer(self.device),
+            lrs,
+            adam,
+            self.device,
+            max_pixels,
+        )
+        densify = DensifyConfig(
+            start=cfg.densify_start,
+            stop=cfg.densify_stop,
+            every=cfg.densify_every,
+            reset_every=cfg.opacity_reset_every,
+            grad_threshold=cfg.grad_threshold,
+        )
+        self.density = DensityController(
+            densify,
+            scene.extent,
+            batch,
+            self.device,
+            max_gaussians=self._max_gaussians(),
+            seed=cfg.seed,
+        )
+        self.sampler = BatchSampler(len(scene.train), batch, cfg.seed)
+        self.log = TrainLog(cfg.output)
+        self.elapsed = 0.0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        write_json(cfg.output / "config.json", config_to_dict(cfg))
+        self._stop_requested = False
+
+    def _max_gaussians(self) -> int | None:
+        caps = [c for c in (self.engine.max_gaussians, self.cfg.max_gaussians) if c is not None]
+        return min(caps) if caps else None
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def _payload(self) -> dict[str, Any]:
+        snap = self.engine.snapshot()
+        return {
+            "step": snap.step,
+            "config": config_to_dict(self.cfg),
+            "snapshot": {
+                "params": snap.params,
+                "exp_avg": snap.exp_avg,
+                "exp_avg_sq": snap.exp_avg_sq,
+            },
+            "density": self.density.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "log": self.log.state_dict(),
+            "elapsed": self.elapsed,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+            },
+            "to_train": {
+                "scale": self.scene.to_train.scale,
+                "center": self.scene.to_train.center.tolist(),
+            },
+        }
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        snap = ckpt["snapshot"]
+        self.engine.load(
+            Snapshot(snap["params"], snap["exp_avg"], snap["exp_avg_sq"], int(ckpt["step"]))
+        )
+        self.density.load_state_dict(ckpt["density"])
+        self.sampler.load_state_dict(ckpt["sampler"])
+        self.log.load_state_dict(ckpt["log"], int(ckpt["step"]))
+        self.elapsed = float(ckpt.get("elapsed", 0.0))
+        random.setstate(ckpt["rng"]["python"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        log.info("resumed from step %d", ckpt["step"])
+
+    def save_checkpoint(self) -> Path:
+        path = save_checkpoint(self.cfg.output, self.engine.step, self._payload())
+        log.info("checkpoint: %s", path)
+        return path
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def _targets(self, batch: list[int]) -> list[Tensor]:
+        out = []
+        for i in batch:
+            img = torch.from_numpy(np.array(self.images.get(i)))
+            if self.device.type == "cuda":
+                img = img.pin_memory().to(self.device, non_blocking=True)
+            out.append(img.float().div_(255.0))
+        return out
+
+    def train_step(self, batch: list[int]) -> tuple[Tensor, Tensor]:
+        """One optimiser step; returns the summed loss and summed squared error (no host sync)."""
+        targets = self._targets(batch)
+        views: list[View] = [self.train_views[i] for i in batch]
+        degree = sh_degree_at(
+            self.engine.step + 1, self.batch_size, self.cfg.sh_degree, self.cfg.sh_degree_every
+        )
+        loss_sum = torch.zeros((), device=self.device)
+        mse_sum = torch.zeros((), device=self.device)
+        scale = 1.0 / len(batch)
+
+        def loss_fn(i: int, out: RenderOutput) -> Tensor:
+            nonlocal loss_sum, mse_sum
+            loss = photometric_loss(out.image, targets[i], self.cfg.ssim_weight)
+            loss_sum = loss_sum + loss.detach()
+            mse_sum = mse_sum + torch.mean((out.image.detach() - targets[i]) ** 2)
+            return loss * scale
+
+        def observe(ids: Tensor, out: RenderOutput, view: View) -> None:
+            self.density.observe(ids, out, view, self.engine.num_gaussians)
+
+        self.engine.train_step(views, loss_fn, observe, degree, self.background)
+        return loss_sum, mse_sum
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        tqdm.write("stopping after this step and saving a checkpoint (press Ctrl-C again to abort)")
+
+    def _evaluate(self, render_dir: Path | None, with_lpips: bool) -> dict[str, Any]:
+        offset = len(self.scene.train)
+        ids = [offset + i for i in range(len(self.scene.test))]
+        degree = sh_degree_at(
+            max(self.engine.step, 1), self.batch_size, self.cfg.sh_degree, self.cfg.sh_degree_every
+        )
+        return evaluate(
+            self.engine,
+            self.scene.test,
+            self.images,
+            ids,
+            degree,
+            self.background,
+            render_dir=render_dir,
+            with_lpips=with_lpips,
+        )
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        log.info(
+            "training %s: %d train / %d test images, %s Gaussians, %d steps of %d images, "
+            "offload=%s on %s",
+            cfg.scene,
+            len(self.scene.train),
+            len(self.scene.test),
+            format_count(self.engine.num_gaussians),
+            self.total_steps,
+            self.batch_size,
+            cfg.offload,
+            self.device,
+        )
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.engine.step,
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+            unit="step",
+        )
+        window_loss, window_mse, window_images, window_start = [], [], 0, time.perf_counter()
+        try:
+            while self.engine.step < self.total_steps and not self._stop_requested:
+                t0 = time.perf_counter()
+                batch = self.sampler.next_batch()
+                loss_sum, mse_sum = self.train_step(batch)
+                step = self.engine.step
+                report = self.density.after_step(self.engine, step)
+                if report is not None and (report.cloned or report.split or report.pruned):
+                    log.info(
+                        "step %d: cloned %d, split %d, pruned %d%s -> %s Gaussians",
+                        step,
+                        report.cloned,
+                        report.split,
+                        report.pruned,
+                        f", capped {report.capped}" if report.capped else "",
+                        format_count(self.engine.num_gaussians),
+                    )
+                window_loss.append(loss_sum)
+                window_mse.append(mse_sum)
+                window_images += len(batch)
+                self.elapsed += time.perf_counter() - t0
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == self.total_steps:
+                    self._log_window(
+                        step, bar, window_loss, window_mse, window_images, window_start
+                    )
+                    window_loss, window_mse, window_images = [], [], 0
+                    window_start = time.perf_counter()
+                if cfg.eval_every and step % cfg.eval_every == 0 and self.scene.test:
+                    metrics = self._evaluate(None, with_lpips=False)
+                    self.log.add_eval(step, metrics)
+                    log.info("step %d: held-out PSNR %.2f SSIM %.4f", step, metrics["psnr"],
+                             metrics["ssim"])  # fmt: skip
+                if step % cfg.checkpoint_every == 0 and step < self.total_steps:
+                    self.save_checkpoint()
+                    self.log.plot()
+        finally:
+            bar.close()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        if self._stop_requested:
+            path = self.save_checkpoint()
+            self.log.plot()
+            raise Interrupted(self.engine.step, path)
+        return self.finish()
+
+    def _log_window(
+        self,
+        step: int,
+        bar: tqdm,
+        losses: list[Tensor],
+        mses: list[Tensor],
+        images: int,
+        since: float,
+    ) -> None:
+        loss = float(torch.stack(losses).sum()) / max(images, 1)
+        mse = float(torch.stack(mses).sum()) / max(images, 1)
+        train_psnr = -10.0 * math.log10(max(mse, 1e-12))
+        mem = (
+            torch.cuda.max_memory_reserved(self.device) / 2**30
+            if self.device.type == "cuda"
+            else 0.0
+        )
+        rate = images / max(time.perf_counter() - since, 1e-9)
+        row = {
+            "step": step,
+            "images": step * self.batch_size,
+            "loss": round(loss, 6),
+            "train_psnr": round(train_psnr, 3),
+            "num_gaussians": self.engine.num_gaussians,
+            "gpu_mem_gb": round(mem, 3),
+            "images_per_s": round(rate, 2),
+            "elapsed_s": round(self.elapsed, 2),
+        }
+        self.log.add(row)
+        postfix = {
+            "loss": f"{loss:.4f}",
+            "psnr": f"{train_psnr:.2f}",
+            "G": format_count(self.engine.num_gaussians),
+            "img/s": f"{rate:.1f}",
+        }
+        if self.device.type == "cuda":
+            postfix["mem"] = f"{mem:.1f}G"
+        bar.set_postfix(postfix, refresh=False)
+
+    def finish(self) -> dict[str, Any]:
+        """Final checkpoint, PLY, held-out metrics with renders, and the plot."""
+        cfg = self.cfg
+        path = self.save_checkpoint()
+        snap = self.engine.snapshot()
+        written, dropped = export_ply(cfg.output / "point_cloud.ply", snap.params,
+                                      self.scene.to_train)  # fmt: skip
+        if dropped:
+            log.warning("dropped %d Gaussians with non-finite values from the PLY", dropped)
+        metrics: dict[str, Any] = {"step": self.engine.step, "num_gaussians": written}
+        if self.scene.test:
+            result = self._evaluate(cfg.output / "renders" / "test", with_lpips=True)
+            self.log.add_eval(self.engine.step, result)
+            metrics.update(result)
+        else:
+            metrics["note"] = "no held-out images (--test-every 0)"
+        metrics["train_seconds"] = round(self.elapsed, 2)
+        write_json(cfg.output / "metrics.json", metrics)
+        self.log.plot()
+        log.info(
+            "done: %d Gaussians -> %s; checkpoint %s; held-out PSNR %s",
+            written,
+            cfg.output / "point_cloud.ply",
+            path,
+            f"{metrics['psnr']:.2f}" if metrics.get("psnr") is not None else "n/a",
+        )
+        return metrics
+
+    def close(self) -> None:
+        self.engine.close()
+        self.images.close()
+        logging.getLogger("clm").removeHandler(self._log_handler)
+        self._log_handler.close()

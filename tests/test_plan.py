@@ -1,0 +1,113 @@
+"""The batch planner, checked by simulating its schedule against the visibility it was given."""
+
+import pytest
+import torch
+
+from clm.offload.plan import masked_positions, order_views, plan_batch
+
+
+def simulate(plan, vis, capacity):
+    """Replay the schedule; assert every render finds its rows and every row's gradient goes
+    to the host exactly once per batch (final) or through the deferred path."""
+    slot_owner = {}
+    freed_at = {}  # slot -> micro-batch index whose flush freed it
+    loads = {}
+    final = {}
+    deferred = {}
+    for k, mb in enumerate(plan.micro):
+        for pos, slot in zip(mb.load_pos.tolist(), mb.load_slots.tolist(), strict=True):
+            assert 0 <= slot < plan.slots_needed <= capacity
+            assert slot not in slot_owner, "slot reused while its row is live"
+            if slot in freed_at:  # reuse only after the flush the load waits for
+                assert freed_at[slot] <= mb.load_after
+            slot_owner[slot] = pos
+            loads[pos] = loads.get(pos, 0) + 1
+        assert len(slot_owner) <= capacity
+        assert sorted(mb.render_pos.tolist()) == torch.nonzero(vis[mb.view]).squeeze(1).tolist()
+        for pos, slot in zip(mb.render_pos.tolist(), mb.render_slots.tolist(), strict=True):
+            assert slot_owner.get(slot) == pos, "render reads a slot that holds another row"
+        for kind, p_, s_ in (
+            ("f", mb.flush_pos, mb.flush_slots),
+            ("d", mb.defer_pos, mb.defer_slots),
+        ):
+            for pos, slot in zip(p_.tolist(), s_.tolist(), strict=True):
+                assert slot_owner.pop(slot) == pos
+                freed_at[slot] = k
+                target = final if kind == "f" else deferred
+                target[pos] = target.get(pos, 0) + 1
+    assert not slot_owner, "rows left in the cache at the end of the batch"
+    union = torch.nonzero(vis.any(0)).squeeze(1).tolist()
+    for pos in union:
+        assert (pos in final) != (pos in deferred)
+        if pos in final:
+            assert final[pos] == 1 and loads[pos] == 1
+    assert plan.loads == sum(loads.values())
+    assert plan.uses == int(vis.sum())
+    return loads
+
+
+def random_vis(num_views, rows, seed, density=0.3):
+    g = torch.Generator().manual_seed(seed)
+    # Views along a path, each seeing a window of rows, like cameras along a street.
+    vis = torch.zeros(num_views, rows, dtype=torch.bool)
+    for v in range(num_views):
+        lo = int(v * rows / (num_views + 2))
+        width = int(rows * density)
+        vis[v, lo : lo + width] = torch.rand(min(width, rows - lo), generator=g) < 0.8
+    perm = torch.randperm(num_views, generator=g)
+    vis = vis[perm]
+    return vis[:, vis.any(0)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plan_fits_in_one_segment_when_cache_is_large(seed):
+    vis = random_vis(12, 400, seed)
+    plan = plan_batch(torch.arange(vis.shape[1]), vis, capacity=vis.shape[1])
+    assert plan.segments == 1
+    loads = simulate(plan, vis, vis.shape[1])
+    assert all(v == 1 for v in loads.values())
+    assert plan.peak_slots <= vis.shape[1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_slots_are_reused_after_two_microbatches(seed):
+    vis = random_vis(16, 600, seed, density=0.15)
+    union = vis.shape[1]
+    plan = plan_batch(torch.arange(union), vis, capacity=union)
+    capacity = plan.peak_slots + max(int(vis[v].sum()) for v in range(vis.shape[0]))
+    tight = plan_batch(torch.arange(union), vis, capacity=capacity)
+    simulate(tight, vis, capacity)
+    assert capacity < union  # ordering keeps the live set well below the union
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_overflow_splits_into_segments_and_defers_shared_rows(seed):
+    vis = random_vis(10, 300, seed, density=0.4)
+    capacity = max(int(vis[v].sum()) for v in range(vis.shape[0])) + 5
+    plan = plan_batch(torch.arange(vis.shape[1]), vis, capacity=capacity)
+    assert plan.segments > 1
+    simulate(plan, vis, capacity)
+    assert any(mb.defer_pos.numel() for mb in plan.micro)
+
+
+def test_single_view_larger_than_cache_is_an_error():
+    vis = torch.ones(2, 50, dtype=torch.bool)
+    with pytest.raises(ValueError, match="cache holds 10"):
+        plan_batch(torch.arange(50), vis, capacity=10)
+
+
+def test_order_chains_neighbours():
+    # Views along a line, shuffled: the chain must visit them in line order (or reversed).
+    line = torch.zeros(6, 60, dtype=torch.bool)
+    for v in range(6):
+        line[v, v * 10 : v * 10 + 20] = True
+    perm = [3, 0, 5, 1, 4, 2]
+    order = order_views(line[perm])
+    walked = [perm[i] for i in order]
+    assert walked in (list(range(6)), list(range(5, -1, -1)))
+
+
+def test_masked_positions_equals_nonzero():
+    mask = torch.rand(1000, generator=torch.Generator().manual_seed(0)) < 0.3
+    got = masked_positions(mask, int(mask.sum()))
+    assert torch.equal(got, torch.nonzero(mask).squeeze(1))
