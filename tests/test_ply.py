@@ -9,6 +9,7 @@ import torch
 from plyfile import PlyData
 
 from clm.errors import ClmError
+from clm import files as files_module
 from clm.model import ply as ply_module
 from clm.model.ply import read_ply, sh_degree_of, write_ply
 
@@ -146,7 +147,7 @@ def test_write_replaces_atomically_and_leaves_no_temp_file(tmp_path: Path, monke
     def disk_full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ply_module.os, "fsync", disk_full)
+    monkeypatch.setattr(files_module.os, "fsync", disk_full)
     with pytest.raises(ClmError, match="No space left"):
         write_ply(target, random_splats(50, 15))
     assert target.read_bytes() == before

@@ -46,7 +46,7 @@ class Frame:
     world_to_camera: np.ndarray  # [4, 4] float64
     distortion: Distortion | None = None
     camera_id: int = 0
-    # Decode the file at this size when it differs from the file's own (no images_F folder).
+    # The file's own (width, height) when it must be resized on decode (no images_F folder).
     resize_from: tuple[int, int] | None = None
 
     @property
@@ -73,7 +73,7 @@ class Similarity:
         return points / self.scale + self.center
 
     def pose_to_train(self, world_to_camera: np.ndarray) -> np.ndarray:
-        """Re-express a world-to-camera matrix so it maps training-frame points, in training units."""
+        """World-to-camera matrix for training-frame points, in training units."""
         out = np.array(world_to_camera, dtype=np.float64, copy=True)
         rot, trans = out[:3, :3], out[:3, 3]
         out[:3, 3] = self.scale * (rot @ self.center + trans)

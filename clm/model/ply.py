@@ -8,11 +8,7 @@ channel-major: ``f_rest_{c*K + k}`` holds SH coefficient ``k`` of colour channel
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,6 +17,7 @@ import torch
 from plyfile import PlyData
 
 from clm.errors import ClmError
+from clm.files import atomic_write, reason
 
 SPLAT_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
 
@@ -84,7 +81,7 @@ def write_ply(path: Path, splats: dict[str, np.ndarray | torch.Tensor]) -> int:
             packed = _pack_rows(cols, rows)[mask]
             stream.write(np.ascontiguousarray(packed, dtype="<f4").data)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return n - kept
 
 
@@ -127,7 +124,7 @@ def read_ply(path: Path) -> dict[str, np.ndarray]:
         # Memory-mapped: plyfile's non-mapped binary reader parses row by row in Python.
         ply = PlyData.read(str(path))
     except Exception as exc:  # plyfile signals bad input with many exception types
-        raise ClmError(f"{path}: not a readable PLY file ({_one_line(exc)})") from exc
+        raise ClmError(f"{path}: not a readable PLY file ({reason(exc)})") from exc
     if "vertex" not in ply:
         raise ClmError(f"{path}: no 'vertex' element, so not a 3DGS PLY")
     vertex = ply["vertex"]
@@ -199,29 +196,3 @@ def _to_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(array, torch.Tensor):
         return array.detach().to("cpu", torch.float32).numpy()
     return np.asarray(array, dtype=np.float32)
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then move it into place."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as exc:
-        raise ClmError(f"{path}: cannot write in folder {path.parent} ({_one_line(exc)})") from exc
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError):
-            raise ClmError(f"{path}: write failed ({_one_line(exc)})") from exc
-        raise
-
-
-def _one_line(exc: BaseException) -> str:
-    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return " ".join(text.split()) or type(exc).__name__

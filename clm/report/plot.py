@@ -7,10 +7,7 @@ so it accepts what an early or broken run produces: one point, NaNs, constant or
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from clm.errors import ClmError
+from clm.files import save_png
 
 PLOT_SIZE = (960, 720)
 LOSS_COLOR = (31, 119, 180)
@@ -101,7 +98,7 @@ def plot_training_log(
     if not (_valid(steps_a, train_a).any() or _valid(eval_steps_a, eval_a).any()):
         _draw_no_data(draw, font, bottom)
 
-    _atomic_save(image, Path(path))
+    save_png(Path(path), image)
 
 
 def _panel_box(left: int, top: int, right: int, bottom: int) -> _Panel:
@@ -279,26 +276,3 @@ def _draw_no_data(
 ) -> None:
     centre = ((box.left + box.right) / 2, (box.top + box.bottom) / 2)
     draw.text(centre, "no finite values yet", fill=_MUTED, font=font, anchor="mm")
-
-
-def _atomic_save(image: Image.Image, path: Path) -> None:
-    """Save as PNG through a temporary file beside ``path``, so readers never see half a PNG."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as exc:
-        raise ClmError(f"{path}: cannot write in folder {path.parent} ({_reason(exc)})") from exc
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            image.save(stream, format="PNG")
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError):
-            raise ClmError(f"{path}: write failed ({_reason(exc)})") from exc
-        raise
-
-
-def _reason(exc: OSError) -> str:
-    return " ".join((exc.strerror or str(exc)).split())

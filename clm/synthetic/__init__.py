@@ -1,1 +1,1 @@
-"""Procedural scenes rendered by ray casting, written in COLMAP layout for tests, demos and benchmarks."""
+"""Procedural scenes, ray cast and written in COLMAP layout, for tests, demos and benchmarks."""

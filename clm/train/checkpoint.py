@@ -1,9 +1,8 @@
-"""Checkpoints that survive crashes: written to a temporary file, synced, then renamed, so the
-previous checkpoint stays intact until the new one is complete (a full disk loses nothing)."""
+"""Checkpoints that survive crashes: written atomically (see :mod:`clm.files`), so the previous
+checkpoint stays intact until the new one is complete (a full disk loses nothing)."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 
 from clm.errors import ClmError
+from clm.files import atomic_write, reason
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -32,18 +32,14 @@ def list_checkpoints(output: Path) -> list[Path]:
 def save_checkpoint(output: Path, step: int, payload: dict[str, Any], keep: int = 2) -> Path:
     folder = checkpoint_dir(output)
     path = folder / f"step_{step:07d}.pt"
-    tmp = folder / f".step_{step:07d}.pt.tmp"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            torch.save({"format": FORMAT_VERSION, **payload}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
-        tmp.unlink(missing_ok=True)
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ClmError(f"{path}: cannot write checkpoint ({reason})") from None
+    except OSError as exc:
+        raise ClmError(f"{folder}: cannot create the checkpoint folder ({reason(exc)})") from None
+    try:
+        atomic_write(path, lambda fh: torch.save({"format": FORMAT_VERSION, **payload}, fh))
+    except RuntimeError as exc:  # torch reports a failed write of its zip stream this way
+        raise ClmError(f"{path}: cannot write checkpoint ({reason(exc)})") from None
     for old in list_checkpoints(output)[:-keep]:
         old.unlink(missing_ok=True)
     return path

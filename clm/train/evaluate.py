@@ -2,32 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from clm.data.images import ImageCache
 from clm.data.types import Frame
 from clm.engine.base import Engine
+from clm.files import save_png
 from clm.metrics import load_lpips, psnr, ssim
 from clm.train.views import frame_to_view
 
 
 def to_uint8(image: Tensor) -> np.ndarray:
     return (image.detach().clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
-
-
-def save_png(path: Path, image: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -49,7 +41,7 @@ def evaluate(
     for frame, image_id in zip(frames, image_ids, strict=True):
         view = frame_to_view(frame, engine.device)
         pred = engine.render(view, sh_degree, background).image.clamp(0, 1)
-        target = torch.from_numpy(np.asarray(images.get(image_id))).to(engine.device) / 255.0
+        target = torch.from_numpy(np.array(images.get(image_id))).to(engine.device) / 255.0
         row = {
             "name": frame.name,
             "psnr": float(psnr(pred, target)),
@@ -70,9 +62,3 @@ def evaluate(
             result["lpips_note"] = lpips_note
     result["per_image"] = rows
     return result
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

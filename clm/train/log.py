@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clm.files import write_text
 from clm.report.plot import plot_training_log
 
 COLUMNS = ("step", "images", "loss", "train_psnr", "num_gaussians", "gpu_mem_gb", "images_per_s",
@@ -48,9 +48,7 @@ class TrainLog:
         writer.writeheader()
         for row in self.rows:
             writer.writerow({k: row.get(k) for k in COLUMNS})
-        tmp = self.csv_path.with_name(".train_log.csv.tmp")
-        tmp.write_text(buf.getvalue())
-        os.replace(tmp, self.csv_path)
+        write_text(self.csv_path, buf.getvalue())
 
     def plot(self) -> None:
         if not self.rows:

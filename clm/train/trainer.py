@@ -21,6 +21,7 @@ from clm.data.scene import load_scene
 from clm.engine.base import AdamSettings, Engine, Snapshot
 from clm.engine.factory import make_engine
 from clm.errors import ClmError
+from clm.files import write_json
 from clm.model.init import init_from_points
 from clm.model.spec import gaussian_splatting_spec
 from clm.render.base import RenderOutput, View
@@ -28,7 +29,7 @@ from clm.render.splats import default_renderer
 from clm.train.checkpoint import list_checkpoints, save_checkpoint
 from clm.train.config import TrainConfig, config_to_dict
 from clm.train.densify import DensifyConfig, DensityController
-from clm.train.evaluate import evaluate, write_json
+from clm.train.evaluate import evaluate
 from clm.train.export import export_ply, import_ply
 from clm.train.log import TrainLog
 from clm.train.loss import photometric_loss
