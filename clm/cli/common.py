@@ -3,13 +3,23 @@ promise that a user's mistake ends in one line on stderr and a non-zero exit, no
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from tqdm import tqdm
 
 from clm.errors import ClmError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line, not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 class _TqdmHandler(logging.Handler):

@@ -103,6 +103,14 @@ class Engine(ABC):
         """Add one row per index in ``src``: a copy of that row, with ``overrides`` (key
         attributes) replacing some values; new rows start with zero Adam moments."""
 
+    def reserve(self, rows: int) -> None:  # noqa: B027 (engines without device tables grow freely)
+        """Allocate device memory for ``rows`` Gaussians now, so growth never reallocates
+        (a copy would briefly need old and new memory, past a hard budget)."""
+
+    @abstractmethod
+    def extend(self, params: Mapping[str, Tensor]) -> None:
+        """Add new Gaussians with the given raw values and zero Adam moments."""
+
     @abstractmethod
     def compact(self, plan: Compaction) -> None:
         """Remove rows (see :class:`Compaction`)."""

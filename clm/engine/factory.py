@@ -74,5 +74,9 @@ def make_engine(
                 host_rows / 1e6,
                 engine.host.store.bytes_per_row,
             )
+    if cfg.max_gaussians is not None:
+        max_gaussians = min(max_gaussians or cfg.max_gaussians, cfg.max_gaussians)
     engine.max_gaussians = max_gaussians
+    if cfg.max_gpu_gb is not None and max_gaussians is not None:
+        engine.reserve(max_gaussians)  # a hard budget: take it now, never grow past it
     return engine

@@ -91,7 +91,10 @@ class NaiveEngine(Engine):
         src = src.cpu()
         rows = unpack_rows(self.host.store.gather_params(src), self.host.layout)
         rows.update({k: v.cpu() for k, v in overrides.items()})
-        self.host.append(rows, self.step)
+        self.extend(rows)
+
+    def extend(self, params: Mapping[str, Tensor]) -> None:
+        self.host.append({k: v.cpu() for k, v in params.items()}, self.step)
 
     def compact(self, plan: Compaction) -> None:
         self.host.compact(Compaction(plan.holes.cpu(), plan.movers.cpu(), plan.new_len))

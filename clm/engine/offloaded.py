@@ -313,6 +313,14 @@ class OffloadEngine(Engine):
         self.host.catch_up(unique, self.step)
         self.host.append_copies(src_cpu, self.step)
 
+    def reserve(self, rows: int) -> None:
+        self.key.table.reserve(rows)
+
+    def extend(self, params: Mapping[str, Tensor]) -> None:
+        self._drain()
+        self.key.append({a.name: params[a.name] for a in self.spec.key})
+        self.host.append({a.name: params[a.name].cpu() for a in self.spec.host}, self.step)
+
     def compact(self, plan: Compaction) -> None:
         self._drain()
         self.key.compact(plan)

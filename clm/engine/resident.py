@@ -65,7 +65,14 @@ class ResidentEngine(Engine):
 
     def append(self, src: Tensor, overrides: Mapping[str, Tensor]) -> None:
         src = src.to(self.device)
-        rows = {n: overrides[n] if n in overrides else t[src] for n, t in self.params.items()}
+        self.extend({n: overrides[n] if n in overrides else t[src] for n, t in self.params.items()})
+
+    def reserve(self, rows: int) -> None:
+        for table in (self.params, self.exp_avg, self.exp_avg_sq):
+            table.reserve(rows)
+
+    def extend(self, params: Mapping[str, Tensor]) -> None:
+        rows = {n: params[n].to(self.device, torch.float32) for n in self.spec.names}
         self.params.append(rows)
         zeros = {n: torch.zeros_like(t) for n, t in rows.items()}
         self.exp_avg.append(zeros)
@@ -89,7 +96,9 @@ class ResidentEngine(Engine):
         def table(tensors: Mapping[str, Tensor]) -> RowTable:
             return RowTable({n: tensors[n].to(self.device, torch.float32) for n in self.spec.names})
 
+        reserved = self.params.capacity
         self.params = table(snap.params)
         self.exp_avg = table(snap.exp_avg)
         self.exp_avg_sq = table(snap.exp_avg_sq)
+        self.reserve(reserved)
         self.step = snap.step

@@ -34,6 +34,8 @@ RENDER_BYTES_PER_PIXEL = 1024  # images, alpha, loss and SSIM intermediates, the
 # and intersection data and their gradients.
 RENDER_BYTES_PER_VISIBLE_ROW = 700
 CACHE_SHARE = 0.3  # of what is left after the pixel workspace
+# Chunk-sized temporaries: culling bit words, the key Adam's gradient chunk, CUDA context slack.
+TRANSIENT_BYTES = 768 << 20
 
 
 def apply_gpu_cap(device: torch.device, max_gpu_gb: float) -> int:
@@ -72,7 +74,7 @@ def plan_gpu(spec: GaussianSpec, offload: str, budget: int, max_pixels: int) -> 
     width = sum(a.width for a in spec)
     key_width = sum(a.width for a in spec.key)
     host_width = width - key_width
-    pixel_space = max_pixels * RENDER_BYTES_PER_PIXEL + (256 << 20)
+    pixel_space = max_pixels * RENDER_BYTES_PER_PIXEL + TRANSIENT_BYTES
     left = budget - pixel_space
     if left <= 0:
         raise ClmError(

@@ -102,8 +102,13 @@ class HostRows(_Schedule):
             {k: t.clone() for k, t in unpack_rows(x, self.layout).items()} for x in (p, m, v)
         )
 
-    def load(self, params: Mapping[str, Tensor], exp_avg: Mapping[str, Tensor],
-             exp_avg_sq: Mapping[str, Tensor], step: int) -> None:  # fmt: skip
+    def load(
+        self,
+        params: Mapping[str, Tensor],
+        exp_avg: Mapping[str, Tensor],
+        exp_avg_sq: Mapping[str, Tensor],
+        step: int,
+    ) -> None:
         pack = lambda d: pack_rows(dict(d), self.layout)  # noqa: E731
         self.store.load_dense(pack(params), pack(exp_avg), pack(exp_avg_sq), step)
 
@@ -124,7 +129,7 @@ class DeviceRows:
         lrs: LearningRates,
         config: AdamConfig,
         device: torch.device,
-        chunk_rows: int = 1 << 24,
+        chunk_rows: int = 1 << 22,
     ) -> None:
         self.layout, self.width = row_layout(attrs)
         self.lrs = lrs
@@ -165,8 +170,15 @@ class DeviceRows:
             grad[rows[lo:hi] - a] = grads[lo:hi]
             for seg in self.layout:
                 cols = slice(seg.start, seg.end)
-                adam_step(p[a:b, cols], grad[:, cols], m[a:b, cols], v[a:b, cols], step,
-                          self.lrs.at(seg.attr.name, step), self.config)  # fmt: skip
+                adam_step(
+                    p[a:b, cols],
+                    grad[:, cols],
+                    m[a:b, cols],
+                    v[a:b, cols],
+                    step,
+                    self.lrs.at(seg.attr.name, step),
+                    self.config,
+                )
 
     def append(self, params: Mapping[str, Tensor]) -> None:
         packed = pack_rows(dict(params), self.layout).to(self.device)
@@ -190,9 +202,15 @@ class DeviceRows:
             for key in ("param", "exp_avg", "exp_avg_sq")
         )
 
-    def load(self, params: Mapping[str, Tensor], exp_avg: Mapping[str, Tensor],
-             exp_avg_sq: Mapping[str, Tensor]) -> None:  # fmt: skip
+    def load(
+        self,
+        params: Mapping[str, Tensor],
+        exp_avg: Mapping[str, Tensor],
+        exp_avg_sq: Mapping[str, Tensor],
+    ) -> None:
         pack = lambda d: pack_rows(dict(d), self.layout).to(self.device)  # noqa: E731
+        reserved = self.table.capacity
         self.table = RowTable(
             {"param": pack(params), "exp_avg": pack(exp_avg), "exp_avg_sq": pack(exp_avg_sq)}
         )
+        self.table.reserve(reserved)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from clm.cli.common import OneLineParser
 from clm.errors import ClmError
 
 
@@ -37,6 +37,7 @@ class TrainConfig:
     device: str = _opt("auto", "cuda, cpu, or auto (cuda when available)")
     resume: bool = _opt(False, "continue from the latest checkpoint in the output folder")
     init_ply: Path | None = _opt(None, "start from a 3DGS PLY instead of the scene's points")
+    max_seconds: float | None = _opt(None, "stop training after this many seconds, then finish")
     # model and recipe
     sh_degree: int = _opt(3, "maximum spherical-harmonics degree (0..3)")
     sh_degree_every: int = _opt(1000, "raise the SH degree by one every this many images")
@@ -76,8 +77,11 @@ def preset_path(name: str) -> Path:
         return path
     shipped = resources.files("clm.configs") / f"{name}.toml"
     if not shipped.is_file():
-        names = sorted(p.name[:-5] for p in resources.files("clm.configs").iterdir()
-                       if p.name.endswith(".toml"))  # fmt: skip
+        names = sorted(
+            p.name[:-5]
+            for p in resources.files("clm.configs").iterdir()
+            if p.name.endswith(".toml")
+        )
         raise ClmError(f"unknown preset {name!r}; choose one of {', '.join(names)} or a .toml file")
     return Path(str(shipped))
 
@@ -115,14 +119,6 @@ def load_preset(name: str) -> dict[str, Any]:
     return {k: _coerce(k, v) for k, v in data.items()}
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line, not a usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def _count(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -134,7 +130,7 @@ _count.__name__ = "non-negative integer"  # argparse names the type in its error
 
 
 def build_parser(prog: str = "clm-train") -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog=prog,
         description="Train a 3D Gaussian Splatting scene, offloading to host memory as needed.",
     )

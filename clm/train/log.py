@@ -11,8 +11,16 @@ from typing import Any
 from clm.files import write_text
 from clm.report.plot import plot_training_log
 
-COLUMNS = ("step", "images", "loss", "train_psnr", "num_gaussians", "gpu_mem_gb", "images_per_s",
-           "elapsed_s")  # fmt: skip
+COLUMNS = (
+    "step",
+    "images",
+    "loss",
+    "train_psnr",
+    "num_gaussians",
+    "gpu_mem_gb",
+    "images_per_s",
+    "elapsed_s",
+)
 
 
 @dataclass

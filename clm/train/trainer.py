@@ -143,7 +143,7 @@ class Trainer:
             scene.extent,
             batch,
             self.device,
-            max_gaussians=self._max_gaussians(),
+            max_gaussians=self.engine.max_gaussians,
             seed=cfg.seed,
         )
         self.sampler = BatchSampler(len(scene.train), batch, cfg.seed)
@@ -153,10 +153,6 @@ class Trainer:
             self._restore(checkpoint)
         write_json(cfg.output / "config.json", config_to_dict(cfg))
         self._stop_requested = False
-
-    def _max_gaussians(self) -> int | None:
-        caps = [c for c in (self.engine.max_gaussians, self.cfg.max_gaussians) if c is not None]
-        return min(caps) if caps else None
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -289,8 +285,14 @@ class Trainer:
         window_loss, window_mse, window_images, window_start = [], [], 0, time.perf_counter()
         try:
             while self.engine.step < self.total_steps and not self._stop_requested:
+                if cfg.max_seconds is not None and self.elapsed >= cfg.max_seconds:
+                    log.info(
+                        "time limit of %.0f s reached at step %d", cfg.max_seconds, self.engine.step
+                    )
+                    break
                 t0 = time.perf_counter()
                 batch = self.sampler.next_batch()
+                self.images.prefetch(self.sampler.peek())  # decode ahead while this step runs
                 loss_sum, mse_sum = self.train_step(batch)
                 step = self.engine.step
                 report = self.density.after_step(self.engine, step)
@@ -309,7 +311,7 @@ class Trainer:
                 window_images += len(batch)
                 self.elapsed += time.perf_counter() - t0
                 bar.update(1)
-                if step % cfg.log_every == 0 or step == self.total_steps:
+                if step % cfg.log_every == 0 or step == self.total_steps or self._out_of_time():
                     self._log_window(
                         step, bar, window_loss, window_mse, window_images, window_start
                     )
@@ -318,8 +320,12 @@ class Trainer:
                 if cfg.eval_every and step % cfg.eval_every == 0 and self.scene.test:
                     metrics = self._evaluate(None, with_lpips=False)
                     self.log.add_eval(step, metrics)
-                    log.info("step %d: held-out PSNR %.2f SSIM %.4f", step, metrics["psnr"],
-                             metrics["ssim"])  # fmt: skip
+                    log.info(
+                        "step %d: held-out PSNR %.2f SSIM %.4f",
+                        step,
+                        metrics["psnr"],
+                        metrics["ssim"],
+                    )
                 if step % cfg.checkpoint_every == 0 and step < self.total_steps:
                     self.save_checkpoint()
                     self.log.plot()
@@ -332,6 +338,9 @@ class Trainer:
             self.log.plot()
             raise Interrupted(self.engine.step, path)
         return self.finish()
+
+    def _out_of_time(self) -> bool:
+        return self.cfg.max_seconds is not None and self.elapsed >= self.cfg.max_seconds
 
     def _log_window(
         self,
@@ -377,8 +386,9 @@ class Trainer:
         cfg = self.cfg
         path = self.save_checkpoint()
         snap = self.engine.snapshot()
-        written, dropped = export_ply(cfg.output / "point_cloud.ply", snap.params,
-                                      self.scene.to_train)  # fmt: skip
+        written, dropped = export_ply(
+            cfg.output / "point_cloud.ply", snap.params, self.scene.to_train
+        )
         if dropped:
             log.warning("dropped %d Gaussians with non-finite values from the PLY", dropped)
         metrics: dict[str, Any] = {"step": self.engine.step, "num_gaussians": written}

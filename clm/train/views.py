@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
@@ -53,12 +51,15 @@ class BatchSampler:
                 self.epoch, self.cursor = self.epoch + 1, 0
         return batch
 
+    def peek(self) -> list[int]:
+        """The batch :meth:`next_batch` will return next, without drawing it."""
+        state = self.state_dict()
+        batch = self.next_batch()
+        self.load_state_dict(state)
+        return batch
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-
-
-def stack_views(frames: Sequence[Frame], device: torch.device) -> list[View]:
-    return [frame_to_view(f, device) for f in frames]
