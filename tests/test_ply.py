@@ -8,8 +8,8 @@ import pytest
 import torch
 from plyfile import PlyData
 
-from clm.errors import ClmError
 from clm import files as files_module
+from clm.errors import ClmError
 from clm.model import ply as ply_module
 from clm.model.ply import read_ply, sh_degree_of, write_ply
 

@@ -192,15 +192,3 @@ def test_opaque_front_gaussian_hides_the_one_behind():
         assert centre.argmax() == expect
         assert centre[1 - expect] == 0  # T would drop below 1e-4: the pixel stops
         assert alpha[8, 8, 0] == pytest.approx(0.999)  # alpha is capped at 0.999
-
-
-def test_chunked_compositing_equals_single_chunk(monkeypatch):
-    params = random_scene(40, seed=11)
-    view = camera(24, 18)
-    bg = torch.zeros(3)
-    whole = render_torch(params, view, 2, bg).image
-    import clm.render.torch_rasterizer as tr
-
-    monkeypatch.setattr(tr, "_CHUNK_ELEMENTS", 64)
-    chunked = render_torch(params, view, 2, bg).image
-    torch.testing.assert_close(whole, chunked, rtol=0, atol=0)

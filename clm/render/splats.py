@@ -40,23 +40,29 @@ def render_torch(
         view.height,
     )
     ids = torch.nonzero(proj.visible).squeeze(1)
-    means2d = proj.means2d[ids]
+
+    def visible(values: Tensor) -> Tensor:
+        return values.index_select(0, ids)
+
+    means2d = visible(proj.means2d)
     if means2d.requires_grad:
         means2d.retain_grad()
-    coeffs = sh_coefficients({"sh0": params["sh0"][ids], "shN": params["shN"][ids]}, sh_degree)
-    colors = sh_to_rgb(sh_degree, coeffs, means[ids] - view.camera_center)
+    coeffs = sh_coefficients(
+        {"sh0": visible(params["sh0"]), "shN": visible(params["shN"])}, sh_degree
+    )
+    colors = sh_to_rgb(sh_degree, coeffs, visible(means) - view.camera_center)
     image, alpha = rasterize(
         means2d,
-        proj.conics[ids],
+        visible(proj.conics),
         colors,
-        opacities[ids],
-        proj.depths[ids],
-        proj.radii[ids],
+        visible(opacities),
+        visible(proj.depths),
+        visible(proj.radii),
         view.width,
         view.height,
         background,
     )
-    return RenderOutput(image, alpha, means2d, proj.radii[ids], ids)
+    return RenderOutput(image, alpha, means2d, visible(proj.radii), ids)
 
 
 def render_gsplat(

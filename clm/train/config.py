@@ -90,7 +90,7 @@ def _coerce(name: str, value: Any) -> Any:
     """Check a preset value's type against the field's default type."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     if name not in fields:
-        raise ClmError(f"unknown option {name!r} in preset")
+        raise ClmError(f"unknown option {name!r}")
     kind = fields[name].type
     try:
         if "Path" in kind:
@@ -106,7 +106,7 @@ def _coerce(name: str, value: Any) -> Any:
         if kind == "bool" and not isinstance(value, bool):
             raise TypeError
     except TypeError:
-        raise ClmError(f"preset option {name} = {value!r} has the wrong type ({kind})") from None
+        raise ClmError(f"option {name} = {value!r} has the wrong type ({kind})") from None
     return value
 
 
@@ -173,7 +173,7 @@ def make_config(given: dict[str, Any], base: dict[str, Any] | None = None) -> Tr
     """Defaults, then ``base`` (a resumed run's own config) or the preset, then explicit flags."""
     values = dict(base) if base is not None else load_preset(given.get("preset") or "default")
     values.update(given)
-    cfg = TrainConfig(**values)
+    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     validate(cfg)
     return cfg
 
