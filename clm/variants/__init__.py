@@ -1,0 +1,1 @@
+"""Splatting variants built on clm's engine: examples of offloading your own attributes."""
