@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from test_engines import H, W, make_params, ring_views
 
 from clm.api import create_engine
 from clm.variants.features import feature_spec, render_features
-from test_engines import H, W, make_params, ring_views
 
 DIM = 4
 
