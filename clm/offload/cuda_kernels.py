@@ -6,8 +6,9 @@ CuPy is optional: without it (or without CUDA) callers use their pure-torch twin
 from __future__ import annotations
 
 import functools
-from importlib import resources
 from typing import Any
+
+from clm.kernel_source import kernel_source
 
 
 @functools.cache
@@ -25,7 +26,7 @@ def kernel(source: str, name: str) -> Any:
     """A compiled kernel function ``name`` from ``kernels/<source>``."""
     import cupy
 
-    code = (resources.files("clm.kernels") / source).read_text()
+    code = kernel_source(source).decode()
     module = cupy.RawModule(code=code, options=("--std=c++17", "-O3"), name_expressions=None)
     return module.get_function(name)
 

@@ -59,7 +59,7 @@ def _exclusive_segment_sum(values: Tensor, starts: Tensor) -> Tensor:
     """Sum of the earlier values of each pair's segment, in float64 (no cancellation)."""
     inclusive = torch.cumsum(values.double(), 0)
     before = inclusive - values.double()
-    return before - before[starts]
+    return before - before.index_select(0, starts)  # (x[idx] backward races on the CPU)
 
 
 def _alpha(means2d: Tensor, conics: Tensor, opacities: Tensor, centers: Tensor) -> Tensor:

@@ -56,10 +56,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, device: torch.device) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if device.type == "cpu":
+        # Some CPU backward kernels (advanced-indexing accumulation) race between threads;
+        # their deterministic variants cost nothing measurable here.
+        torch.use_deterministic_algorithms(True)
 
 
 def prepare_output(output: Path, resuming: bool) -> None:
@@ -95,7 +99,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         prepare_output(cfg.output, resuming=checkpoint is not None)
         self._log_handler = attach_file_log(cfg.output)
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed, self.device)
         if cfg.scene is None:
             raise ClmError("no scene given")
         self.scene = load_scene(cfg.scene, cfg.data_factor, cfg.test_every, seed=cfg.seed)
@@ -153,6 +157,7 @@ class Trainer:
             self._restore(checkpoint)
         write_json(cfg.output / "config.json", config_to_dict(cfg))
         self._stop_requested = False
+        self._saved: tuple[int, Path] | None = None
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -196,7 +201,10 @@ class Trainer:
         log.info("resumed from step %d", ckpt["step"])
 
     def save_checkpoint(self) -> Path:
+        if self._saved is not None and self._saved[0] == self.engine.step:
+            return self._saved[1]  # already saved at this step
         path = save_checkpoint(self.cfg.output, self.engine.step, self._payload())
+        self._saved = (self.engine.step, path)
         log.info("checkpoint: %s", path)
         return path
 

@@ -1,0 +1,151 @@
+"""The pieces of the offload path on their own: host store, culling, gather twin, staging ring."""
+
+import threading
+import time
+
+import pytest
+import torch
+from test_engines import make_params, ring_views
+
+from clm.errors import ClmError
+from clm.model.table import Compaction
+from clm.offload import host_store as host_store_module
+from clm.offload.culling import Culler
+from clm.offload.host_store import HostStore
+from clm.offload.transfer import RowGather
+from clm.offload.worker import BackgroundQueue, StagingRing
+from clm.render.projection import project
+
+
+def filled_store(rows: int, width: int = 5, shift: int = 4) -> tuple[HostStore, torch.Tensor]:
+    store = HostStore(width, chunk_shift=shift)
+    values = torch.arange(rows * width, dtype=torch.float32).view(rows, width)
+    store.append(values[: rows // 2], step=3)
+    store.append(values[rows // 2 :], step=4)  # grows chunk by chunk, no reallocation
+    return store, values
+
+
+def test_host_store_grows_in_chunks_and_keeps_rows():
+    store, values = filled_store(100)
+    assert len(store) == 100
+    assert len(store.param_chunks) == 7  # 16 rows per chunk
+    first_chunk = store.param_chunks[0]
+    store.append(torch.zeros(10, 5), step=5)
+    assert store.param_chunks[0] is first_chunk  # earlier chunks are never copied
+    params, m, v = store.dense()
+    assert torch.equal(params[:100], values)
+    assert (m == 0).all() and (v == 0).all()
+    assert store.last_chunks[0][0] == 3 and store.last_chunks[6][100 - 96 - 1] == 4
+
+
+def test_host_store_compaction_fills_holes_from_the_tail_and_frees_chunks():
+    store, values = filled_store(100)
+    keep = torch.ones(100, dtype=torch.bool)
+    keep[[0, 5, 50, 97]] = False
+    keep[40:90] = False
+    plan = Compaction.from_keep(keep)
+    store.compact(plan)
+    assert len(store) == int(keep.sum())
+    assert len(store.param_chunks) == -(-len(store) // 16)
+    # Same result as applying the plan to a plain tensor.
+    expected = plan.apply_(values.clone())
+    assert torch.equal(store.dense()[0], expected)
+    assert sorted(store.dense()[0][:, 0].tolist()) == sorted(values[keep][:, 0].tolist())
+
+
+def test_host_store_budget_refuses_before_changing_anything():
+    store = HostStore(48, chunk_shift=10, max_bytes=3 * (1 << 10) * (3 * 48 * 4 + 4))
+    store.append(torch.ones(2048, 48), step=0)
+    assert store.max_rows() == 3 * 1024
+    with pytest.raises(ClmError, match="max-host-gb"):
+        store.append(torch.ones(2000, 48), step=0)
+    assert len(store) == 2048 and len(store.param_chunks) == 2
+
+
+def test_host_store_refuses_when_the_os_is_out_of_memory(monkeypatch):
+    store = HostStore(48, chunk_shift=10)
+    monkeypatch.setattr(host_store_module, "available_host_bytes", lambda: 1 << 30)
+    with pytest.raises(ClmError, match="host memory would run out"):
+        store.append(torch.ones(10, 48), step=0)
+    assert len(store) == 0
+
+
+def test_culling_is_a_conservative_superset_of_what_the_rasterizer_draws():
+    params = make_params(5000, seed=4)
+    params["scales"] = params["scales"] + torch.randn(5000, 3) * 0.7  # some large, some tiny
+    views = ring_views(8)
+    culled = Culler(torch.device("cpu"), chunk=1 << 11).cull(
+        params["means"], params["scales"], params["opacities"], views
+    )
+    assert torch.equal(culled.ids, torch.sort(culled.ids).values)
+    for c, view in enumerate(views):
+        proj = project(
+            params["means"],
+            params["quats"],
+            torch.exp(params["scales"]),
+            torch.sigmoid(params["opacities"]),
+            view.viewmat,
+            view.K,
+            view.width,
+            view.height,
+        )
+        drawn = set(torch.nonzero(proj.visible).squeeze(1).tolist())
+        kept = set(culled.ids[culled.vis[c]].tolist())
+        assert drawn <= kept
+        assert len(kept) < 5000 * 0.6  # and most of the scene is culled for each view
+
+
+def test_culling_drops_transparent_and_behind_camera_gaussians():
+    params = make_params(3, seed=0)
+    view = ring_views(1)[0]
+    fwd = view.viewmat[2, :3]
+    eye = view.camera_center
+    params["means"] = torch.stack([eye + 2 * fwd, eye - 2 * fwd, eye + 2 * fwd])
+    params["scales"] = torch.full((3, 3), -3.0)
+    params["opacities"] = torch.tensor([0.0, 0.0, -8.0])  # the third is below 1/255
+    culled = Culler(torch.device("cpu")).cull(
+        params["means"], params["scales"], params["opacities"], [view]
+    )
+    assert culled.ids.tolist() == [0]
+
+
+def test_gather_twin_copies_the_active_columns_and_zeroes_gradients():
+    store, values = filled_store(100, width=6)
+    gather = RowGather(store, torch.device("cpu"))
+    out = torch.full((10, 6), -1.0)
+    grad = torch.ones(10, 6)
+    rows, slots = torch.tensor([99, 0, 17, 64]), torch.tensor([3, 9, 0, 5])
+    gather.gather(rows, slots, 4, out, grad)
+    assert torch.equal(out[slots, :4], values[rows, :4])
+    assert (out[slots, 4:] == -1).all() and (grad[slots, :4] == 0).all()
+    assert (grad[slots, 4:] == 1).all() and (out[[1, 2, 4, 6, 7, 8]] == -1).all()
+
+
+def test_staging_ring_blocks_until_released_and_wraps():
+    ring = StagingRing(10, 2, pinned=False)
+    assert ring.acquire(6) == 0
+    assert ring.acquire(3) == 6
+    got = []
+
+    def take():
+        got.append(ring.acquire(4))  # does not fit before the first release: waits
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    time.sleep(0.05)
+    assert not got
+    ring.release()  # frees rows 0..5: the request wraps to the start
+    thread.join(timeout=5)
+    assert got == [0]
+
+
+def test_background_queue_reports_errors_in_the_caller():
+    queue = BackgroundQueue("test")
+
+    def boom():
+        raise RuntimeError("disk full")
+
+    queue.submit(boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        queue.drain()
+    queue.close()
