@@ -139,6 +139,8 @@ class OffloadEngine(Engine):
         stats.adam_exposed_s = self._drain()
         self.host.advance_to(step - 1)
         ready = self._catch_up_loads(plan, step - 1)
+        if self.copy_stream is not None:  # the loads read the plan, made on this stream
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         busy_before = self.worker.busy_seconds
         loaded: list[torch.cuda.Event | None] = []
         flushed: list[torch.cuda.Event | None] = []
@@ -238,7 +240,10 @@ class OffloadEngine(Engine):
         with _on(self.d2h_stream):
             if self.d2h_stream is not None and ready is not None:
                 self.d2h_stream.wait_event(ready)
-            self.staging.grads[start : start + n, : grads.shape[1]].copy_(grads, non_blocking=True)
+                # Made on the compute stream, read on this one: not to be reused before.
+                grads.record_stream(self.d2h_stream)
+                rows.record_stream(self.d2h_stream)
+            self.staging.grads_view(start, n, grads.shape[1]).copy_(grads, non_blocking=True)
             self.staging.rows[start : start + n].copy_(rows, non_blocking=True)
             done = self._event(self.d2h_stream)
         return start, done
@@ -258,7 +263,8 @@ class OffloadEngine(Engine):
             def job(start=start, n=n, done=done) -> None:
                 wait_for(done)
                 rows = self.staging.rows[start : start + n]
-                self.host.step_rows(rows, self.staging.grads[start : start + n], width, step)
+                grads = self.staging.grads_view(start, n, width)
+                self.host.step_rows(rows, grads, width, step)
                 self.staging.release()
 
             self.worker.submit(job)

@@ -51,7 +51,12 @@ class _PinnedBlock:
         err = torch.cuda.cudart().cudaHostRegister(ptr, size, CUDA_HOST_REGISTER_PORTABLE_MAPPED)
         if int(err) != 0:
             raise ClmError(f"cannot pin {size / 2**30:.2f} GiB of host memory (CUDA error {err})")
-        weakref.finalize(self, torch.cuda.cudart().cudaHostUnregister, ptr)
+        # The finalizer holds the tensor, so the memory is unregistered before it is freed.
+        weakref.finalize(self, _unregister, ptr, self.tensor)
+
+
+def _unregister(ptr: int, _keep_alive: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 class HostStore:

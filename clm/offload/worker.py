@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 
 class StagingRing:
@@ -42,6 +43,12 @@ class StagingRing:
             self._used += pad + n
             self._sizes.append(pad + n)
             return start
+
+    def grads_view(self, start: int, n: int, width: int) -> Tensor:
+        """``[n, width]`` contiguous gradients in the rows handed out at ``start`` (so a narrower
+        active width is still one contiguous, asynchronous copy)."""
+        row = self.grads.shape[1]
+        return self.grads.view(-1)[start * row : start * row + n * width].view(n, width)
 
     def release(self) -> None:
         """Give back the oldest acquisition."""

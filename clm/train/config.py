@@ -92,6 +92,8 @@ def _coerce(name: str, value: Any) -> Any:
     if name not in fields:
         raise ClmError(f"unknown option {name!r}")
     kind = fields[name].type
+    if value is None and "None" in kind:
+        return None
     try:
         if "Path" in kind:
             return None if value is None else Path(value)
