@@ -31,7 +31,8 @@ FAST = ["--device", "cpu", "--no-progress", "--log-every", "5", "--eval-every", 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
     root = tmp_path_factory.mktemp("scene")
-    return generate_scene(root, "tiny", images=16, width=64, height=48, device="cpu", progress=False)
+    size = {"images": 16, "width": 64, "height": 48}
+    return generate_scene(root, "tiny", **size, device="cpu", progress=False)
 
 
 def short_config(scene, output, offload, **extra):
@@ -116,7 +117,9 @@ def make_controller_engine(n=6):
     spec = gaussian_splatting_spec(1)
     params = {
         "means": torch.zeros(n, 3),
-        "scales": torch.log(torch.tensor([0.005, 0.005, 0.5, 0.5, 0.005, 0.5]))[:, None].repeat(1, 3),
+        "scales": torch.log(torch.tensor([0.005, 0.005, 0.5, 0.5, 0.005, 0.5]))[:, None].expand(
+            n, 3
+        ),
         "quats": torch.tensor([1.0, 0, 0, 0]).repeat(n, 1),
         "opacities": torch.tensor([2.0, 2.0, 2.0, 2.0, -7.0, 2.0]),
         "sh0": torch.arange(n, dtype=torch.float32)[:, None, None].repeat(1, 1, 3),

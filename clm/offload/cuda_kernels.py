@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from clm.kernel_source import kernel_source
+from clm.package_data import kernel_source
 
 
 @functools.cache
@@ -27,7 +27,7 @@ def kernel(source: str, name: str) -> Any:
     import cupy
 
     code = kernel_source(source).decode()
-    module = cupy.RawModule(code=code, options=("--std=c++17", "-O3"), name_expressions=None)
+    module = cupy.RawModule(code=code, options=("--std=c++17",), name_expressions=None)
     return module.get_function(name)
 
 

@@ -23,7 +23,7 @@ class RowGather:
 
     def _chunk_pointers(self) -> Tensor:
         """Device addresses of the chunks (cached until the chunk list changes)."""
-        key = tuple(t.data_ptr() for t in self.store.params)
+        key = tuple(t.data_ptr() for t in self.store.param_chunks)
         if key != self._pointer_key:
             import cupy
 

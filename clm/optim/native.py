@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from clm.kernel_source import kernel_source
+from clm.package_data import kernel_source
 
 _log = logging.getLogger(__name__)
 

@@ -83,12 +83,13 @@ def render_gsplat(
         height=view.height,
         sh_degree=sh_degree,
         packed=True,
-        backgrounds=background[None],
     )
     means2d = info["means2d"]
     if means2d.requires_grad:
         means2d.retain_grad()
-    return RenderOutput(image[0], alpha[0], means2d, info["radii"], info["gaussian_ids"].long())
+    # gsplat 1.5.3's packed mode rejects a per-camera background: composite it here (same sum).
+    image = image[0] + (1.0 - alpha[0]) * background
+    return RenderOutput(image, alpha[0], means2d, info["radii"], info["gaussian_ids"].long())
 
 
 def default_renderer(device: torch.device) -> RenderFn:

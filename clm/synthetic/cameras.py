@@ -15,6 +15,7 @@ from clm.synthetic.geometry import CityGeometry
 
 AERIAL, STREET = "aerial", "street"
 WALK_FRAMES = 8  # street photos per walk along one street
+ORBIT_FRAMES = 24  # aerial photos per orbit
 
 
 @dataclass(frozen=True)
@@ -67,46 +68,75 @@ def look_at(
 
 
 def aerial_poses(geometry: CityGeometry, n: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Half on orbits, half on oblique flight lines (four headings), all above the tallest
-    roof and pitched down at the city. A large city is photographed in parts: orbits circle
-    hubs spread over it, a few blocks across, rather than the whole city at once."""
-    x0, y0, x1, y1 = geometry.grid.bounds()
-    centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
-    half = np.array([(x1 - x0) / 2, (y1 - y0) / 2])
-    radius = float(np.linalg.norm(half))
-    local = min(radius, 4 * geometry.grid.period)
-    spread = half * (1 - local / radius)
-    top = geometry.roof_range[1]
-    poses = []
-    for i in range(n):
-        if i % 2 == 0:
-            hub = centre + spread * rng.uniform(-1, 1, size=2)
-            angle = 2 * math.pi * (i / 2) / max(n / 2, 1) + rng.uniform(-0.15, 0.15)
-            eye_xy = hub + local * rng.uniform(0.7, 1.2) * np.array(
-                [math.cos(angle), math.sin(angle)]
-            )
-            alt = top + local * rng.uniform(0.35, 0.8)
-            target = np.array(
-                [*(hub + local * rng.uniform(-0.3, 0.3, size=2)), rng.uniform(0, 0.3 * top)]
-            )
-        else:
-            heading = (i // 2) % 4 * (math.pi / 2) + rng.uniform(-0.2, 0.2)
-            pitch = math.radians(rng.uniform(40, 60))
-            alt = top + local * rng.uniform(0.3, 0.55)
-            look = np.array([math.cos(heading), math.sin(heading)])
-            # Oblique rig flying over the city: it looks at a point of the block grid.
-            target = np.array([*(centre + half * rng.uniform(-0.6, 0.6, size=2)), 0.0])
-            eye_xy = target[:2] - look * alt / math.tan(pitch)
-        poses.append(look_at(np.array([*eye_xy, alt]), target))
+    """Orbits and oblique flight lines, interleaved, all above the tallest roof and pitched
+    down at the city. Both come in sequences of overlapping frames, as a survey flies them."""
+    area = _Area.of(geometry)
+    orbits = _orbits(area, n - n // 2, rng)
+    lines = _flight_lines(area, n // 2, rng)
+    return [orbits[i // 2] if i % 2 == 0 else lines[i // 2] for i in range(n)]
+
+
+@dataclass(frozen=True)
+class _Area:
+    """Where the aerial survey flies: a large city is photographed a few blocks at a time."""
+
+    centre: np.ndarray
+    half: np.ndarray  # half extent of the street grid
+    local: float  # radius of the part of the city one orbit covers
+    spread: np.ndarray  # how far from the centre orbit hubs may lie
+    top: float  # tallest roof
+
+    @classmethod
+    def of(cls, geometry: CityGeometry) -> _Area:
+        x0, y0, x1, y1 = geometry.grid.bounds()
+        half = np.array([(x1 - x0) / 2, (y1 - y0) / 2])
+        radius = float(np.linalg.norm(half))
+        local = min(radius, 4 * geometry.grid.period)
+        centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
+        return cls(centre, half, local, half * (1 - local / radius), geometry.roof_range[1])
+
+
+def _orbits(area: _Area, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Circles of up to ORBIT_FRAMES evenly spaced views around hubs spread over the city."""
+    poses: list[np.ndarray] = []
+    while len(poses) < n:
+        frames = min(ORBIT_FRAMES, n - len(poses))
+        hub = area.centre + area.spread * rng.uniform(-1, 1, size=2)
+        dist = area.local * rng.uniform(0.8, 1.1)
+        alt = area.top + area.local * rng.uniform(0.4, 0.7)
+        phase = rng.uniform(0, 2 * math.pi)
+        for j in range(frames):
+            angle = phase + 2 * math.pi * j / frames
+            eye = np.array([*(hub + dist * np.array([math.cos(angle), math.sin(angle)])), alt])
+            target_xy = hub + area.local * rng.uniform(-0.15, 0.15, size=2)
+            poses.append(look_at(eye, np.array([*target_xy, rng.uniform(0, 0.2 * area.top)])))
+    return poses
+
+
+def _flight_lines(area: _Area, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Serpentine passes over a grid of aim points, one pass per oblique heading (N, E, S, W),
+    as an oblique camera rig flies a survey."""
+    per_pass = -(-n // 4)
+    side = max(math.ceil(math.sqrt(per_pass)), 1)
+    steps = np.linspace(-0.6, 0.6, side) if side > 1 else np.zeros(1)
+    aims = [(x, y) for r, y in enumerate(steps) for x in (steps if r % 2 == 0 else steps[::-1])]
+    poses: list[np.ndarray] = []
+    for heading in np.arange(4) * (math.pi / 2):
+        look = np.array([math.cos(heading), math.sin(heading)])
+        pitch = math.radians(rng.uniform(42, 55))
+        alt = area.top + area.local * rng.uniform(0.35, 0.5)
+        for aim in aims[: min(per_pass, n - len(poses))]:
+            target = area.centre + area.half * (np.array(aim) + rng.uniform(-0.02, 0.02, size=2))
+            eye = np.array([*(target - look * alt / math.tan(pitch)), alt])
+            poses.append(look_at(eye, np.array([*target, 0.0])))
     return poses
 
 
 def street_poses(geometry: CityGeometry, n: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Walks of WALK_FRAMES photos at eye height (1.5-2.3 m) along a lane of a random street,
     as a capture would take them: alternately looking along the street (5 m apart, walking
-    from the city's first half into it) and across at the facades (3 m apart; boundary
-    streets look inwards). Neighbouring frames overlap, so a held-out street view lies
-    between training views."""
+    into the city) and across at the facades (3 m apart; boundary streets look inwards).
+    Neighbouring frames overlap, so a held-out street view lies between training views."""
     g = geometry.grid
     poses: list[np.ndarray] = []
     while len(poses) < n:
@@ -122,9 +152,12 @@ def street_poses(geometry: CityGeometry, n: int, rng: np.random.Generator) -> li
             start = rng.uniform(
                 0.05 * total, max(0.95 * total - step * (WALK_FRAMES - 1), 0.1 * total)
             )
-        else:  # walking in the looking direction, from the city's first half
+        else:  # walking the way it looks, with at least `ahead` metres of street still in view
             heading, jitter, pitch, step = sign * street, 6.0, (0.0, 6.0), 5.0
-            start = total / 2 - sign * rng.uniform(0.05, 0.45) * total
+            ahead = min(0.6 * total, 150.0)
+            last = max(total - step * (WALK_FRAMES - 1) - ahead, 0.02 * total)
+            offset = rng.uniform(0.02 * total, last)
+            start = offset if sign > 0 else total - offset
         lateral = k * g.period + rng.uniform(-0.3, 0.3) * g.road
         height = rng.uniform(1.5, 2.3)
         for f in range(min(WALK_FRAMES, n - len(poses))):

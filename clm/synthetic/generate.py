@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -118,9 +119,7 @@ def generate_scene(
     The same arguments give the same scene (on one device type: CPU and CUDA round floats
     differently, so a pixel may differ by one level).
     """
-    preset = _resolve(size, images, width, height, points, downscales)
-    if not 0 <= seed < 2**63:
-        raise ClmError(f"--seed must be a non-negative integer below 2**63, got {seed}")
+    preset = _resolve(size, images, width, height, points, seed, downscales)
     dev = _device(device)
     out_dir = Path(out_dir)
     _prepare(out_dir, downscales)
@@ -138,7 +137,7 @@ def _generate(
     downscales: Sequence[int],
     progress: bool,
 ) -> None:
-
+    """Lay out the city, render the views (writing images as they come), then the model."""
     geometry = build_city(preset.city, seed)
     intr = Intrinsics.from_fov(preset.width, preset.height, preset.hfov)
     ext = "jpg" if preset.height >= JPEG_FROM_HEIGHT else "png"
@@ -213,6 +212,7 @@ def _resolve(
     width: int | None,
     height: int | None,
     points: int | None,
+    seed: int,
     downscales: Sequence[int],
 ) -> Preset:
     """The preset with the user's overrides, or a ClmError naming the bad option."""
@@ -221,6 +221,8 @@ def _resolve(
     p = PRESETS[size]
     if images is not None and images < 1:
         raise ClmError(f"--images must be at least 1, got {images}")
+    if not 0 <= seed < 2**63:
+        raise ClmError(f"--seed must be a non-negative integer below 2**63, got {seed}")
     if points is not None and points < 0:
         raise ClmError(f"--points must not be negative, got {points}")
     for name, value in (("--width", width), ("--height", height)):
@@ -258,8 +260,17 @@ def _device(device: str | None) -> torch.device:
 
 
 def _prepare(out_dir: Path, downscales: Sequence[int]) -> None:
-    """Create the output folders, failing early (as a ClmError) if they cannot be written."""
+    """Create the output folders, failing early (as a ClmError) if they cannot be written.
+
+    Regenerating into a scene of ours first drops its images, so no stale images_F/ of an
+    earlier run lingers beside the new model.
+    """
     try:
+        if (out_dir / "synthetic.json").is_file():
+            (out_dir / "synthetic.json").unlink()
+            for folder in out_dir.glob("images*"):
+                if folder.is_dir():
+                    shutil.rmtree(folder)
         for folder in ["images", *(f"images_{f}" for f in downscales), "sparse/0"]:
             (out_dir / folder).mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".clm-synth-probe"

@@ -10,12 +10,12 @@ import argparse
 import dataclasses
 import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from clm.cli.common import OneLineParser
 from clm.errors import ClmError
+from clm.package_data import package_folder
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -75,13 +75,10 @@ def preset_path(name: str) -> Path:
         if not path.is_file():
             raise ClmError(f"{path}: preset file not found")
         return path
-    shipped = resources.files("clm.configs") / f"{name}.toml"
+    folder = package_folder("configs")
+    shipped = folder / f"{name}.toml"
     if not shipped.is_file():
-        names = sorted(
-            p.name[:-5]
-            for p in resources.files("clm.configs").iterdir()
-            if p.name.endswith(".toml")
-        )
+        names = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
         raise ClmError(f"unknown preset {name!r}; choose one of {', '.join(names)} or a .toml file")
     return Path(str(shipped))
 

@@ -51,12 +51,12 @@ def render_features(
             view.width,
             view.height,
             packed=True,
-            backgrounds=full_bg[None],
         )
         means2d = info["means2d"]
         if means2d.requires_grad:
             means2d.retain_grad()
-        return RenderOutput(image[0], alpha[0], means2d, info["radii"], info["gaussian_ids"].long())
+        image = image[0] + (1.0 - alpha[0]) * full_bg  # as in render_gsplat
+        return RenderOutput(image, alpha[0], means2d, info["radii"], info["gaussian_ids"].long())
     proj = project(
         means, params["quats"], scales, opacities, view.viewmat, view.K, view.width, view.height
     )

@@ -1,0 +1,295 @@
+"""The synthetic scene generator: files, pose conventions, ray casting, determinism, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clm.cli.synth import main
+from clm.data.colmap import read_model
+from clm.synthetic.cameras import AERIAL, STREET, Intrinsics, look_at, make_views
+from clm.synthetic.generate import PRESETS, generate_scene
+from clm.synthetic.geometry import build_city, load_geometry
+from clm.synthetic.points import pixel_directions, sample_surface_points
+from clm.synthetic.raycast import BOX, GROUND, MISS, SPHERE, RayCaster, _box_hits, safe_inverse
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    return generate_scene(out, "tiny", device="cpu", downscales=(2,), progress=False)
+
+
+def test_tiny_scene_has_the_colmap_layout(tiny: Path) -> None:
+    preset = PRESETS["tiny"]
+    names = sorted(p.name for p in (tiny / "images").iterdir())
+    assert len(names) == preset.images
+    assert all(n.endswith(".png") for n in names)
+    assert {n.split("_")[1].split(".")[0] for n in names} == {"aerial", "street"}
+    with Image.open(tiny / "images" / names[0]) as im:
+        assert im.size == (preset.width, preset.height)
+        assert np.asarray(im).std() > 10  # an image, not a flat colour
+    with Image.open(tiny / "images_2" / names[0]) as im:
+        assert im.size == (preset.width // 2, preset.height // 2)
+    for name in ("cameras.bin", "images.bin", "points3D.bin"):
+        assert (tiny / "sparse" / "0" / name).is_file()
+
+    model = read_model(tiny / "sparse" / "0")
+    assert sorted(im.name for im in model.images.values()) == names
+    (camera,) = model.cameras.values()
+    assert (camera.model, camera.width, camera.height) == ("PINHOLE", preset.width, preset.height)
+    assert len(model.points) == preset.points
+    assert model.points.track_lengths.min() >= 1
+    assert model.points.track_lengths.mean() > 1.5  # other views see most points too
+
+    meta = json.loads((tiny / "synthetic.json").read_text())
+    assert meta["generator"]["size"] == "tiny"
+    geometry = load_geometry(tiny)
+    assert len(geometry.boxes) == len(meta["geometry"]["boxes"])
+
+
+def test_sparse_points_project_onto_the_pixels_that_saw_them(tiny: Path) -> None:
+    """Read back, the poses put every point within a pixel of its source observation, and a ray
+    cast through that pixel from that pose lands on the point: poses, intrinsics and pixel
+    centres all follow the COLMAP conventions."""
+    model = read_model(tiny / "sparse" / "0")
+    (camera,) = model.cameras.values()
+    fx, fy, cx, cy = camera.params
+    intr = Intrinsics(camera.width, camera.height, fx, fy, cx, cy)
+    caster = RayCaster(load_geometry(tiny), "cpu")
+    pts = model.points
+    first = np.concatenate([[0], np.cumsum(pts.track_lengths)[:-1]])
+    by_image: dict[int, list[int]] = {}
+    for i, j in enumerate(first):
+        by_image.setdefault(int(pts.track_image_ids[j]), []).append(i)
+    for image_id, ids in by_image.items():
+        image = model.images[image_id]
+        w2c = image.world_to_camera()
+        slots = pts.track_point2d_idx[first[ids]]
+        assert np.array_equal(image.point3d_ids[slots], pts.ids[ids])
+        xy = image.xys[slots]
+        cam = pts.xyz[ids] @ w2c[:3, :3].T + w2c[:3, 3]
+        assert (cam[:, 2] > 0).all()
+        uv = cam[:, :2] / cam[:, 2:] * [fx, fy] + [cx, cy]
+        assert np.abs(uv - xy).max() < 1.0
+
+        dirs = pixel_directions(w2c, intr, torch.as_tensor(xy, dtype=torch.float32))
+        hits = caster.trace_view(w2c, intr, dirs)
+        assert (hits.kind != MISS).all()
+        hit = -w2c[:3, :3].T @ w2c[:3, 3] + hits.t.numpy()[:, None] * dirs.numpy()
+        depth = cam[:, 2]
+        assert (np.linalg.norm(hit - pts.xyz[ids], axis=1) < 0.02 + 0.01 * depth).all()
+
+
+def test_every_track_entry_points_back_at_its_point(tiny: Path) -> None:
+    model = read_model(tiny / "sparse" / "0")
+    pts = model.points
+    owner = np.repeat(pts.ids, pts.track_lengths)
+    for image_id, slot, point_id in zip(
+        pts.track_image_ids, pts.track_point2d_idx, owner, strict=True
+    ):
+        assert model.images[int(image_id)].point3d_ids[slot] == point_id
+
+
+def test_ray_box_intersection_matches_brute_force_marching() -> None:
+    gen = torch.Generator().manual_seed(3)
+    lo = torch.rand(40, 3, generator=gen) * 20 - 10
+    boxes = torch.cat([lo, lo + 1 + 4 * torch.rand(40, 3, generator=gen)], -1)
+    origins = torch.rand(200, 3, generator=gen) * 40 - 20
+    aim = torch.rand(200, 3, generator=gen) * 24 - 10 - origins  # mostly into the box cloud
+    aim[150:] = torch.randn(50, 3, generator=gen)
+    dirs = torch.nn.functional.normalize(aim, dim=-1)
+    dirs[:5] = torch.tensor([1.0, 0.0, 0.0])  # axis-aligned rays exercise the zero components
+    inside = ((origins[:, None] > boxes[:, :3]) & (origins[:, None] < boxes[:, 3:])).all(-1)
+    origins, dirs = origins[~inside.any(1)], dirs[~inside.any(1)]
+
+    t, k = _box_hits(origins[None], safe_inverse(dirs)[None], boxes[None], torch.ones(1, 40).bool())
+    t, k = t[0].double().numpy(), k[0].numpy()
+
+    step = 0.005
+    ts = np.arange(0, 60, step)
+    o, d, b = origins.double().numpy(), dirs.double().numpy(), boxes.double().numpy()
+    samples = o[:, None] + ts[None, :, None] * d[:, None]  # [R, steps, 3]
+    first = np.full(len(o), np.inf)
+    for box in b:
+        ins = ((samples > box[:3]) & (samples < box[3:])).all(-1)
+        hit = ins.any(1)
+        first[hit] = np.minimum(first[hit], ts[ins[hit].argmax(1)])
+    found = np.isfinite(first)
+    assert found.sum() > 20 and (~found).sum() > 20
+    assert np.array_equal(np.isfinite(t), found)
+    assert np.allclose(t[found], first[found], atol=step + 1e-4)
+    entry = o[found] + t[found, None] * d[found]
+    chosen = b[k[found]]
+    assert ((entry > chosen[:, :3] - 1e-4) & (entry < chosen[:, 3:] + 1e-4)).all()
+
+
+def test_trace_hits_ground_spheres_and_boxes_at_analytic_distances() -> None:
+    geometry = build_city(PRESETS["tiny"].city, 0)
+    caster = RayCaster(geometry, "cpu")
+    every_box = torch.arange(len(geometry.boxes))[None]
+    every_sphere = torch.arange(len(geometry.spheres))[None]
+    box = geometry.boxes[0]
+    centre = [(box[0] + box[3]) / 2, (box[1] + box[4]) / 2]
+    sphere = geometry.spheres[0]
+    o = torch.tensor([[[*centre, 100.0], [-500.0, -500.0, 3.0], [*sphere[:2], 50.0]]])
+    d = torch.tensor([[[0.0, 0.0, -1.0], [-0.6, 0.0, -0.8], [0.0, 0.0, -1.0]]])
+    hits = caster.trace(o, d, every_box, every_sphere)
+    assert hits.kind[0].tolist() == [BOX, GROUND, SPHERE]
+    expected = [100 - box[5], 3 / 0.8, 50 - sphere[2] - sphere[3]]
+    assert np.allclose(hits.t[0].numpy(), expected, atol=1e-3)
+    assert hits.index[0, 0] == 0
+
+
+def test_same_seed_same_scene_other_seed_other_city(tmp_path: Path) -> None:
+    def files(seed: int, name: str) -> dict[str, bytes]:
+        out = generate_scene(
+            tmp_path / name, "tiny", images=4, points=60, seed=seed, device="cpu", progress=False
+        )
+        return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    a, b, c = files(5, "a"), files(5, "b"), files(6, "c")
+    assert a == b
+    assert (
+        json.loads(a["synthetic.json"])["geometry"] != json.loads(c["synthetic.json"])["geometry"]
+    )
+
+
+def test_regenerating_drops_the_old_images(tmp_path: Path) -> None:
+    def run(**options) -> None:
+        generate_scene(
+            tmp_path, "tiny", images=2, points=10, device="cpu", progress=False, **options
+        )
+
+    run(downscales=(2,), width=48)
+    run(width=32)
+    assert not (tmp_path / "images_2").exists()
+    with Image.open(next((tmp_path / "images").iterdir())) as im:
+        assert im.size == (32, 24)
+
+
+@pytest.mark.parametrize("size", list(PRESETS))
+def test_street_cameras_below_the_roofs_and_aerial_above(size: str) -> None:
+    preset = PRESETS[size]
+    geometry = build_city(preset.city, 1)
+    views = make_views(geometry, 200, preset.aerial_fraction, "png", np.random.default_rng(1))
+    lowest_roof, highest_roof = geometry.roof_range
+    kinds = {v.kind for v in views}
+    assert kinds == {AERIAL, STREET}
+    x0, y0, x1, y1 = geometry.grid.bounds()
+    for v in views:
+        forward = v.world_to_camera[2, :3]
+        if v.kind == STREET:
+            assert 1.0 < v.center[2] < lowest_roof
+            assert x0 <= v.center[0] <= x1 and y0 <= v.center[1] <= y1
+        else:
+            assert v.center[2] > highest_roof
+            assert forward[2] < -0.3  # looking down at the city
+
+
+def test_look_at_follows_the_opencv_convention() -> None:
+    eye, target = np.array([3.0, -4.0, 10.0]), np.array([1.0, 2.0, 0.0])
+    w2c = look_at(eye, target)
+    assert np.allclose(w2c[:3, :3] @ w2c[:3, :3].T, np.eye(3))
+    assert np.isclose(np.linalg.det(w2c[:3, :3]), 1.0)
+    cam = w2c[:3, :3] @ target + w2c[:3, 3]
+    assert np.allclose(cam[:2], 0) and cam[2] > 0  # the target is straight ahead
+    above = w2c[:3, :3] @ (target + np.array([0, 0, 1])) + w2c[:3, 3]
+    assert above[1] < 0  # world up is image up (y points down)
+
+
+def test_surface_samples_lie_on_visible_surfaces(tiny: Path) -> None:
+    geometry = load_geometry(tiny)
+    xyz, rgb = sample_surface_points(geometry, 4000, seed=1, device="cpu")
+    assert xyz.shape == (4000, 3) and xyz.dtype == np.float32
+    assert rgb.shape == (4000, 3) and rgb.dtype == np.uint8
+    again, _ = sample_surface_points(geometry, 4000, seed=1, device="cpu")
+    assert np.array_equal(xyz, again)
+
+    b = geometry.boxes
+    on_face = np.zeros(len(xyz), bool)
+    for axis in range(3):
+        others = [a for a in range(3) if a != axis]
+        within = (
+            (xyz[:, None, others] >= b[:, others] - 1e-3)
+            & (xyz[:, None, others] <= b[:, [o + 3 for o in others]] + 1e-3)
+        ).all(-1)
+        for side in (axis, axis + 3):
+            on_face |= (within & (np.abs(xyz[:, None, axis] - b[:, side]) < 1e-3)).any(1)
+    s = geometry.spheres
+    on_sphere = (np.abs(np.linalg.norm(xyz[:, None] - s[:, :3], axis=-1) - s[:, 3]) < 1e-3).any(1)
+    on_ground = np.abs(xyz[:, 2]) < 1e-4
+    assert (on_face | on_sphere | on_ground).all()
+    assert on_face.sum() > 100 and on_ground.sum() > 100
+    strictly_inside = ((xyz[:, None] > b[:, :3] + 1e-2) & (xyz[:, None] < b[:, 3:] - 1e-2)).all(-1)
+    assert not strictly_inside.any()
+    assert rgb.std(0).min() > 10
+
+
+def test_cli_writes_a_scene(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [str(tmp_path / "s"), "--images", "3", "--width", "40", "--points", "30"]
+    assert main([*args, "--device", "cpu", "--seed", "2", "--quiet"]) == 0
+    assert "3 images" in capsys.readouterr().out
+    with Image.open(next((tmp_path / "s" / "images").iterdir())) as im:
+        assert im.size == (40, 30)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--size", "huge"], "unknown --size 'huge'"),
+        (["--images", "many"], "invalid int value"),
+        (["--images", "0"], "--images must be at least 1"),
+        (["--seed", "-3"], "--seed must be a non-negative integer"),
+        (["--downscales", "2,x"], "comma-separated integers"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
+def test_cli_bad_option_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], words: str
+) -> None:
+    assert main([str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err
+    assert err.count("\n") == 1
+
+
+def test_cli_unwritable_output_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main([str(blocker / "scene"), "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write to") and err.count("\n") == 1
+
+
+def test_load_geometry_names_a_missing_scene(tmp_path: Path) -> None:
+    from clm.errors import ClmError
+
+    with pytest.raises(ClmError, match=r"synthetic\.json"):
+        load_geometry(tmp_path)
+
+
+def test_street_view_sees_buildings_and_aerial_sees_ground() -> None:
+    preset = PRESETS["tiny"]
+    geometry = build_city(preset.city, 0)
+    caster = RayCaster(geometry, "cpu")
+    intr = Intrinsics.from_fov(32, 24, preset.hfov)
+    views = make_views(geometry, 12, 0.5, "png", np.random.default_rng(0))
+    uv = torch.stack(torch.meshgrid(torch.arange(32.0), torch.arange(24.0), indexing="xy"), -1)
+    uv = uv.reshape(-1, 2) + 0.5
+    for v in views:
+        hits = caster.trace_view(
+            v.world_to_camera, intr, pixel_directions(v.world_to_camera, intr, uv)
+        )
+        seen = set(hits.kind.tolist())
+        if v.kind == AERIAL:
+            assert GROUND in seen and BOX in seen
+        assert math.isfinite(float(hits.t[hits.kind != MISS].max()))
