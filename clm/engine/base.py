@@ -70,6 +70,8 @@ class Engine(ABC):
         self.render_fn = render_fn
         self.lrs = lrs
         self.adam = adam
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.step = 0  # last optimiser step applied
         self.max_gaussians: int | None = None  # what the memory budgets allow

@@ -33,12 +33,19 @@ def kernel(source: str, name: str) -> Any:
 
 def launch(fn: Any, n: int, args: tuple, stream: Any = None, block: int = 256) -> None:
     """Launch over ``n`` threads on a torch CUDA stream (the current one by default)."""
-    import cupy
     import torch
 
     if n == 0:
         return
     torch_stream = stream if stream is not None else torch.cuda.current_stream()
     grid = ((n + block - 1) // block,)
-    with cupy.cuda.ExternalStream(torch_stream.cuda_stream):
+    with _cupy_stream(torch_stream.cuda_stream):  # CuPy launches on its current stream
         fn(grid, (block,), args)
+
+
+@functools.cache
+def _cupy_stream(handle: int) -> Any:
+    """CuPy's view of a torch stream (one per stream handle)."""
+    import cupy
+
+    return cupy.cuda.ExternalStream(handle)

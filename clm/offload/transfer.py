@@ -3,12 +3,30 @@ torch twin that does the same on machines without CUDA."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from clm.offload.cuda_kernels import cupy_available, kernel, launch
 from clm.offload.host_store import HostStore
+
+log = logging.getLogger(__name__)
+
+
+# cudaDevAttrCanUseHostPointerForRegisteredMem: kernels may use a registered host pointer as is.
+_HOST_POINTER_ATTRIBUTE = 91
+
+
+def _host_pointers_usable(device: torch.device) -> bool:
+    import cupy
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    usable = cupy.cuda.runtime.deviceGetAttribute(_HOST_POINTER_ATTRIBUTE, index) == 1
+    if not usable:
+        log.warning("this GPU cannot read registered host memory directly; gathers use torch")
+    return usable
 
 
 class RowGather:
@@ -17,19 +35,22 @@ class RowGather:
     def __init__(self, store: HostStore, device: torch.device) -> None:
         self.store = store
         self.device = device
-        self.use_kernel = device.type == "cuda" and store.pinned and cupy_available()
+        self.use_kernel = (
+            device.type == "cuda"
+            and store.pinned
+            and cupy_available()
+            and _host_pointers_usable(device)
+        )
         self._pointers: Tensor | None = None
         self._pointer_key: tuple[int, ...] = ()
 
     def _chunk_pointers(self) -> Tensor:
-        """Device addresses of the chunks (cached until the chunk list changes)."""
+        """Device addresses of the chunks (cached until the chunk list changes). Registered,
+        mapped host memory has the same address on the GPU (checked in ``__init__``)."""
         key = tuple(t.data_ptr() for t in self.store.param_chunks)
         if key != self._pointer_key:
-            import cupy
-
-            ptrs = [cupy.cuda.runtime.hostGetDevicePointer(p, 0) for p in key]
-            self._pointers = torch.tensor(np.array(ptrs, dtype=np.uint64).view(np.int64))
-            self._pointers = self._pointers.to(self.device)
+            ptrs = np.array(key, dtype=np.uint64).view(np.int64)
+            self._pointers = torch.from_numpy(ptrs).to(self.device)
             self._pointer_key = key
         assert self._pointers is not None
         return self._pointers

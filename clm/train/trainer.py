@@ -50,9 +50,11 @@ class Interrupted(Exception):
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ClmError("--device cuda was asked for but no CUDA device is available")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ClmError("--device cuda was asked for but no CUDA device is available")
+        return torch.device("cuda", torch.cuda.current_device())  # CUDA APIs want an index
     return torch.device(name)
 
 
