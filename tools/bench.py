@@ -34,7 +34,7 @@ from clm.render.splats import default_renderer
 from clm.train.config import make_config
 from clm.train.loss import photometric_loss
 from clm.train.schedule import LearningRates, adam_betas
-from clm.train.trainer import Trainer
+from clm.train.trainer import Trainer, format_count
 
 GIB = 2**30
 
@@ -140,7 +140,7 @@ def bench_train(args: argparse.Namespace) -> None:
                         "steps": metrics["step"],
                         "steps/s": f"{meter.steps / max(meter.elapsed, 1e-9):.2f}",
                         "train s": f"{metrics['train_seconds']:.0f}",
-                        "Gaussians": f"{metrics['num_gaussians'] / 1e6:.2f}M",
+                        "Gaussians": format_count(metrics["num_gaussians"]),
                         "peak GPU reserved": f"{peak:.2f} GiB",
                         "PSNR": f"{metrics['psnr']:.2f}",
                         "SSIM": f"{metrics['ssim']:.4f}",
@@ -188,7 +188,7 @@ def run_mode(args: argparse.Namespace, mode: str, tmp: Path) -> dict[str, object
         "mode": mode,
         "steps/s": f"{meter.steps / max(meter.elapsed, 1e-9):.2f}",
         "images/s": f"{meter.images / max(meter.elapsed, 1e-9):.1f}",
-        "Gaussians": f"{metrics['num_gaussians'] / 1e6:.2f}M",
+        "Gaussians": format_count(metrics["num_gaussians"]),
         "peak GPU reserved": f"{peak:.2f} GiB",
         "host (pinned)": f"{host_bytes / GIB:.2f} GiB",
         "MB/img to GPU": f"{meter.up / imgs / 1e6:.1f}",

@@ -1,0 +1,14 @@
+"""Generate a synthetic scene from a checkout: the same as ``clm-synth`` (see ``--help``).
+
+python tools/make_scene.py data/tiny --size tiny
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from clm.cli.synth import main
+
+if __name__ == "__main__":
+    sys.exit(main())
