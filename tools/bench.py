@@ -241,7 +241,7 @@ def bench_largest(args: argparse.Namespace) -> None:
     from clm.data.scene import load_scene
     from clm.train.views import frame_to_view
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     scene = load_scene(Path(args.scene), 1, 8)
     spec = gaussian_splatting_spec(3)
     rows = []
@@ -257,9 +257,11 @@ def bench_largest(args: argparse.Namespace) -> None:
                     "max_gpu_gb": args.max_gpu_gb,
                     "batch_size": args.batch_size,
                     "progress": False,
+                    "device": args.device,
                 }
             )
             chunks = surface_params(Path(args.scene), count, scene.to_train, 4_000_000, 0)
+            engine = None
             lrs = LearningRates(spec, 1000, scene.extent, args.batch_size)
             try:
                 adam = AdamSettings(betas=adam_betas(args.batch_size))
@@ -287,12 +289,12 @@ def bench_largest(args: argparse.Namespace) -> None:
 
                     engine.train_step([views[i] for i in batch], loss_fn, lambda *a: None, 3, bg)
                 meter.stop()
-                peak = torch.cuda.max_memory_reserved() / GIB
+                peak = torch.cuda.max_memory_reserved() / GIB if device.type == "cuda" else 0.0
                 host = engine.host.store.allocated_bytes / GIB
-                engine.close()
-                del engine
+                plan = engine.max_gaussians
                 result = {
                     "Gaussians": f"{count / 1e6:.0f}M",
+                    "planned max": f"{plan / 1e6:.0f}M" if plan else "-",
                     "steps/s": f"{meter.steps / max(meter.elapsed, 1e-9):.2f}",
                     "images/s": f"{meter.images / max(meter.elapsed, 1e-9):.1f}",
                     "visible rows/step": f"{meter.visible / max(meter.steps, 1) / 1e6:.1f}M",
@@ -300,9 +302,12 @@ def bench_largest(args: argparse.Namespace) -> None:
                     "host pinned": f"{host:.1f} GiB",
                     "status": "trains",
                 }
+                engine.close()
+                engine = meter = None  # free the pinned rows before the next count
             except (ClmError, torch.cuda.OutOfMemoryError) as exc:
                 result = {
                     "Gaussians": f"{count / 1e6:.0f}M",
+                    "planned max": "-",
                     "steps/s": "-",
                     "images/s": "-",
                     "visible rows/step": "-",
@@ -310,6 +315,9 @@ def bench_largest(args: argparse.Namespace) -> None:
                     "host pinned": "-",
                     "status": f"refused: {str(exc).splitlines()[0][:90]}",
                 }
+                if engine is not None:
+                    engine.close()
+                    engine = None
             rows.append(result)
             print(result, flush=True)
         images.close()
@@ -331,6 +339,7 @@ def main() -> None:
     p3 = sub.add_parser("largest")
     p3.add_argument("--counts", default="50e6,100e6")
     p3.add_argument("--steps", type=int, default=12)
+    p3.add_argument("--device", default="cuda")
     for q in (p, p2, p3):
         q.add_argument("--scene", required=True)
         q.add_argument("--batch-size", type=int, default=1)
