@@ -304,7 +304,7 @@ def bench_largest(args: argparse.Namespace) -> None:
                 }
                 engine.close()
                 engine = meter = None  # free the pinned rows before the next count
-            except (ClmError, torch.cuda.OutOfMemoryError) as exc:
+            except (ClmError, ValueError, torch.cuda.OutOfMemoryError) as exc:
                 result = {
                     "Gaussians": f"{count / 1e6:.0f}M",
                     "planned max": "-",
