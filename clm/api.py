@@ -61,8 +61,6 @@ def create_engine(
         max_host_gb=max_host_gb,
     )
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     lrs = LearningRates(spec, total_steps, extent=extent, batch_size=batch_size)
     adam = AdamSettings(betas=adam_betas(batch_size))
     return make_engine(cfg, spec, params, render_fn, lrs, adam, device, max_pixels)

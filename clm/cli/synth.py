@@ -12,11 +12,11 @@ from clm.cli.common import run_cli
 from clm.errors import ClmError
 
 _EPILOG = """\
-presets (images, size, sparse points; device it is meant for):
-  tiny    40 x 96x72,      3k points; CPU, seconds (tests, README demo)
-  small   100 x 320x240,  10k points; CPU, well under a minute
-  medium  300 x 1920x1080, 100k points; GPU, a few city blocks
-  city    2000 x 1920x1080, 500k points; GPU, hundreds of buildings
+presets (images of width x height, sparse points; where it is meant to run):
+  tiny     40 of 96x72,       3k points; CPU, seconds (tests, README demo)
+  small   100 of 320x240,    10k points; CPU, well under a minute
+  medium  300 of 1920x1080, 100k points; GPU, 16 blocks, ~60 buildings
+  city   2000 of 1920x1080, 500k points; GPU, 196 blocks, ~650 buildings
 
 OUT receives images/ (PNG, or JPEG quality 95 from 720 rows up), images_F/ for each
 --downscales factor, sparse/0/{cameras,images,points3D}.bin and synthetic.json (the

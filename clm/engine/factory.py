@@ -33,6 +33,8 @@ def make_engine(
     max_pixels: int,
 ) -> Engine:
     """The engine ``cfg.offload`` asks for, sized to the budgets, with the plan logged."""
+    if device.type == "cuda" and device.index is None:  # CUDA memory APIs want an index
+        device = torch.device("cuda", torch.cuda.current_device())
     num = next(iter(params.values())).shape[0]
     common = {"spec": spec, "render_fn": render_fn, "lrs": lrs, "adam": adam, "device": device}
     host_bytes = int(cfg.max_host_gb * GIB) if cfg.max_host_gb else None

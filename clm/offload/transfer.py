@@ -87,4 +87,5 @@ class RowGather:
             cupy.asarray(grad_out) if grad_out is not None else np.uint64(0),
             np.int64(out.shape[1]),
         )
-        launch(kernel("gather.cu", "gather_rows"), rows.numel() * width, args, stream=stream)
+        pieces = (width + 3) // 4  # one thread per 4-float piece of a row
+        launch(kernel("gather.cu", "gather_rows"), rows.numel() * pieces, args, stream=stream)
