@@ -261,7 +261,7 @@ def bench_largest(args: argparse.Namespace) -> None:
                 }
             )
             chunks = surface_params(Path(args.scene), count, scene.to_train, 4_000_000, 0)
-            engine = None
+            engine = meter = None
             lrs = LearningRates(spec, 1000, scene.extent, args.batch_size)
             try:
                 adam = AdamSettings(betas=adam_betas(args.batch_size))
@@ -317,7 +317,7 @@ def bench_largest(args: argparse.Namespace) -> None:
                 }
                 if engine is not None:
                     engine.close()
-                    engine = None
+                engine = meter = None
             rows.append(result)
             print(result, flush=True)
         images.close()
