@@ -73,9 +73,9 @@ def reference_render(params, view: View, degree: int, background) -> torch.Tenso
         if opac < 1 / 255:
             continue
         extend = min(3.33, math.sqrt(2 * math.log(float(opac.detach()) * 255)))
-        rx = math.ceil(extend * math.sqrt(float(cov2[0, 0])))
-        ry = math.ceil(extend * math.sqrt(float(cov2[1, 1])))
-        mx, my = float(mean2[0]), float(mean2[1])
+        rx = math.ceil(extend * math.sqrt(float(cov2[0, 0].detach())))
+        ry = math.ceil(extend * math.sqrt(float(cov2[1, 1].detach())))
+        mx, my = float(mean2[0].detach()), float(mean2[1].detach())
         if mx + rx <= 0 or mx - rx >= W or my + ry <= 0 or my - ry >= H:
             continue
         coeffs = torch.cat([p["sh0"][i], p["shN"][i]])[None]

@@ -144,10 +144,11 @@ def test_clone_split_prune_and_reset():
     ctl.count = torch.ones(6)
     engine.step = 10
     report = ctl.after_step(engine, 10)
-    # Row 0 (small) is cloned, row 2 (large) split in two, row 4 (transparent) pruned; row 5 is
-    # large but its gradient is low: kept (world-space pruning starts after the first reset).
-    assert (report.cloned, report.split, report.pruned) == (1, 1, 1)
-    assert engine.num_gaussians == 6 + 1 + 2 - 1 - 1
+    # Small rows 0 and 4 are cloned and large row 2 split in two; then row 4, transparent, is
+    # pruned with its clone. Row 5 is large but its gradient is low: kept (world-space pruning
+    # starts after the first reset).
+    assert (report.cloned, report.split, report.pruned) == (2, 1, 2)
+    assert engine.num_gaussians == 6 + 2 + 2 - 1 - 2
     colours = sorted(engine.params["sh0"][:, 0, 0].tolist())
     assert colours == [0, 0, 1, 2, 2, 3, 5]  # clone of 0, two children of 2, no 4
     children = engine.params["sh0"][:, 0, 0] == 2
@@ -227,6 +228,7 @@ def test_empty_point_cloud_is_refused(scene, tmp_path, capsys):
 def test_a_fresh_run_refuses_to_overwrite_another(scene, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_main([str(scene), "--output", str(out), "--steps", "1", *FAST]) == 0
+    capsys.readouterr()
     code, err = run_cli([str(scene), "--output", str(out), "--steps", "1", *FAST], capsys)
     assert code == 2 and "--resume" in err[0]
 

@@ -52,3 +52,5 @@ def run_cli(body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("error: aborted", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # argparse (--help, a bad flag): its status, as a return value
+        return exc.code if isinstance(exc.code, int) else 2
