@@ -80,7 +80,7 @@ def reference_render(params, view: View, degree: int, background) -> torch.Tenso
             continue
         coeffs = torch.cat([p["sh0"][i], p["shN"][i]])[None]
         color = sh_to_rgb(degree, coeffs, (p["means"][i] - cam_center)[None])[0]
-        splats.append((float(z), i, mean2, torch.linalg.inv(cov2), opac, color))
+        splats.append((float(z.detach()), i, mean2, torch.linalg.inv(cov2), opac, color))
     splats.sort(key=lambda s: (s[0], s[1]))
     rows = []
     for py in range(H):
