@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -39,7 +39,6 @@ class Snapshot:
     exp_avg: dict[str, Tensor]
     exp_avg_sq: dict[str, Tensor]
     step: int
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,8 +50,6 @@ class StepStats:
     bytes_to_host: int = 0
     cache_hits: int = 0
     cache_lookups: int = 0
-    adam_exposed_s: float = 0.0
-    adam_total_s: float = 0.0
 
 
 class Engine(ABC):

@@ -136,12 +136,11 @@ class OffloadEngine(Engine):
         stats.cache_hits = plan.uses - plan.loads
 
         # Rows of this batch must have their previous update before being caught up, gathered.
-        stats.adam_exposed_s = self._drain()
+        self._drain()
         self.host.advance_to(step - 1)
         ready = self._catch_up_loads(plan, step - 1)
         if self.copy_stream is not None:  # the loads read the plan, made on this stream
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        busy_before = self.worker.busy_seconds
         loaded: list[torch.cuda.Event | None] = []
         flushed: list[torch.cuda.Event | None] = []
         for k, mb in enumerate(plan.micro):
@@ -176,9 +175,7 @@ class OffloadEngine(Engine):
         if self._deferred:
             self._flush_deferred(width, step)
         self.key.step_sparse(culled.ids, key_grads, step)
-        self.step = step
-        # The CPU Adam of this batch finishes while the next batch culls; record what it cost.
-        stats.adam_total_s = self.worker.busy_seconds - busy_before
+        self.step = step  # the CPU Adam of this batch finishes while the next batch culls
         self.last_stats = stats
 
     def _drain(self) -> float:

@@ -94,13 +94,6 @@ class GaussianSpec:
         rest = [a for a in self.attributes if not a.key]
         return tuple(sorted(rest, key=lambda a: a.sh_rest))
 
-    @property
-    def max_sh_degree(self) -> int:
-        for attr in self.attributes:
-            if attr.sh_rest:
-                return math.isqrt(attr.shape[0] + 1) - 1
-        return 0
-
 
 @dataclass(frozen=True)
 class ColumnSegment:

@@ -258,7 +258,3 @@ class HostStore:
         for chunk, offset, src, count in self.chunk_slices(0, self._len):
             self.exp_avg_chunks[chunk][offset : offset + count] = exp_avg[src : src + count]
             self.exp_avg_sq_chunks[chunk][offset : offset + count] = exp_avg_sq[src : src + count]
-
-    def device_pointers(self) -> Tensor:
-        """int64 addresses of the parameter chunks, for the zero-copy gather kernel."""
-        return torch.tensor([t.data_ptr() for t in self.param_chunks], dtype=torch.int64)

@@ -42,10 +42,6 @@ class LearningRates:
         frac = min(max((step - 1) / max(self.total_steps - 1, 1), 0.0), 1.0)
         return lr * (final / lr) ** frac
 
-    def multiplier(self, name: str, step: int) -> float:
-        """``at(step) / at(1)``: the schedule's shape, shared by every column of an attribute."""
-        return self.at(name, step) / self.at(name, 1)
-
 
 def adam_betas(batch_size: int, betas: tuple[float, float] = (0.9, 0.999)) -> tuple[float, float]:
     """Grendel-GS: one step over B images weighs history like B steps of one image."""

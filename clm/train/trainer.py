@@ -163,8 +163,7 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
 
-    def _payload(self) -> dict[str, Any]:
-        snap = self.engine.snapshot()
+    def _payload(self, snap: Snapshot) -> dict[str, Any]:
         return {
             "step": snap.step,
             "config": config_to_dict(self.cfg),
@@ -202,10 +201,11 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"]["torch"])
         log.info("resumed from step %d", ckpt["step"])
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, snap: Snapshot | None = None) -> Path:
         if self._saved is not None and self._saved[0] == self.engine.step:
             return self._saved[1]  # already saved at this step
-        path = save_checkpoint(self.cfg.output, self.engine.step, self._payload())
+        snap = snap if snap is not None else self.engine.snapshot()
+        path = save_checkpoint(self.cfg.output, self.engine.step, self._payload(snap))
         self._saved = (self.engine.step, path)
         log.info("checkpoint: %s", path)
         return path
@@ -394,8 +394,8 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """Final checkpoint, PLY, held-out metrics with renders, and the plot."""
         cfg = self.cfg
-        path = self.save_checkpoint()
-        snap = self.engine.snapshot()
+        snap = self.engine.snapshot()  # one catch-up and copy serves checkpoint and PLY
+        path = self.save_checkpoint(snap)
         written, dropped = export_ply(
             cfg.output / "point_cloud.ply", snap.params, self.scene.to_train
         )
