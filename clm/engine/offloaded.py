@@ -309,20 +309,20 @@ class OffloadEngine(Engine):
     def append(self, src: Tensor, overrides: Mapping[str, Tensor]) -> None:
         self._drain()
         src = src.to(self.device)
+        src_cpu = src.cpu()
+        self.host.catch_up(torch.unique(src_cpu), self.step)
+        # Host rows first: if host memory runs out, nothing has been added anywhere.
+        self.host.append_copies(src_cpu, self.step)
         keys = self.key.views()
         self.key.append({n: overrides[n] if n in overrides else t[src] for n, t in keys.items()})
-        src_cpu = src.cpu()
-        unique = torch.unique(src_cpu)
-        self.host.catch_up(unique, self.step)
-        self.host.append_copies(src_cpu, self.step)
 
     def reserve(self, rows: int) -> None:
         self.key.table.reserve(rows)
 
     def extend(self, params: Mapping[str, Tensor]) -> None:
         self._drain()
-        self.key.append({a.name: params[a.name] for a in self.spec.key})
         self.host.append({a.name: params[a.name].cpu() for a in self.spec.host}, self.step)
+        self.key.append({a.name: params[a.name] for a in self.spec.key})
 
     def compact(self, plan: Compaction) -> None:
         self._drain()

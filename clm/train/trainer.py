@@ -305,7 +305,11 @@ class Trainer:
                 self.images.prefetch(self.sampler.peek())  # decode ahead while this step runs
                 loss_sum, mse_sum = self.train_step(batch)
                 step = self.engine.step
-                report = self.density.after_step(self.engine, step)
+                try:
+                    report = self.density.after_step(self.engine, step)
+                except ClmError:  # e.g. host memory ran out: rows were left as they were
+                    self.save_checkpoint()
+                    raise
                 if report is not None and (report.cloned or report.split or report.pruned):
                     log.info(
                         "step %d: cloned %d, split %d, pruned %d%s -> %s Gaussians",
