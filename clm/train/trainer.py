@@ -34,6 +34,7 @@ from clm.train.export import export_ply, import_ply
 from clm.train.log import TrainLog
 from clm.train.loss import photometric_loss
 from clm.train.schedule import LearningRates, adam_betas, sh_degree_at
+from clm.train.targets import TargetStager
 from clm.train.views import BatchSampler, frame_to_view
 
 log = logging.getLogger("clm")
@@ -116,6 +117,8 @@ class Trainer:
         self.total_steps = cfg.total_steps()
         batch = min(cfg.batch_size, len(scene.train))
         self.batch_size = batch
+        largest = max(f.width * f.height * 3 for f in scene.train)
+        self.targets = TargetStager(self.images, self.device, batch, largest)
         lrs = LearningRates(self.spec, self.total_steps, extent=scene.extent, batch_size=batch)
         adam = AdamSettings(betas=adam_betas(batch))
         if checkpoint is not None:
@@ -212,18 +215,9 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def _targets(self, batch: list[int]) -> list[Tensor]:
-        out = []
-        for i in batch:
-            img = torch.from_numpy(np.array(self.images.get(i)))
-            if self.device.type == "cuda":
-                img = img.pin_memory().to(self.device, non_blocking=True)
-            out.append(img.float().div_(255.0))
-        return out
-
     def train_step(self, batch: list[int]) -> tuple[Tensor, Tensor]:
         """One optimiser step; returns the summed loss and summed squared error (no host sync)."""
-        targets = self._targets(batch)
+        targets = self.targets.take(batch)
         views: list[View] = [self.train_views[i] for i in batch]
         degree = sh_degree_at(
             self.engine.step + 1, self.batch_size, self.cfg.sh_degree, self.cfg.sh_degree_every
@@ -302,7 +296,9 @@ class Trainer:
                     break
                 t0 = time.perf_counter()
                 batch = self.sampler.next_batch()
-                self.images.prefetch(self.sampler.peek())  # decode ahead while this step runs
+                upcoming = self.sampler.peek()
+                self.images.prefetch(upcoming)  # decode ahead while this step runs
+                self.targets.prepare(upcoming)
                 loss_sum, mse_sum = self.train_step(batch)
                 step = self.engine.step
                 try:
@@ -426,6 +422,7 @@ class Trainer:
 
     def close(self) -> None:
         self.engine.close()
+        self.targets.close()
         self.images.close()
         logging.getLogger("clm").removeHandler(self._log_handler)
         self._log_handler.close()

@@ -1,0 +1,191 @@
+"""Where a training step's time goes, per offload mode, on the GPU machine.
+
+  python tools/profile_step.py --scene S --modes none,clm --steps 30 --warmup 20 --batch-size 4
+      [--trace DIR]
+
+Runs the trainer under ``torch.profiler`` for ``--steps`` steps after a warm-up, with the engine's
+phases (culling, planning, waiting for CPU work, loads, rendering, backward, flushes, key Adam)
+labelled from outside the engine. It prints, per phase, the host time it takes per step and the
+time the compute stream sits idle while the host is inside it: the bubbles that separate an
+offloaded step from a GPU-only one. ``--trace`` also writes Chrome traces (gzip) for a viewer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gzip
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from bench import synchronize, table  # tools/ is this script's folder
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import clm.engine.offloaded as offloaded
+from clm.train.config import make_config
+from clm.train.trainer import Trainer
+
+PREFIX = "phase:"
+
+
+def labelled(fn, name: str):
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        with record_function(PREFIX + name):
+            return fn(*args, **kwargs)
+
+    return inner
+
+
+@contextlib.contextmanager
+def phase_labels(trainer: Trainer) -> Iterator[None]:
+    """Wrap the engine's phases in profiler ranges; the engine's code is left unchanged."""
+    engine = trainer.engine
+    engine.render_fn = labelled(engine.render_fn, "render")
+    if isinstance(engine, offloaded.OffloadEngine):
+        engine.culler.cull = labelled(engine.culler.cull, "cull")
+        engine._drain = labelled(engine._drain, "drain")
+        engine._catch_up_loads = labelled(engine._catch_up_loads, "queue catch-up")
+        engine._load = labelled(engine._load, "load")
+        engine._flush = labelled(engine._flush, "flush")
+        engine._defer = labelled(engine._defer, "defer")
+        engine.key.step_sparse = labelled(engine.key.step_sparse, "key adam")
+    plan_batch, backward = offloaded.plan_batch, torch.Tensor.backward
+    offloaded.plan_batch = labelled(plan_batch, "plan")
+    torch.Tensor.backward = labelled(backward, "backward")  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        offloaded.plan_batch = plan_batch
+        torch.Tensor.backward = backward  # type: ignore[method-assign]
+
+
+def union_length(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for lo, hi in sorted(intervals):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def overlap(a: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """Length of [lo, hi] covered by the sorted disjoint intervals ``a``."""
+    total = 0.0
+    for x, y in a:
+        if y <= lo:
+            continue
+        if x >= hi:
+            break
+        total += min(y, hi) - max(x, lo)
+    return total
+
+
+def analyse(prof, steps: int, mode: str) -> list[dict[str, str]]:
+    events = prof.events()
+    kernels, phases, step_ranges = [], {}, []
+    for e in events:
+        start = e.time_range.start
+        end = e.time_range.end
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.append((start, end))
+        elif e.name.startswith(PREFIX):
+            phases.setdefault(e.name[len(PREFIX) :], []).append((start, end))
+        elif e.name == "ProfilerStep" or e.name.startswith("train_step"):
+            step_ranges.append((start, end))
+    busy = union_length(kernels)
+    lo = min(s for s, _ in step_ranges)
+    hi = max(e for _, e in step_ranges)
+    wall = hi - lo
+    gpu_busy = overlap(busy, lo, hi)
+    rows = [
+        {
+            "mode": mode,
+            "phase": "whole step",
+            "host ms/step": f"{wall / steps / 1e3:.2f}",
+            "GPU idle ms/step": f"{(wall - gpu_busy) / steps / 1e3:.2f}",
+        }
+    ]
+    for name, ranges in sorted(phases.items()):
+        ranges = union_length(ranges)  # nested calls count once
+        host = sum(y - x for x, y in ranges)
+        idle = sum((y - x) - overlap(busy, x, y) for x, y in ranges)
+        rows.append(
+            {
+                "mode": mode,
+                "phase": name,
+                "host ms/step": f"{host / steps / 1e3:.2f}",
+                "GPU idle ms/step": f"{idle / steps / 1e3:.2f}",
+            }
+        )
+    return rows
+
+
+def profile_mode(args: argparse.Namespace, mode: str, tmp: Path) -> list[dict[str, str]]:
+    given = {
+        "scene": args.scene,
+        "output": tmp / mode,
+        "offload": mode,
+        "batch_size": args.batch_size,
+        "steps": args.warmup + args.steps,
+        "progress": False,
+        "checkpoint_every": 10**9,
+        "log_every": 10**9,
+        "seed": 0,
+    }
+    trainer = Trainer(make_config(given))
+    engine = trainer.engine
+    inner = engine.train_step
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+    def step(*a, **kw):
+        if engine.step == args.warmup:
+            synchronize()
+            prof.start()
+        with record_function("train_step"):
+            inner(*a, **kw)
+        if engine.step == args.warmup + args.steps:
+            synchronize()
+            prof.stop()
+
+    engine.train_step = step
+    try:
+        with phase_labels(trainer):
+            trainer.run()
+    finally:
+        trainer.close()
+    if args.trace:
+        path = Path(args.trace) / f"trace-{mode}.json"
+        prof.export_chrome_trace(str(path))
+        with open(path, "rb") as src, gzip.open(f"{path}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        path.unlink()
+    top = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    print(f"--- {mode}: top host ops over {args.steps} steps ---\n{top}", flush=True)
+    return analyse(prof, args.steps, mode)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scene", required=True)
+    parser.add_argument("--modes", default="none,clm")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--trace", default=None, help="folder for gzip Chrome traces")
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in args.modes.split(","):
+            rows += profile_mode(args, mode, Path(tmp))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
