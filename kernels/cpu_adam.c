@@ -150,8 +150,15 @@ void clm_adam_catch_up(const clm_store *store, int64_t width, const int64_t *row
 {
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t i = 0; i < n; i++) {
-        if (rows && i + PREFETCH_DISTANCE < n)
-            prefetch_row(store, rows[i + PREFETCH_DISTANCE], width);
+        /* Rows are often already up to date (caught up ahead): look at `last` two distances
+         * ahead, and fetch a row's values only when it has steps pending. */
+        if (rows && i + 2 * PREFETCH_DISTANCE < n)
+            __builtin_prefetch(locate(store, rows[i + 2 * PREFETCH_DISTANCE]).last, 0);
+        if (rows && i + PREFETCH_DISTANCE < n) {
+            const int64_t ahead = rows[i + PREFETCH_DISTANCE];
+            if (*locate(store, ahead).last < upto)
+                prefetch_row(store, ahead, width);
+        }
         const row_ref ref = locate(store, rows ? rows[i] : i);
         catch_up_row(ref.p, ref.m, ref.v, width, *ref.last, upto, segs, n_segs, decay1, decay2);
         *ref.last = upto;

@@ -6,9 +6,12 @@
 #define CAM_STRIDE 24
 
 extern "C" __global__ void cull_bits(
-    const float* __restrict__ means,          // [n, 3]
-    const float* __restrict__ log_scales,     // [n, 3]
-    const float* __restrict__ opacity_logits, // [n]
+    const float* __restrict__ means,          // [n, 3], rows means_stride floats apart
+    const long long means_stride,
+    const float* __restrict__ log_scales,     // [n, 3], rows scales_stride floats apart
+    const long long scales_stride,
+    const float* __restrict__ opacity_logits, // [n], opacity_stride floats apart
+    const long long opacity_stride,
     const long long n,
     const float* __restrict__ cams,           // [num_cams, CAM_STRIDE]
     const int num_cams,
@@ -18,10 +21,11 @@ extern "C" __global__ void cull_bits(
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     unsigned long long bits = 0ull;
-    if (opacity_logits[i] >= min_opacity_logit) {
-        const float mx = means[3 * i], my = means[3 * i + 1], mz = means[3 * i + 2];
-        const float s = __expf(fmaxf(log_scales[3 * i], fmaxf(log_scales[3 * i + 1],
-                                                              log_scales[3 * i + 2])));
+    if (opacity_logits[i * opacity_stride] >= min_opacity_logit) {
+        const float* m = means + i * means_stride;
+        const float* l = log_scales + i * scales_stride;
+        const float mx = m[0], my = m[1], mz = m[2];
+        const float s = __expf(fmaxf(l[0], fmaxf(l[1], l[2])));
         const float s2 = s * s;
         for (int c = 0; c < num_cams; ++c) {
             const float* k = cams + c * CAM_STRIDE;

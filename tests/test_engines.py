@@ -65,10 +65,14 @@ def make_engine(kind: str, params, batch: int, steps: int, **extra):
     return OffloadEngine(params, chunk_shift=6, **common, **extra)
 
 
-def train(engine, views, targets, batches, sh_degrees, densify_at=None):
+def train(engine, views, targets, batches, sh_degrees, densify_at=None, hints=None):
+    """``hints``: tell the engine the next batch ("right"), or another one ("wrong")."""
     bg = torch.zeros(3)
     for step, (batch, degree) in enumerate(zip(batches, sh_degrees, strict=True), start=1):
         chosen = [views[i] for i in batch]
+        if hints is not None:
+            nxt = batches[step % len(batches)] if hints == "right" else batches[step - 1]
+            engine.expect([views[i] for i in nxt])
 
         def loss_fn(i, out, batch=batch):
             return photometric_loss(out.image, targets[batch[i]]) / len(batch)
@@ -122,6 +126,28 @@ def test_offload_modes_match_gpu_resident(setup, kind, extra):
     assert ref.params["means"].shape[0] != 400  # densification ran
     assert ref.exp_avg["shN"].abs().max() > 0  # higher SH bands were trained
     assert_same(got, ref)
+
+
+@pytest.mark.parametrize("hints", ["right", "wrong"])
+def test_rows_caught_up_ahead_give_the_same_result(setup, hints):
+    views, targets, batches, degrees = setup
+    params = make_params(400)
+    ref = train(make_engine("none", params, 3, 6), views, targets, batches, degrees, densify_at=3)
+    engine = make_engine("clm", params, 3, 6, cache_rows=None)
+    got = train(engine, views, targets, batches, degrees, densify_at=3, hints=hints)
+    engine.close()
+    assert_same(got, ref)
+
+
+def test_the_next_batch_is_caught_up_during_this_step(setup):
+    views, targets, batches, degrees = setup
+    engine = make_engine("clm", make_params(400), 3, 6, cache_rows=None)
+    train(engine, views, targets, batches[:1], degrees[:1], hints="right")
+    engine._drain()
+    last = torch.cat(engine.host.store.last_chunks)[: engine.num_gaussians]
+    # Rows batch 1 updated, and rows batch 2 will load that batch 1 did not see.
+    assert (last == 1).sum() > engine.last_stats.visible_rows
+    engine.close()
 
 
 def test_tight_cache_splits_batches(setup):

@@ -95,6 +95,16 @@ def test_cull_kernel_matches_torch_twin_and_is_conservative():
     assert torch.equal(
         result.vis, (twin[ids_twin][None] >> torch.arange(12, device=CUDA)[:, None]) & 1 == 1
     )
+    # The engine passes column views of its packed key rows: the same result, no copies.
+    packed = torch.cat([params["means"], params["opacities"][:, None], params["scales"]], dim=1)
+    strided = culler.cull(packed[:, :3], packed[:, 4:7], packed[:, 3], views)
+    assert torch.equal(strided.ids, result.ids) and torch.equal(strided.vis, result.vis)
+    # A view moved in place is packed again, not served stale from the camera cache.
+    views[0].viewmat[:3, 3] += torch.tensor([2.0, 0.0, 0.0], device=CUDA)
+    moved = culler.cull(params["means"], params["scales"], params["opacities"], views)
+    fresh = Culler(CUDA).cull(params["means"], params["scales"], params["opacities"], views)
+    assert torch.equal(moved.ids, fresh.ids) and torch.equal(moved.vis, fresh.vis)
+    assert not torch.equal(moved.ids, result.ids)
     # Every Gaussian gsplat projects with a non-zero radius must survive culling.
     radii, *_ = fully_fused_projection(
         params["means"],

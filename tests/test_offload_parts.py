@@ -95,6 +95,20 @@ def test_culling_is_a_conservative_superset_of_what_the_rasterizer_draws():
         assert len(kept) < 5000 * 0.6  # and most of the scene is culled for each view
 
 
+def test_culling_sees_a_view_moved_in_place():
+    params = make_params(2000, seed=5)
+    views = ring_views(3)
+    culler = Culler(torch.device("cpu"))
+    before = culler.cull(params["means"], params["scales"], params["opacities"], views)
+    views[1].viewmat[:3, 3] += torch.tensor([0.0, 1.5, 0.0])  # a pose optimiser's in-place step
+    after = culler.cull(params["means"], params["scales"], params["opacities"], views)
+    fresh = Culler(torch.device("cpu")).cull(
+        params["means"], params["scales"], params["opacities"], views
+    )
+    assert torch.equal(after.ids, fresh.ids) and torch.equal(after.vis, fresh.vis)
+    assert not (torch.equal(after.ids, before.ids) and torch.equal(after.vis, before.vis))
+
+
 def test_culling_drops_transparent_and_behind_camera_gaussians():
     params = make_params(3, seed=0)
     view = ring_views(1)[0]

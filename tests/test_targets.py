@@ -40,8 +40,8 @@ def run_batches(device: str, batches: list[list[int]], ahead: bool) -> None:
                 stager.prepare(batches[k + 1])
     finally:
         stager.close()
-    for batch, targets in zip(batches, got):
-        for t, e in zip(targets, expected(images, batch, device)):
+    for batch, targets in zip(batches, got, strict=True):
+        for t, e in zip(targets, expected(images, batch, device), strict=True):
             assert t.shape == e.shape and t.dtype == torch.float32
             torch.testing.assert_close(t, e, rtol=0, atol=0)
 
@@ -60,7 +60,7 @@ def test_a_batch_read_ahead_but_not_taken_is_dropped():
     try:
         stager.prepare([0, 1])
         targets = stager.take([2, 3])  # not the batch read ahead
-        for t, e in zip(targets, expected(images, [2, 3], "cpu")):
+        for t, e in zip(targets, expected(images, [2, 3], "cpu"), strict=True):
             torch.testing.assert_close(t, e, rtol=0, atol=0)
         stager.prepare([4, 5])
         stager.take([4, 5])

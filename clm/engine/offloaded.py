@@ -31,7 +31,7 @@ from torch import Tensor
 from clm.engine.base import Engine, LossFn, ObserveFn, Snapshot, StepStats
 from clm.model.spec import active_row_width, unpack_rows
 from clm.model.table import Compaction
-from clm.offload.culling import Culler
+from clm.offload.culling import MAX_CAMERAS, Culler
 from clm.offload.lazy_rows import DeviceRows, HostRows
 from clm.offload.plan import BatchPlan, plan_batch
 from clm.offload.transfer import RowGather
@@ -88,6 +88,11 @@ class OffloadEngine(Engine):
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self.d2h_stream = torch.cuda.Stream(self.device) if cuda else None
         self._deferred: list[tuple[Tensor, Tensor]] = []
+        # Rows the next batch will load, caught up during this step (see _catch_up_ahead).
+        self.ahead_culler = Culler(self.device, chunk=1 << 22)
+        self.ahead_stream = torch.cuda.Stream(self.device) if cuda else None
+        self._upcoming: list[View] = []
+        self._ahead_read: tuple[threading.Event, list[torch.cuda.Event]] | None = None
 
     # ---- basic facts ----------------------------------------------------------------------
 
@@ -138,7 +143,8 @@ class OffloadEngine(Engine):
         # Rows of this batch must have their previous update before being caught up, gathered.
         self._drain()
         self.host.advance_to(step - 1)
-        ready = self._catch_up_loads(plan, step - 1)
+        ready = self._catch_up_loads(plan, step - 1, width)
+        self._catch_up_ahead(views, step, width)
         if self.copy_stream is not None:  # the loads read the plan, made on this stream
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         loaded: list[torch.cuda.Event | None] = []
@@ -174,6 +180,7 @@ class OffloadEngine(Engine):
 
         if self._deferred:
             self._flush_deferred(width, step)
+        self._after_ahead_reads()
         self.key.step_sparse(culled.ids, key_grads, step)
         self.step = step  # the CPU Adam of this batch finishes while the next batch culls
         self.last_stats = stats
@@ -187,7 +194,58 @@ class OffloadEngine(Engine):
         self.exposed_seconds += waited
         return waited
 
-    def _catch_up_loads(self, plan: BatchPlan, upto: int) -> list[threading.Event]:
+    def expect(self, views: Sequence[View]) -> None:
+        self._upcoming = list(views)
+
+    def _catch_up_ahead(self, views: Sequence[View], step: int, width: int) -> None:
+        """Catch up, while this step runs, the rows the next batch (:meth:`expect`) will load.
+
+        The next views are culled against the key attributes as they are now; rows this batch
+        sees are left out (their Adam step comes from this batch's gradients). The others skip
+        this step, so they are brought up to ``step`` on copies of the skip tables. A row the
+        guess misses is caught up before its load as usual; one it wrongly includes was only
+        brought forward: the result is the same either way.
+        """
+        upcoming, self._upcoming = self._upcoming, []
+        if not upcoming or len(upcoming) + len(views) > MAX_CAMERAS:
+            return
+        keys = self.key.views()
+        args = (keys["means"], keys["scales"], keys["opacities"], upcoming, views)
+        segments = self.host.segments_ahead(step)
+        if self.ahead_stream is None:  # on the CPU: cull here, deterministically
+            rows = self.ahead_culler.cull_new(*args)
+            self.prefetch.submit(lambda: self.host.catch_up(rows, step, width, segments))
+            return
+        # On the GPU the culling runs on its own stream, from the catch-up thread; the key Adam
+        # of this step waits until it has read the key attributes.
+        self.ahead_stream.wait_stream(torch.cuda.current_stream(self.device))
+        launched, read = threading.Event(), []
+        self._ahead_read = (launched, read)
+
+        def job() -> None:
+            with torch.cuda.stream(self.ahead_stream):
+                try:
+                    fresh = self.ahead_culler.cull_new(*args)
+                    read.append(self._event(self.ahead_stream))
+                finally:
+                    launched.set()
+                rows = fresh.cpu()
+            self.host.catch_up(rows, step, width, segments)
+
+        self.prefetch.submit(job)
+
+    def _after_ahead_reads(self) -> None:
+        """Order what follows on the compute stream after the ahead culling's reads."""
+        if self._ahead_read is None:
+            return
+        launched, read = self._ahead_read
+        self._ahead_read = None
+        while not launched.wait(timeout=0.1):
+            self.prefetch.raise_error()
+        if read:
+            torch.cuda.current_stream(self.device).wait_event(read[0])
+
+    def _catch_up_loads(self, plan: BatchPlan, upto: int, width: int) -> list[threading.Event]:
         """Queue the catch-up of each view's load rows; returns one event per view."""
         counts = [mb.load_pos.numel() for mb in plan.micro]
         rows = plan.ids[torch.cat([mb.load_pos for mb in plan.micro])].cpu()
@@ -197,7 +255,7 @@ class OffloadEngine(Engine):
 
             def job(lo=start, hi=start + n, event=done[k]) -> None:
                 if hi > lo:
-                    self.host.catch_up(rows[lo:hi], upto)
+                    self.host.catch_up(rows[lo:hi], upto, width)
                 event.set()
 
             self.prefetch.submit(job)

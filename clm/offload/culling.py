@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clm.offload.cuda_kernels import cupy_available, kernel, launch
+from clm.offload.cuda_kernels import cupy_available, kernel, launch, pointer
 from clm.render.base import View
 from clm.render.projection import ALPHA_THRESHOLD
 
@@ -96,39 +96,70 @@ def unpack_bits(bits: Tensor, num_cameras: int) -> Tensor:
     return (torch.bitwise_right_shift(bits[None, :], shifts[:, None]) & 1).bool()
 
 
+def _column_stride(t: Tensor) -> int:
+    """Floats between rows of a ``[n]`` or ``[n, k]`` view whose columns are adjacent."""
+    if t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError("culling needs the columns of an attribute side by side")
+    return t.stride(0)
+
+
 class Culler:
-    """Culls key attributes in chunks; uses the CUDA kernel when CuPy is there."""
+    """Culls key attributes in chunks; uses the CUDA kernel when CuPy is there.
+
+    Each view's packed camera is made once and kept on the device (a view whose matrices change
+    in place is packed again), so culling a batch needs no host sync but the one that counts
+    the visible rows.
+    """
+
+    MAX_CACHED_VIEWS = 4096
 
     def __init__(self, device: torch.device, chunk: int = 1 << 24) -> None:
         self.device = device
         self.use_kernel = device.type == "cuda" and cupy_available()
         # Torch intermediates are [B, chunk] wide, so the twin works in smaller chunks.
         self.chunk = chunk if self.use_kernel else max(chunk // 64, 1 << 14)
+        self._cameras: dict[tuple[int, ...], tuple[View, Tensor]] = {}
+
+    def cameras(self, views: Sequence[View]) -> Tensor:
+        """``[B, 24]`` packed cameras on the device."""
+        if len(views) > MAX_CAMERAS:
+            raise ValueError(f"at most {MAX_CAMERAS} cameras per batch, got {len(views)}")
+        rows = []
+        for view in views:
+            key = (id(view), id(view.viewmat), view.viewmat._version, id(view.K), view.K._version)
+            hit = self._cameras.get(key)
+            if hit is None or hit[0] is not view:
+                if len(self._cameras) >= self.MAX_CACHED_VIEWS:
+                    self._cameras.clear()
+                hit = (view, pack_cameras([view])[0].to(self.device))
+                self._cameras[key] = hit
+            rows.append(hit[1])
+        return torch.stack(rows)
 
     def _bits(self, means: Tensor, log_scales: Tensor, opacity: Tensor, cams: Tensor) -> Tensor:
         if not self.use_kernel:
             return cull_bits_torch(means, log_scales, opacity, cams)
-        import cupy
-
         out = torch.empty(means.shape[0], dtype=torch.int64, device=means.device)
-        fn = kernel("cull.cu", "cull_bits")
         args = (
-            cupy.asarray(means.contiguous()),
-            cupy.asarray(log_scales.contiguous()),
-            cupy.asarray(opacity.contiguous()),
+            np.uint64(means.data_ptr()),
+            np.int64(_column_stride(means)),
+            np.uint64(log_scales.data_ptr()),
+            np.int64(_column_stride(log_scales)),
+            np.uint64(opacity.data_ptr()),
+            np.int64(_column_stride(opacity)),
             np.int64(means.shape[0]),
-            cupy.asarray(cams.to(means.device)),
+            pointer(cams),
             np.int32(cams.shape[0]),
             np.float32(MIN_OPACITY_LOGIT),
-            cupy.asarray(out),
+            pointer(out),
         )
-        launch(fn, means.shape[0], args)
+        launch(kernel("cull.cu", "cull_bits"), means.shape[0], args)
         return out
 
     def cull(
         self, means: Tensor, log_scales: Tensor, opacity_logits: Tensor, views: Sequence[View]
     ) -> CullResult:
-        cams = pack_cameras(views)
+        cams = self.cameras(views)
         ids_parts, bits_parts = [], []
         for start in range(0, means.shape[0], self.chunk):
             stop = min(start + self.chunk, means.shape[0])
@@ -145,3 +176,32 @@ class Culler:
             )
         bits = torch.cat(bits_parts)
         return CullResult(torch.cat(ids_parts), unpack_bits(bits, len(views)))
+
+    def cull_new(
+        self,
+        means: Tensor,
+        log_scales: Tensor,
+        opacity_logits: Tensor,
+        views: Sequence[View],
+        seen: Sequence[View],
+    ) -> Tensor:
+        """Ascending rows some view of ``views`` may see and no view of ``seen`` does."""
+        cams = self.cameras([*views, *seen])
+        want = _signed((1 << len(views)) - 1)
+        skip = _signed(((1 << len(seen)) - 1) << len(views))
+        parts = []
+        for start in range(0, means.shape[0], self.chunk):
+            stop = min(start + self.chunk, means.shape[0])
+            bits = self._bits(
+                means[start:stop], log_scales[start:stop], opacity_logits[start:stop], cams
+            )
+            keep = (bits & want != 0) & (bits & skip == 0)
+            parts.append(torch.nonzero(keep).squeeze(1) + start)
+        if not parts:
+            return torch.zeros(0, dtype=torch.int64, device=means.device)
+        return torch.cat(parts)
+
+
+def _signed(mask: int) -> int:
+    """A 64-bit mask as the int64 value with the same bits."""
+    return mask - (1 << 64) if mask >= 1 << 63 else mask

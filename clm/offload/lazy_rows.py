@@ -51,6 +51,17 @@ class _Schedule:
             for s in self.layout
         ]
 
+    def segments_ahead(self, step: int) -> list[Segment]:
+        """Segments on copies of the tables advanced to ``step`` (while the tables themselves
+        stay where running updates need them)."""
+        segments = []
+        for s in self.layout:
+            table = self.tables[s.attr.name].copy()
+            for t in range(table.step + 1, step + 1):
+                table.advance(t, self.lrs.at(s.attr.name, t))
+            segments.append(Segment(s.start, s.end, self.lrs.at(s.attr.name, step), table))
+        return segments
+
 
 class HostRows(_Schedule):
     """Rows in a :class:`HostStore`, updated by the native CPU Adam."""
@@ -78,11 +89,24 @@ class HostRows(_Schedule):
         self.advance_to(step - 1)
         self.adam.step_rows(rows, grads, width, step, self.segments(step))
 
-    def catch_up(self, rows: Tensor | None, step: int) -> None:
-        """Bring ``rows`` (all when None) up to ``step``, the last step applied."""
-        self.advance_to(step)
+    def catch_up(
+        self,
+        rows: Tensor | None,
+        step: int,
+        width: int | None = None,
+        segments: Sequence[Segment] | None = None,
+    ) -> None:
+        """Bring ``rows`` (all when None) up to ``step``, the last step applied.
+
+        ``width`` limits the columns touched: columns of SH bands not yet active have never had
+        a gradient, so their moments are zero and their skipped steps change nothing.
+        ``segments`` (from :meth:`segments_ahead`) catch up past the tables' own step.
+        """
+        if segments is None:
+            self.advance_to(step)
+            segments = self.segments(step)
         if len(self.store):
-            self.adam.catch_up(rows, step, self.segments(step))
+            self.adam.catch_up(rows, step, segments, width)
 
     def append(self, params: Mapping[str, Tensor], step: int) -> None:
         self.store.append(pack_rows(dict(params), self.layout), step)

@@ -54,16 +54,21 @@ class BatchPlan:
 
 
 def order_views(vis: Tensor) -> list[int]:
-    """A chain through the views that greedily maximises the rows shared by neighbours.
+    """A chain through the views that greedily maximises the rows shared by neighbours."""
+    v = vis.float()
+    return _chain((v @ v.T).cpu())
+
+
+def _chain(overlap: Tensor) -> list[int]:
+    """The greedy chain on a host ``[B, B]`` overlap matrix.
 
     It starts from the view whose second-best neighbour is weakest: the end of a path of
     views has only one good neighbour.
     """
-    num = vis.shape[0]
+    num = overlap.shape[0]
     if num <= 2:
         return list(range(num))
-    v = vis.float()
-    overlap = (v @ v.T).cpu()
+    overlap = overlap.clone()
     overlap.fill_diagonal_(-1)
     current = int(torch.argmin(torch.sort(overlap, dim=1, descending=True).values[:, 1]))
     order, left = [current], set(range(num)) - {current}
@@ -74,6 +79,15 @@ def order_views(vis: Tensor) -> list[int]:
         left.remove(nxt)
         current = nxt
     return order
+
+
+def _overlap_and_uses(vis: Tensor) -> tuple[Tensor, list[int]]:
+    """Rows shared by each pair of views (approximate: it only orders them) and rows each view
+    sees (exact), in one host sync."""
+    num = vis.shape[0]
+    v = vis.float()
+    both = torch.cat([(v @ v.T).double().flatten(), vis.sum(dim=1).double()]).cpu()
+    return both[: num * num].view(num, num), [int(x) for x in both[num * num :].tolist()]
 
 
 def masked_positions(mask: Tensor, count: int) -> Tensor:
@@ -121,13 +135,11 @@ def _counts(vis_o: Tensor, start: int, stop: int) -> _Segment:
     vis_seg = vis_o[start:stop]
     num = stop - start
     first, last = _first_last(vis_seg)
-    both = torch.cat(
-        [
-            torch.bincount(first, minlength=num + 1)[:num],
-            torch.bincount(last, minlength=num + 1)[:num],
-        ]
-    )
-    both = both.cpu().tolist()  # the one host sync of a segment
+    counts = torch.zeros(2, num + 1, dtype=torch.int64, device=vis_o.device)
+    ones = torch.ones_like(first)
+    counts[0].scatter_add_(0, first, ones)  # (bincount would sync to find its length)
+    counts[1].scatter_add_(0, last, ones)
+    both = counts[:, :num].flatten().cpu().tolist()  # the one host sync of a segment
     return _Segment(start, stop, both[:num], both[num:], first, last)
 
 
@@ -164,7 +176,8 @@ def plan_batch(ids: Tensor, vis: Tensor, capacity: int) -> BatchPlan:
         raise ValueError("the row cache needs at least one slot")
     device = vis.device
     capacity = min(capacity, max(vis.shape[1], 1))  # slots beyond the union are never used
-    order = order_views(vis)
+    overlap, per_view = _overlap_and_uses(vis)
+    order = _chain(overlap)
     vis_o = vis[order]
     plan = BatchPlan(ids=ids, order=order)
     segments = _segment(vis_o, capacity)
@@ -174,8 +187,8 @@ def plan_batch(ids: Tensor, vis: Tensor, capacity: int) -> BatchPlan:
         multi = seen.sum(dim=0) > 1  # rows loaded in more than one segment: deferred
     else:
         multi = torch.zeros(vis.shape[1], dtype=torch.bool, device=device)
-    uses = vis_o.sum(dim=1).cpu().tolist()
-    plan.uses = int(sum(uses))
+    uses = [per_view[v] for v in order]
+    plan.uses = sum(uses)
 
     for seg in segments:
         present = sum(seg.loads)

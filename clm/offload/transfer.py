@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clm.offload.cuda_kernels import cupy_available, kernel, launch
+from clm.offload.cuda_kernels import cupy_available, kernel, launch, pointer
 from clm.offload.host_store import HostStore
 
 log = logging.getLogger(__name__)
@@ -73,18 +73,16 @@ class RowGather:
             if grad_out is not None:
                 grad_out[slots, :width] = 0
             return
-        import cupy
-
         args = (
-            cupy.asarray(self._chunk_pointers()),
+            pointer(self._chunk_pointers()),
             np.int32(self.store.chunk_shift),
             np.int64(self.store.width),
-            cupy.asarray(rows),
-            cupy.asarray(slots),
+            pointer(rows),
+            pointer(slots),
             np.int64(rows.numel()),
             np.int32(width),
-            cupy.asarray(out),
-            cupy.asarray(grad_out) if grad_out is not None else np.uint64(0),
+            pointer(out),
+            pointer(grad_out) if grad_out is not None else np.uint64(0),
             np.int64(out.shape[1]),
         )
         pieces = (width + 3) // 4  # one thread per 4-float piece of a row

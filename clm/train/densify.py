@@ -84,11 +84,10 @@ class DensityController:
             return
         self._ensure_size(num_gaussians)
         # Undo the 1/B of the batch loss and scale to NDC, as a batched gsplat render would.
-        scale = torch.tensor(
-            [view.width / 2.0 * self.batch_size, view.height / 2.0 * self.batch_size],
-            device=out.means2d.device,
-        )
-        norms = (out.means2d.grad.detach() * scale).norm(dim=-1)
+        # (Python scalars, not a device tensor: making one would wait for this view's backward.)
+        grad = out.means2d.grad.detach()
+        sx, sy = view.width / 2.0 * self.batch_size, view.height / 2.0 * self.batch_size
+        norms = torch.hypot(grad[..., 0] * sx, grad[..., 1] * sy)
         ids = ids.to(self.device)
         self.grad2d.index_add_(0, ids, norms.to(self.device))
         self.count.index_add_(0, ids, torch.ones_like(norms, device=self.device))
