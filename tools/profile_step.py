@@ -3,11 +3,13 @@
   python tools/profile_step.py --scene S --modes none,clm --steps 30 --warmup 20 --batch-size 4
       [--trace DIR]
 
-Runs the trainer under ``torch.profiler`` for ``--steps`` steps after a warm-up, with the engine's
+Runs the trainer under ``torch.profiler`` for ``--steps`` steps after a warm-up (make it longer
+than the first epoch, whose images are still being decoded), with the engine's
 phases (culling, planning, waiting for CPU work, loads, rendering, backward, flushes, key Adam)
 labelled from outside the engine. It prints, per phase, the host time it takes per step and the
 time the compute stream sits idle while the host is inside it: the bubbles that separate an
-offloaded step from a GPU-only one. ``--trace`` also writes Chrome traces (gzip) for a viewer.
+offloaded step from a GPU-only one. ``--trace`` also writes Chrome traces (gzip) for a viewer;
+``--host-timers`` times the phases on the host alone, free of the profiler's overhead.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import functools
 import gzip
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,18 +35,35 @@ from clm.train.trainer import Trainer
 PREFIX = "phase:"
 
 
+class HostClock:
+    """Host seconds per phase, summed while ``active`` (no profiler, so no profiler overhead)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.seconds: dict[str, float] = {}
+
+
+CLOCK = HostClock()
+
+
 def labelled(fn, name: str):
     @functools.wraps(fn)
     def inner(*args, **kwargs):
-        with record_function(PREFIX + name):
-            return fn(*args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            with record_function(PREFIX + name):
+                return fn(*args, **kwargs)
+        finally:
+            if CLOCK.active:
+                CLOCK.seconds[name] = CLOCK.seconds.get(name, 0.0) + time.perf_counter() - t0
 
     return inner
 
 
 @contextlib.contextmanager
 def phase_labels(trainer: Trainer) -> Iterator[None]:
-    """Wrap the engine's phases in profiler ranges; the engine's code is left unchanged."""
+    """Wrap the engine's phases in profiler ranges and host timers; the engine's code is left
+    unchanged."""
     engine = trainer.engine
     engine.render_fn = labelled(engine.render_fn, "render")
     if isinstance(engine, offloaded.OffloadEngine):
@@ -142,16 +162,24 @@ def profile_mode(args: argparse.Namespace, mode: str, tmp: Path) -> list[dict[st
     engine = trainer.engine
     inner = engine.train_step
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    CLOCK.seconds = {}
+    window = [0.0, 0.0]
 
     def step(*a, **kw):
         if engine.step == args.warmup:
             synchronize()
-            prof.start()
+            window[0] = time.perf_counter()
+            CLOCK.active = True
+            if not args.host_timers:
+                prof.start()
         with record_function("train_step"):
             inner(*a, **kw)
         if engine.step == args.warmup + args.steps:
             synchronize()
-            prof.stop()
+            window[1] = time.perf_counter()
+            CLOCK.active = False
+            if not args.host_timers:
+                prof.stop()
 
     engine.train_step = step
     try:
@@ -159,6 +187,16 @@ def profile_mode(args: argparse.Namespace, mode: str, tmp: Path) -> list[dict[st
             trainer.run()
     finally:
         trainer.close()
+    if args.host_timers:
+        per_step = lambda s: f"{s / args.steps * 1e3:.2f}"  # noqa: E731
+        rows = [
+            {"mode": mode, "phase": "whole step", "host ms/step": per_step(window[1] - window[0])}
+        ]
+        rows += [
+            {"mode": mode, "phase": name, "host ms/step": per_step(sec)}
+            for name, sec in sorted(CLOCK.seconds.items())
+        ]
+        return rows
     if args.trace:
         path = Path(args.trace) / f"trace-{mode}.json"
         prof.export_chrome_trace(str(path))
@@ -178,6 +216,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--trace", default=None, help="folder for gzip Chrome traces")
+    parser.add_argument(
+        "--host-timers", action="store_true", help="time phases on the host, without a profiler"
+    )
     args = parser.parse_args()
 
     rows = []

@@ -181,22 +181,25 @@ class DeviceRows:
         return unpack_rows(self.param, self.layout)
 
     def step_sparse(self, rows: Tensor, grads: Tensor, step: int) -> None:
-        """Adam step ``step`` for every row; ``rows`` (ascending) have gradients ``grads``."""
+        """Adam step ``step`` for every row; ``rows`` (unique) have gradients ``grads``.
+
+        No host sync: a chunk's gradient rows are scattered by position, and rows outside the
+        chunk land in a spare row past its end.
+        """
         n = len(self.table)
-        starts = list(range(0, n, self.chunk_rows))
-        bounds = torch.searchsorted(rows, torch.tensor([*starts, n], device=rows.device))
-        bounds = bounds.tolist()
         p, m, v = self.table["param"], self.table["exp_avg"], self.table["exp_avg_sq"]
-        for i, a in enumerate(starts):
+        for a in range(0, n, self.chunk_rows):
             b = min(a + self.chunk_rows, n)
-            grad = torch.zeros(b - a, self.width, device=self.device)
-            lo, hi = bounds[i], bounds[i + 1]
-            grad[rows[lo:hi] - a] = grads[lo:hi]
+            grad = torch.zeros(b - a + 1, self.width, device=self.device)
+            local = rows - a
+            if a > 0 or b < n:
+                local = torch.where((local >= 0) & (local < b - a), local, b - a)
+            grad.index_put_((local,), grads)
             for seg in self.layout:
                 cols = slice(seg.start, seg.end)
                 adam_step(
                     p[a:b, cols],
-                    grad[:, cols],
+                    grad[: b - a, cols],
                     m[a:b, cols],
                     v[a:b, cols],
                     step,
