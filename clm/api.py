@@ -9,7 +9,7 @@ example and README.md for a walkthrough.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -46,13 +46,15 @@ def create_engine(
     max_gpu_gb: float | None = None,
     max_host_gb: float | None = None,
     max_pixels: int = 1920 * 1080,
+    views: Sequence[View] = (),
 ) -> Engine:
     """An engine holding ``params`` (raw values, ``[N, *shape]`` per attribute of ``spec``).
 
     ``engine.train_step(views, loss_fn, observe, sh_degree, background)`` renders each view
     with ``render_fn``, backpropagates ``loss_fn(i, output)`` and applies one Adam step with
     the spec's learning rates (Grendel-GS scaling for ``batch_size``); ``engine.snapshot()``
-    returns every parameter, up to date, on the CPU.
+    returns every parameter, up to date, on the CPU. ``views`` (the training views, optional)
+    let the ``--max-gpu-gb`` planner size the row cache from what each view sees.
     """
     cfg = TrainConfig(
         offload=offload,
@@ -63,4 +65,4 @@ def create_engine(
     device = torch.device(device)
     lrs = LearningRates(spec, total_steps, extent=extent, batch_size=batch_size)
     adam = AdamSettings(betas=adam_betas(batch_size))
-    return make_engine(cfg, spec, params, render_fn, lrs, adam, device, max_pixels)
+    return make_engine(cfg, spec, params, render_fn, lrs, adam, device, max_pixels, views)

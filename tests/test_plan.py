@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from clm.errors import ClmError
 from clm.offload.plan import masked_positions, order_views, plan_batch
 
 
@@ -92,7 +93,7 @@ def test_overflow_splits_into_segments_and_defers_shared_rows(seed):
 
 def test_single_view_larger_than_cache_is_an_error():
     vis = torch.ones(2, 50, dtype=torch.bool)
-    with pytest.raises(ValueError, match="cache holds 10"):
+    with pytest.raises(ClmError, match="cache holds 10"):
         plan_batch(torch.arange(50), vis, capacity=10)
 
 

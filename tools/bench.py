@@ -5,8 +5,10 @@
   python tools/bench.py compare --scene S --steps 300 --batch-size 8 [--modes none,naive,clm]
       the three offload modes on the same scene and steps, side by side in one process.
   python tools/bench.py largest --scene S --counts 50e6,100e6 --max-gpu-gb 24 --steps 12
+      [--offload clm]
       the largest Gaussian count (initialised on the scene's surfaces) that trains under the
-      GPU budget with --offload clm, with its throughput.
+      GPU budget, with its throughput; without --max-gpu-gb (nothing reserved ahead), the peak
+      GPU memory per Gaussian of a mode at the given counts.
 
 A scene folder is made with ``clm-synth`` (``--size medium`` or ``city``).
 """
@@ -253,7 +255,7 @@ def bench_largest(args: argparse.Namespace) -> None:
             cfg = make_config(
                 {
                     "scene": args.scene,
-                    "offload": "clm",
+                    "offload": args.offload,
                     "max_gpu_gb": args.max_gpu_gb,
                     "batch_size": args.batch_size,
                     "progress": False,
@@ -268,7 +270,7 @@ def bench_largest(args: argparse.Namespace) -> None:
                 pixels = max(f.width * f.height for f in scene.train)
                 first = next(chunks)
                 engine = make_engine(
-                    cfg, spec, first, default_renderer(device), lrs, adam, device, pixels
+                    cfg, spec, first, default_renderer(device), lrs, adam, device, pixels, views
                 )
                 if engine.max_gaussians is not None and count > engine.max_gaussians:
                     raise ClmError(f"the plan allows {engine.max_gaussians} Gaussians")
@@ -289,16 +291,18 @@ def bench_largest(args: argparse.Namespace) -> None:
 
                     engine.train_step([views[i] for i in batch], loss_fn, lambda *a: None, 3, bg)
                 meter.stop()
-                peak = torch.cuda.max_memory_reserved() / GIB if device.type == "cuda" else 0.0
-                host = engine.host.store.allocated_bytes / GIB
+                peak = torch.cuda.max_memory_reserved() if device.type == "cuda" else 0
+                host = engine.host.store.allocated_bytes / GIB if hasattr(engine, "host") else 0
                 plan = engine.max_gaussians
                 result = {
-                    "Gaussians": f"{count / 1e6:.0f}M",
+                    "offload": args.offload,
+                    "Gaussians": format_count(count),
                     "planned max": f"{plan / 1e6:.0f}M" if plan else "-",
                     "steps/s": f"{meter.steps / max(meter.elapsed, 1e-9):.2f}",
                     "images/s": f"{meter.images / max(meter.elapsed, 1e-9):.1f}",
                     "visible rows/step": f"{meter.visible / max(meter.steps, 1) / 1e6:.1f}M",
-                    "peak GPU reserved": f"{peak:.2f} GiB",
+                    "peak GPU reserved": f"{peak / GIB:.2f} GiB",
+                    "GPU B/Gaussian": f"{peak / count:.0f}",
                     "host pinned": f"{host:.1f} GiB",
                     "status": "trains",
                 }
@@ -306,12 +310,14 @@ def bench_largest(args: argparse.Namespace) -> None:
                 engine = meter = None  # free the pinned rows before the next count
             except (ClmError, ValueError, torch.cuda.OutOfMemoryError) as exc:
                 result = {
-                    "Gaussians": f"{count / 1e6:.0f}M",
+                    "offload": args.offload,
+                    "Gaussians": format_count(count),
                     "planned max": "-",
                     "steps/s": "-",
                     "images/s": "-",
                     "visible rows/step": "-",
                     "peak GPU reserved": "-",
+                    "GPU B/Gaussian": "-",
                     "host pinned": "-",
                     "status": f"refused: {str(exc).splitlines()[0][:90]}",
                 }
@@ -340,6 +346,7 @@ def main() -> None:
     p3.add_argument("--counts", default="50e6,100e6")
     p3.add_argument("--steps", type=int, default=12)
     p3.add_argument("--device", default="cuda")
+    p3.add_argument("--offload", default="clm")
     for q in (p, p2, p3):
         q.add_argument("--scene", required=True)
         q.add_argument("--batch-size", type=int, default=1)

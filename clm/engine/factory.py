@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -14,8 +14,8 @@ from clm.engine.offloaded import OffloadEngine
 from clm.engine.resident import ResidentEngine
 from clm.errors import ClmError
 from clm.model.spec import GaussianSpec
-from clm.offload.budget import GIB, apply_gpu_cap, plan_gpu
-from clm.render.base import RenderFn
+from clm.offload.budget import GIB, apply_gpu_cap, busiest_view_share, plan_gpu
+from clm.render.base import RenderFn, View
 from clm.train.config import TrainConfig
 from clm.train.schedule import LearningRates
 
@@ -31,8 +31,12 @@ def make_engine(
     adam: AdamSettings,
     device: torch.device,
     max_pixels: int,
+    views: Sequence[View] = (),
 ) -> Engine:
-    """The engine ``cfg.offload`` asks for, sized to the budgets, with the plan logged."""
+    """The engine ``cfg.offload`` asks for, sized to the budgets, with the plan logged.
+
+    ``views`` (the training views, optional) let the planner size the row cache for this scene.
+    """
     if device.type == "cuda" and device.index is None:  # CUDA memory APIs want an index
         device = torch.device("cuda", torch.cuda.current_device())
     num = next(iter(params.values())).shape[0]
@@ -44,7 +48,11 @@ def make_engine(
             budget = apply_gpu_cap(device, cfg.max_gpu_gb)
         else:  # no hard cap asked for: plan for most of the card
             budget = int(0.9 * torch.cuda.get_device_properties(device).total_memory)
-        plan = plan_gpu(spec, cfg.offload, budget, max_pixels)
+        share = None
+        if cfg.offload == "clm" and views:
+            share = busiest_view_share(params, views)
+            log.info("the busiest training view sees %.1f%% of the Gaussians", 100 * share)
+        plan = plan_gpu(spec, cfg.offload, budget, max_pixels, share)
         log.info(plan.describe(cfg.offload))
         if num > plan.max_gaussians:
             raise ClmError(

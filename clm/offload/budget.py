@@ -13,17 +13,28 @@ Costs per Gaussian on the GPU (float32):
 Rendering needs workspace in proportion to the pixels and to the Gaussians one view sees; the
 plan reserves it from the image size and the cache size (a view never sees more rows than the
 cache holds).
+
+How large the cache must be depends on the scene: a street-level view sees a few percent of a
+city, an aerial view a quarter of it. When the training views are known, the planner culls them
+against the initial Gaussians and sizes the cache for the busiest view's share (with a margin
+for densification) at the largest Gaussian count that then fits; otherwise it gives the cache a
+fixed share of the budget.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from clm.errors import ClmError
 from clm.model.spec import GaussianSpec
+from clm.offload.culling import MAX_CAMERAS, Culler
+from clm.render.base import View
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +44,9 @@ RENDER_BYTES_PER_PIXEL = 1024  # images, alpha, loss and SSIM intermediates, the
 # Per row a view renders: gathered key and host values and their gradients, gsplat's projected
 # and intersection data and their gradients.
 RENDER_BYTES_PER_VISIBLE_ROW = 700
-CACHE_SHARE = 0.3  # of what is left after the pixel workspace
+CACHE_SHARE = 0.3  # of what is left after the pixel workspace, when view shares are unknown
+VIEW_SHARE_MARGIN = 1.25  # a view's share of the scene may grow as densification goes on
+MIN_VIEW_SHARE = 0.01  # never plan a cache for less than 1% of the scene per view
 # Chunk-sized temporaries: culling bit words, the key Adam's gradient chunk, CUDA context slack.
 TRANSIENT_BYTES = 768 << 20
 
@@ -69,8 +82,18 @@ class GpuPlan:
         return ", ".join(parts)
 
 
-def plan_gpu(spec: GaussianSpec, offload: str, budget: int, max_pixels: int) -> GpuPlan:
-    """How many Gaussians (and cache rows) fit ``budget`` bytes of GPU memory."""
+def plan_gpu(
+    spec: GaussianSpec,
+    offload: str,
+    budget: int,
+    max_pixels: int,
+    view_share: float | None = None,
+) -> GpuPlan:
+    """How many Gaussians (and cache rows) fit ``budget`` bytes of GPU memory.
+
+    ``view_share``: the largest fraction of the Gaussians one training view sees (see
+    :func:`busiest_view_share`); with it, the ``clm`` cache is sized for that view.
+    """
     width = sum(a.width for a in spec)
     key_width = sum(a.width for a in spec.key)
     host_width = width - key_width
@@ -81,11 +104,16 @@ def plan_gpu(spec: GaussianSpec, offload: str, budget: int, max_pixels: int) -> 
             f"GPU budget {budget / GIB:.2f} GiB is too small to render {max_pixels} pixels "
             f"(needs {pixel_space / GIB:.2f} GiB of workspace)"
         )
-    cache_rows = 0
+    cache_rows, most = 0, None
     if offload == "clm":
         per_gaussian = 12 * key_width + DENSITY_STATS_BYTES
         per_cache_row = 8 * host_width + 4 * key_width + RENDER_BYTES_PER_VISIBLE_ROW
-        cache_rows = int(left * CACHE_SHARE) // per_cache_row
+        if view_share is None:
+            cache_rows = int(left * CACHE_SHARE) // per_cache_row
+        else:  # N Gaussians need N·share cache rows: solve for the largest N that fits
+            share = min(1.0, max(view_share * VIEW_SHARE_MARGIN, MIN_VIEW_SHARE))
+            most = int(left / (per_gaussian + share * per_cache_row))
+            cache_rows = math.ceil(share * most)
         rows_space = cache_rows * per_cache_row
     else:
         per_gaussian = (16 if offload == "none" else 8) * width + DENSITY_STATS_BYTES
@@ -93,4 +121,24 @@ def plan_gpu(spec: GaussianSpec, offload: str, budget: int, max_pixels: int) -> 
         per_gaussian += RENDER_BYTES_PER_VISIBLE_ROW
         rows_space = 0
     max_gaussians = max(0, (left - rows_space) // per_gaussian)
+    if most is not None:  # not past what the cache was sized for
+        max_gaussians = min(max_gaussians, most)
     return GpuPlan(budget, per_gaussian, cache_rows, budget - left + rows_space, max_gaussians)
+
+
+def busiest_view_share(params: Mapping[str, Tensor], views: Sequence[View]) -> float:
+    """The largest fraction of ``params``' Gaussians that culling keeps for one of ``views``
+    (on the views' device; only the attributes culling reads are moved there)."""
+    if not views:
+        raise ValueError("no views to measure")
+    device = views[0].viewmat.device
+    means, scales = params["means"].to(device), params["scales"].to(device)
+    opacities = params["opacities"].to(device).reshape(-1)
+    if means.shape[0] == 0:
+        return 0.0
+    culler = Culler(device)
+    most = 0
+    for start in range(0, len(views), MAX_CAMERAS):
+        culled = culler.cull(means, scales, opacities, views[start : start + MAX_CAMERAS])
+        most = max(most, int(culled.vis.sum(dim=1).max()))
+    return most / means.shape[0]

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from clm.errors import ClmError
+
 
 @dataclass
 class MicroBatch:
@@ -154,8 +156,9 @@ def _segment(vis_o: Tensor, capacity: int) -> list[_Segment]:
             break
         best = _counts(vis_o, start, start + 1)
         if best.loads[0] > capacity:
-            raise ValueError(
-                f"one view needs {best.loads[0]} cache rows; the cache holds {capacity}"
+            raise ClmError(
+                f"one view needs {best.loads[0]} cache rows; the cache holds {capacity} "
+                "(raise --max-gpu-gb, or cap the scene with --max-gaussians)"
             )
         lo, hi = start + 1, num - 1  # the largest stop in [lo, hi] that fits
         while lo < hi:

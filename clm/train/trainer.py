@@ -139,6 +139,7 @@ class Trainer:
             adam,
             self.device,
             max_pixels,
+            self.train_views,
         )
         densify = DensifyConfig(
             start=cfg.densify_start,
