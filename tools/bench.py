@@ -8,7 +8,8 @@
       [--offload clm]
       the largest Gaussian count (initialised on the scene's surfaces) that trains under the
       GPU budget, with its throughput; without --max-gpu-gb (nothing reserved ahead), the peak
-      GPU memory per Gaussian of a mode at the given counts.
+      GPU memory per Gaussian of a mode at the given counts. --max-view-share 0.05 keeps only
+      the views that each see at most 5% of the Gaussians (the street-level views of a city).
 
 A scene folder is made with ``clm-synth`` (``--size medium`` or ``city``).
 """
@@ -238,6 +239,25 @@ def surface_params(scene_dir: Path, n: int, to_train, chunk: int, seed: int):
         }
 
 
+def pick_views(params, views: list, max_share: float | None) -> tuple[list[int], list]:
+    """The views (and their frame indices) that each see at most ``max_share`` of ``params``
+    (all of them when None): street-level views of a synthetic city, say."""
+    if max_share is None:
+        return list(range(len(views))), views
+    from clm.offload.culling import MAX_CAMERAS, Culler
+
+    device = views[0].viewmat.device
+    culler = Culler(device)
+    args = [params[n].to(device) for n in ("means", "scales", "opacities")]
+    counts = []
+    for start in range(0, len(views), MAX_CAMERAS):
+        culled = culler.cull(*args, views[start : start + MAX_CAMERAS])
+        counts += culled.vis.sum(dim=1).tolist()
+    n = args[0].shape[0]
+    frames = [i for i, c in enumerate(counts) if c <= max_share * n]
+    return frames, [views[i] for i in frames]
+
+
 def bench_largest(args: argparse.Namespace) -> None:
     from clm.data.images import ImageCache
     from clm.data.scene import load_scene
@@ -249,7 +269,7 @@ def bench_largest(args: argparse.Namespace) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         images = ImageCache(scene.train, Path(tmp) / "cache", scene.background)
-        views = [frame_to_view(f, device) for f in scene.train]
+        all_views = [frame_to_view(f, device) for f in scene.train]
         for count in (int(float(c)) for c in args.counts.split(",")):
             reset_gpu()
             cfg = make_config(
@@ -269,6 +289,7 @@ def bench_largest(args: argparse.Namespace) -> None:
                 adam = AdamSettings(betas=adam_betas(args.batch_size))
                 pixels = max(f.width * f.height for f in scene.train)
                 first = next(chunks)
+                frames, views = pick_views(first, all_views, args.max_view_share)
                 engine = make_engine(
                     cfg, spec, first, default_renderer(device), lrs, adam, device, pixels, views
                 )
@@ -282,7 +303,7 @@ def bench_largest(args: argparse.Namespace) -> None:
                 for _ in range(args.steps):
                     batch = rng.choice(len(views), args.batch_size, replace=False).tolist()
                     targets = [
-                        torch.from_numpy(np.array(images.get(i))).to(device).float() / 255
+                        torch.from_numpy(np.array(images.get(frames[i]))).to(device).float() / 255
                         for i in batch
                     ]
 
@@ -296,6 +317,7 @@ def bench_largest(args: argparse.Namespace) -> None:
                 plan = engine.max_gaussians
                 result = {
                     "offload": args.offload,
+                    "views": len(views),
                     "Gaussians": format_count(count),
                     "planned max": f"{plan / 1e6:.0f}M" if plan else "-",
                     "steps/s": f"{meter.steps / max(meter.elapsed, 1e-9):.2f}",
@@ -311,6 +333,7 @@ def bench_largest(args: argparse.Namespace) -> None:
             except (ClmError, ValueError, torch.cuda.OutOfMemoryError) as exc:
                 result = {
                     "offload": args.offload,
+                    "views": "-",
                     "Gaussians": format_count(count),
                     "planned max": "-",
                     "steps/s": "-",
@@ -347,6 +370,12 @@ def main() -> None:
     p3.add_argument("--steps", type=int, default=12)
     p3.add_argument("--device", default="cuda")
     p3.add_argument("--offload", default="clm")
+    p3.add_argument(
+        "--max-view-share",
+        type=float,
+        default=None,
+        help="train only on views that each see at most this fraction of the Gaussians",
+    )
     for q in (p, p2, p3):
         q.add_argument("--scene", required=True)
         q.add_argument("--batch-size", type=int, default=1)
