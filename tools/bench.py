@@ -244,15 +244,11 @@ def pick_views(params, views: list, max_share: float | None) -> tuple[list[int],
     (all of them when None): street-level views of a synthetic city, say."""
     if max_share is None:
         return list(range(len(views))), views
-    from clm.offload.culling import MAX_CAMERAS, Culler
+    from clm.offload.culling import Culler
 
     device = views[0].viewmat.device
-    culler = Culler(device)
     args = [params[n].to(device) for n in ("means", "scales", "opacities")]
-    counts = []
-    for start in range(0, len(views), MAX_CAMERAS):
-        culled = culler.cull(*args, views[start : start + MAX_CAMERAS])
-        counts += culled.vis.sum(dim=1).tolist()
+    counts = Culler(device).visible_counts(*args, views)
     n = args[0].shape[0]
     frames = [i for i, c in enumerate(counts) if c <= max_share * n]
     return frames, [views[i] for i in frames]

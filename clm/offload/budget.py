@@ -35,7 +35,7 @@ from torch import Tensor
 
 from clm.errors import ClmError
 from clm.model.spec import GaussianSpec
-from clm.offload.culling import MAX_CAMERAS, Culler
+from clm.offload.culling import Culler
 from clm.render.base import View
 
 log = logging.getLogger(__name__)
@@ -144,9 +144,5 @@ def busiest_view_share(params: Mapping[str, Tensor], views: Sequence[View]) -> f
     opacities = params["opacities"].to(device).reshape(-1)
     if means.shape[0] == 0:
         return 0.0
-    culler = Culler(device)
-    most = 0
-    for start in range(0, len(views), MAX_CAMERAS):
-        culled = culler.cull(means, scales, opacities, views[start : start + MAX_CAMERAS])
-        most = max(most, int(culled.vis.sum(dim=1).max()))
-    return most / means.shape[0]
+    counts = Culler(device).visible_counts(means, scales, opacities, views)
+    return max(counts) / means.shape[0]

@@ -14,7 +14,7 @@ the result is one bit word per Gaussian, so a batch costs one host sync per chun
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,16 +156,36 @@ class Culler:
         launch(kernel("cull.cu", "cull_bits"), means.shape[0], args)
         return out
 
+    def _chunk_bits(
+        self, means: Tensor, log_scales: Tensor, opacity_logits: Tensor, views: Sequence[View]
+    ) -> Iterator[tuple[int, Tensor]]:
+        """``(start, bit words)`` for each chunk of rows against ``views``."""
+        cams = self.cameras(views)
+        for start in range(0, means.shape[0], self.chunk):
+            stop = min(start + self.chunk, means.shape[0])
+            yield (
+                start,
+                self._bits(
+                    means[start:stop], log_scales[start:stop], opacity_logits[start:stop], cams
+                ),
+            )
+
+    def visible_counts(
+        self, means: Tensor, log_scales: Tensor, opacity_logits: Tensor, views: Sequence[View]
+    ) -> list[int]:
+        """Rows each of ``views`` (any number of them) may see."""
+        counts: list[int] = []
+        for first in range(0, len(views), MAX_CAMERAS):
+            group = views[first : first + MAX_CAMERAS]
+            culled = self.cull(means, log_scales, opacity_logits, group)
+            counts += culled.vis.sum(dim=1).tolist()
+        return counts
+
     def cull(
         self, means: Tensor, log_scales: Tensor, opacity_logits: Tensor, views: Sequence[View]
     ) -> CullResult:
-        cams = self.cameras(views)
         ids_parts, bits_parts = [], []
-        for start in range(0, means.shape[0], self.chunk):
-            stop = min(start + self.chunk, means.shape[0])
-            bits = self._bits(
-                means[start:stop], log_scales[start:stop], opacity_logits[start:stop], cams
-            )
+        for start, bits in self._chunk_bits(means, log_scales, opacity_logits, views):
             ids = torch.nonzero(bits).squeeze(1)
             ids_parts.append(ids + start)
             bits_parts.append(bits[ids])
@@ -186,15 +206,10 @@ class Culler:
         seen: Sequence[View],
     ) -> Tensor:
         """Ascending rows some view of ``views`` may see and no view of ``seen`` does."""
-        cams = self.cameras([*views, *seen])
         want = _signed((1 << len(views)) - 1)
         skip = _signed(((1 << len(seen)) - 1) << len(views))
         parts = []
-        for start in range(0, means.shape[0], self.chunk):
-            stop = min(start + self.chunk, means.shape[0])
-            bits = self._bits(
-                means[start:stop], log_scales[start:stop], opacity_logits[start:stop], cams
-            )
+        for start, bits in self._chunk_bits(means, log_scales, opacity_logits, [*views, *seen]):
             keep = (bits & want != 0) & (bits & skip == 0)
             parts.append(torch.nonzero(keep).squeeze(1) + start)
         if not parts:

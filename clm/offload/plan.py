@@ -57,8 +57,7 @@ class BatchPlan:
 
 def order_views(vis: Tensor) -> list[int]:
     """A chain through the views that greedily maximises the rows shared by neighbours."""
-    v = vis.float()
-    return _chain((v @ v.T).cpu())
+    return _chain(_overlap_and_uses(vis)[0])
 
 
 def _chain(overlap: Tensor) -> list[int]:
