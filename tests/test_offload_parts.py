@@ -196,3 +196,42 @@ def test_key_adam_over_chunks_matches_dense_adam(chunk_rows):
         optim.step()
     for n, t in ref.items():
         torch.testing.assert_close(rows.views()[n], t.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_row_inputs_send_gradients_to_their_sinks():
+    """Render inputs from two packed tables: the views match the rows, and backward adds the
+    gradients (zeros for an attribute the loss ignores) into each sink at its positions, as
+    autograd through plain indexing would."""
+    from clm.model.spec import gaussian_splatting_spec, row_layout, unpack_rows
+    from clm.offload.row_inputs import RowInputs, Source
+
+    spec = gaussian_splatting_spec(3)
+    key_layout, key_width = row_layout(spec.key)
+    host_layout, _ = row_layout(spec.host)
+    g = torch.Generator().manual_seed(3)
+    key_table = torch.randn(30, key_width, generator=g)
+    cache = torch.randn(12, 48, generator=g)
+    ids, pos = torch.tensor([4, 9, 17, 2]), torch.tensor([0, 3, 5, 6])
+    slots = torch.tensor([7, 1, 10, 3])
+    degree, width = 1, 12  # sh0 and the first three rest bands
+    key_sink, cache_sink = torch.zeros(8, key_width), torch.zeros(12, 48)
+    inputs = RowInputs([key_layout, host_layout])
+    got = inputs.gather(
+        (
+            Source(key_table, ids, key_sink, pos),
+            Source(cache, slots, cache_sink[:, :width], slots),
+        ),
+        degree,
+    )
+    weights = {n: torch.randn(t.shape, generator=g) for n, t in got.items() if n != "quats"}
+    sum((got[n] * w).sum() for n, w in weights.items()).backward()
+
+    key_leaf = key_table[ids].requires_grad_()
+    host_leaf = cache[slots, :width].requires_grad_()
+    ref = unpack_rows(key_leaf, key_layout) | unpack_rows(host_leaf, host_layout, degree)
+    for n, t in ref.items():
+        torch.testing.assert_close(got[n], t, rtol=0, atol=0)
+    sum((ref[n] * w).sum() for n, w in weights.items()).backward()
+    torch.testing.assert_close(key_sink[pos], key_leaf.grad)
+    torch.testing.assert_close(cache_sink[slots, :width], host_leaf.grad)
+    assert not key_sink[[1, 2, 4, 7]].any() and not cache_sink[:, width:].any()

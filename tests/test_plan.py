@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from clm.errors import ClmError
-from clm.offload.plan import masked_positions, order_views, plan_batch
+from clm.offload.plan import order_views, plan_batch
 
 
 def simulate(plan, vis, capacity):
@@ -16,6 +16,13 @@ def simulate(plan, vis, capacity):
     final = {}
     deferred = {}
     for k, mb in enumerate(plan.micro):
+        for pos, ids in (
+            (mb.load_pos, mb.load_ids),
+            (mb.render_pos, mb.render_ids),
+            (mb.flush_pos, mb.flush_ids),
+            (mb.defer_pos, mb.defer_ids),
+        ):
+            assert torch.equal(plan.ids[pos], ids)
         for pos, slot in zip(mb.load_pos.tolist(), mb.load_slots.tolist(), strict=True):
             assert 0 <= slot < plan.slots_needed <= capacity
             assert slot not in slot_owner, "slot reused while its row is live"
@@ -43,8 +50,14 @@ def simulate(plan, vis, capacity):
         if pos in final:
             assert final[pos] == 1 and loads[pos] == 1
     assert plan.loads == sum(loads.values())
+    assert torch.equal(plan.load_ids_host, torch.cat([mb.load_ids for mb in plan.micro]).cpu())
     assert plan.uses == int(vis.sum())
     return loads
+
+
+def row_ids(vis):
+    """Ascending global ids for the batch's rows, unlike their positions."""
+    return torch.arange(vis.shape[1]) * 3 + 7
 
 
 def random_vis(num_views, rows, seed, density=0.3):
@@ -63,7 +76,7 @@ def random_vis(num_views, rows, seed, density=0.3):
 @pytest.mark.parametrize("seed", range(4))
 def test_plan_fits_in_one_segment_when_cache_is_large(seed):
     vis = random_vis(12, 400, seed)
-    plan = plan_batch(torch.arange(vis.shape[1]), vis, capacity=vis.shape[1])
+    plan = plan_batch(row_ids(vis), vis, capacity=vis.shape[1])
     assert plan.segments == 1
     loads = simulate(plan, vis, vis.shape[1])
     assert all(v == 1 for v in loads.values())
@@ -74,9 +87,9 @@ def test_plan_fits_in_one_segment_when_cache_is_large(seed):
 def test_slots_are_reused_after_two_microbatches(seed):
     vis = random_vis(16, 600, seed, density=0.15)
     union = vis.shape[1]
-    plan = plan_batch(torch.arange(union), vis, capacity=union)
+    plan = plan_batch(row_ids(vis), vis, capacity=union)
     capacity = plan.peak_slots + max(int(vis[v].sum()) for v in range(vis.shape[0]))
-    tight = plan_batch(torch.arange(union), vis, capacity=capacity)
+    tight = plan_batch(row_ids(vis), vis, capacity=capacity)
     simulate(tight, vis, capacity)
     assert capacity < union  # ordering keeps the live set well below the union
 
@@ -85,7 +98,7 @@ def test_slots_are_reused_after_two_microbatches(seed):
 def test_overflow_splits_into_segments_and_defers_shared_rows(seed):
     vis = random_vis(10, 300, seed, density=0.4)
     capacity = max(int(vis[v].sum()) for v in range(vis.shape[0])) + 5
-    plan = plan_batch(torch.arange(vis.shape[1]), vis, capacity=capacity)
+    plan = plan_batch(row_ids(vis), vis, capacity=capacity)
     assert plan.segments > 1
     simulate(plan, vis, capacity)
     assert any(mb.defer_pos.numel() for mb in plan.micro)
@@ -106,9 +119,3 @@ def test_order_chains_neighbours():
     order = order_views(line[perm])
     walked = [perm[i] for i in order]
     assert walked in (list(range(6)), list(range(5, -1, -1)))
-
-
-def test_masked_positions_equals_nonzero():
-    mask = torch.rand(1000, generator=torch.Generator().manual_seed(0)) < 0.3
-    got = masked_positions(mask, int(mask.sum()))
-    assert torch.equal(got, torch.nonzero(mask).squeeze(1))

@@ -66,6 +66,13 @@ def phase_labels(trainer: Trainer) -> Iterator[None]:
     unchanged."""
     engine = trainer.engine
     engine.render_fn = labelled(engine.render_fn, "render")
+    step = engine.train_step
+
+    def train_step(views, loss_fn, observe, *rest):
+        loss_fn, observe = labelled(loss_fn, "loss"), labelled(observe, "observe")
+        return labelled(step, "step")(views, loss_fn, observe, *rest)
+
+    engine.train_step = train_step
     if isinstance(engine, offloaded.OffloadEngine):
         engine.culler.cull = labelled(engine.culler.cull, "cull")
         engine._drain = labelled(engine._drain, "drain")
@@ -74,6 +81,9 @@ def phase_labels(trainer: Trainer) -> Iterator[None]:
         engine._flush = labelled(engine._flush, "flush")
         engine._defer = labelled(engine._defer, "defer")
         engine.key.step_sparse = labelled(engine.key.step_sparse, "key adam")
+        engine._catch_up_ahead = labelled(engine._catch_up_ahead, "catch-up ahead")
+        engine._after_ahead_reads = labelled(engine._after_ahead_reads, "ahead reads")
+        engine.inputs.gather = labelled(engine.inputs.gather, "gather inputs")
     plan_batch, backward = offloaded.plan_batch, torch.Tensor.backward
     offloaded.plan_batch = labelled(plan_batch, "plan")
     torch.Tensor.backward = labelled(backward, "backward")  # type: ignore[method-assign]
@@ -81,6 +91,7 @@ def phase_labels(trainer: Trainer) -> Iterator[None]:
         yield
     finally:
         offloaded.plan_batch = plan_batch
+        engine.train_step = step
         torch.Tensor.backward = backward  # type: ignore[method-assign]
 
 
@@ -157,6 +168,7 @@ def profile_mode(args: argparse.Namespace, mode: str, tmp: Path) -> list[dict[st
         "checkpoint_every": 10**9,
         "log_every": 10**9,
         "seed": 0,
+        "cpu_threads": args.cpu_threads,
     }
     trainer = Trainer(make_config(given))
     engine = trainer.engine
@@ -215,6 +227,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--cpu-threads", type=int, default=None, help="CPU Adam threads")
     parser.add_argument("--trace", default=None, help="folder for gzip Chrome traces")
     parser.add_argument(
         "--host-timers", action="store_true", help="time phases on the host, without a profiler"

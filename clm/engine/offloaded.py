@@ -34,6 +34,7 @@ from clm.model.table import Compaction
 from clm.offload.culling import MAX_CAMERAS, Culler
 from clm.offload.lazy_rows import DeviceRows, HostRows
 from clm.offload.plan import BatchPlan, plan_batch
+from clm.offload.row_inputs import RowInputs, Source
 from clm.offload.transfer import RowGather
 from clm.offload.worker import BackgroundQueue, StagingRing, wait_for
 from clm.optim.lazy_adam import AdamConfig
@@ -77,6 +78,7 @@ class OffloadEngine(Engine):
         self.host.append({a.name: params[a.name] for a in self.spec.host}, step=0)
         self.gather = RowGather(self.host.store, self.device)
         self.culler = Culler(self.device)
+        self.inputs = RowInputs([self.key.layout, self.host.layout])
         self.capacity = cache_rows
         width = self.host.width
         self.cache_param = torch.empty(0, width, device=self.device)
@@ -147,6 +149,7 @@ class OffloadEngine(Engine):
         self._catch_up_ahead(views, step, width)
         if self.copy_stream is not None:  # the loads read the plan, made on this stream
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        cache_grad = self.cache_grad[:, :width]
         loaded: list[torch.cuda.Event | None] = []
         flushed: list[torch.cuda.Event | None] = []
         for k, mb in enumerate(plan.micro):
@@ -160,21 +163,21 @@ class OffloadEngine(Engine):
                 loaded.append(self._load(plan, len(loaded), width, ready, flushed))
             if loaded[k] is not None:
                 torch.cuda.current_stream(self.device).wait_event(loaded[k])
-            gids = plan.ids[mb.render_pos]
-            key_leaf = self.key.param[gids].requires_grad_()
-            host_leaf = self.cache_param[mb.render_slots, :width].requires_grad_()
-            params = unpack_rows(key_leaf, self.key.layout)
-            params.update(unpack_rows(host_leaf, self.host.layout, sh_degree))
+            gids = mb.render_ids
+            # Gradients go into key_grads and the cache during backward (see row_inputs).
+            params = self.inputs.gather(
+                (
+                    Source(self.key.param, gids, key_grads, mb.render_pos),
+                    Source(self.cache_param, mb.render_slots, cache_grad, mb.render_slots),
+                ),
+                sh_degree,
+            )
             view = views[mb.view]
             out = self.render_fn(params, view, sh_degree, background)
             loss_fn(mb.view, out).backward()
             observe(gids[out.ids], out, view)
-            if key_leaf.grad is not None:
-                key_grads.index_add_(0, mb.render_pos, key_leaf.grad)
-            if host_leaf.grad is not None:
-                self.cache_grad[:, :width].index_add_(0, mb.render_slots, host_leaf.grad)
-            stats.bytes_to_host += self._flush(plan, mb.flush_pos, mb.flush_slots, width, step)
-            stats.bytes_to_host += self._defer(plan, mb.defer_pos, mb.defer_slots, width)
+            stats.bytes_to_host += self._flush(mb.flush_ids, mb.flush_slots, width, step)
+            stats.bytes_to_host += self._defer(mb.defer_ids, mb.defer_slots, width)
             flushed.append(self._event())
         stats.bytes_to_gpu = plan.loads * width * 4
 
@@ -246,12 +249,16 @@ class OffloadEngine(Engine):
             torch.cuda.current_stream(self.device).wait_event(read[0])
 
     def _catch_up_loads(self, plan: BatchPlan, upto: int, width: int) -> list[threading.Event]:
-        """Queue the catch-up of each view's load rows; returns one event per view."""
-        counts = [mb.load_pos.numel() for mb in plan.micro]
-        rows = plan.ids[torch.cat([mb.load_pos for mb in plan.micro])].cpu()
+        """Catch up the first view's load rows here (nothing can run before them) and queue
+        the others' on the catch-up thread; returns one event per view."""
+        counts = [mb.load_ids.numel() for mb in plan.micro]
+        rows = plan.load_ids_host
         done = [threading.Event() for _ in plan.micro]
-        start = 0
-        for k, n in enumerate(counts):
+        if counts[0]:
+            self.host.catch_up(rows[: counts[0]], upto, width)
+        done[0].set()
+        start = counts[0]
+        for k, n in enumerate(counts[1:], start=1):
 
             def job(lo=start, hi=start + n, event=done[k]) -> None:
                 if hi > lo:
@@ -281,9 +288,13 @@ class OffloadEngine(Engine):
                 after = flushed[mb.load_after]
                 if after is not None:
                     self.copy_stream.wait_event(after)
-            rows = plan.ids[mb.load_pos]
             self.gather.gather(
-                rows, mb.load_slots, width, self.cache_param, self.cache_grad, self.copy_stream
+                mb.load_ids,
+                mb.load_slots,
+                width,
+                self.cache_param,
+                self.cache_grad,
+                self.copy_stream,
             )
             return self._event(self.copy_stream)
 
@@ -303,17 +314,15 @@ class OffloadEngine(Engine):
             done = self._event(self.d2h_stream)
         return start, done
 
-    def _flush(self, plan: BatchPlan, pos: Tensor, slots: Tensor, width: int, step: int) -> int:
-        """Final gradients of ``pos``: to the host, then the CPU Adam (in the background)."""
+    def _flush(self, ids: Tensor, slots: Tensor, width: int, step: int) -> int:
+        """Final gradients of rows ``ids``: to the host, then the CPU Adam (in the background)."""
         total = 0
-        for lo in range(0, pos.numel(), self.staging.capacity // 2):
-            p, s = (
-                pos[lo : lo + self.staging.capacity // 2],
-                slots[lo : lo + self.staging.capacity // 2],
-            )
+        part = self.staging.capacity // 2
+        for lo in range(0, ids.numel(), part):
+            rows, s = ids[lo : lo + part], slots[lo : lo + part]
             grads = self.cache_grad[s, :width]
-            start, done = self._download(grads, plan.ids[p])
-            n = p.numel()
+            start, done = self._download(grads, rows)
+            n = rows.numel()
 
             def job(start=start, n=n, done=done) -> None:
                 wait_for(done)
@@ -326,13 +335,13 @@ class OffloadEngine(Engine):
             total += n * width * 4
         return total
 
-    def _defer(self, plan: BatchPlan, pos: Tensor, slots: Tensor, width: int) -> int:
+    def _defer(self, ids: Tensor, slots: Tensor, width: int) -> int:
         """Partial gradients of rows used in several segments: kept until the batch ends."""
-        if pos.numel() == 0:
+        if ids.numel() == 0:
             return 0
         grads = self.cache_grad[slots, :width].cpu()
-        self._deferred.append((plan.ids[pos].cpu(), grads))
-        return pos.numel() * width * 4
+        self._deferred.append((ids.cpu(), grads))
+        return ids.numel() * width * 4
 
     def _flush_deferred(self, width: int, step: int) -> None:
         rows = torch.cat([r for r, _ in self._deferred])

@@ -16,7 +16,7 @@ from clm.model.spec import AttributeSpec, pack_rows, row_layout, unpack_rows
 from clm.model.table import Compaction, RowTable
 from clm.offload.host_store import HostStore
 from clm.optim.cpu_adam import CpuRowAdam
-from clm.optim.lazy_adam import AdamConfig, Segment, SkipTable, adam_step
+from clm.optim.lazy_adam import AdamConfig, Segment, SkipTable, adam_step_columns
 from clm.train.schedule import LearningRates
 
 
@@ -188,6 +188,7 @@ class DeviceRows:
         """
         n = len(self.table)
         p, m, v = self.table["param"], self.table["exp_avg"], self.table["exp_avg_sq"]
+        lrs = [(s.start, s.end, self.lrs.at(s.attr.name, step)) for s in self.layout]
         for a in range(0, n, self.chunk_rows):
             b = min(a + self.chunk_rows, n)
             grad = torch.zeros(b - a + 1, self.width, device=self.device)
@@ -195,17 +196,7 @@ class DeviceRows:
             if a > 0 or b < n:
                 local = torch.where((local >= 0) & (local < b - a), local, b - a)
             grad.index_put_((local,), grads)
-            for seg in self.layout:
-                cols = slice(seg.start, seg.end)
-                adam_step(
-                    p[a:b, cols],
-                    grad[: b - a, cols],
-                    m[a:b, cols],
-                    v[a:b, cols],
-                    step,
-                    self.lrs.at(seg.attr.name, step),
-                    self.config,
-                )
+            adam_step_columns(p[a:b], grad[: b - a], m[a:b], v[a:b], step, lrs, self.config)
 
     def append(self, params: Mapping[str, Tensor]) -> None:
         packed = pack_rows(dict(params), self.layout).to(self.device)

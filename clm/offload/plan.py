@@ -29,18 +29,23 @@ from clm.errors import ClmError
 
 @dataclass
 class MicroBatch:
-    """One view's work. Positions index the batch's ``ids``; slots index the cache."""
+    """One view's work. Positions index the batch's ``ids``, slots index the cache, ids are the
+    global rows (``ids[pos]``). All are slices of a few per-segment tensors: no kernel each."""
 
     view: int  # index into the batch's views as given
     load_pos: Tensor  # rows to gather before rendering
     load_slots: Tensor
+    load_ids: Tensor
     load_after: int  # micro-batch whose flush must finish before the load (-1: none)
     render_pos: Tensor  # rows this view renders
     render_slots: Tensor
+    render_ids: Tensor
     flush_pos: Tensor  # rows whose gradient is final after this view (CPU Adam now)
     flush_slots: Tensor
+    flush_ids: Tensor
     defer_pos: Tensor  # rows with a partial gradient (summed on the host, updated at batch end)
     defer_slots: Tensor
+    defer_ids: Tensor
 
 
 @dataclass
@@ -53,6 +58,7 @@ class BatchPlan:
     slots_needed: int = 0  # cache rows the slot numbers span (fresh slots go first)
     loads: int = 0  # rows gathered over the batch
     uses: int = 0  # rows rendered over the batch (sum over views)
+    load_ids_host: Tensor | None = None  # every micro-batch's load_ids in order, on the host
 
 
 def order_views(vis: Tensor) -> list[int]:
@@ -91,15 +97,6 @@ def _overlap_and_uses(vis: Tensor) -> tuple[Tensor, list[int]]:
     return both[: num * num].view(num, num), [int(x) for x in both[num * num :].tolist()]
 
 
-def masked_positions(mask: Tensor, count: int) -> Tensor:
-    """``nonzero(mask)`` without a host sync, given the number of True entries."""
-    idx = torch.cumsum(mask, 0) - 1
-    out = torch.empty(count + 1, dtype=torch.int64, device=mask.device)
-    target = torch.where(mask, idx, torch.full_like(idx, count))
-    out.scatter_(0, target, torch.arange(mask.numel(), device=mask.device))
-    return out[:count]
-
-
 def _first_last(vis_seg: Tensor) -> tuple[Tensor, Tensor]:
     """First and last view index seeing each row; ``num_views`` for rows it never sees."""
     num = vis_seg.shape[0]
@@ -130,9 +127,13 @@ class _Segment:
     frees: list[int]  # rows last used at each view of the segment
     first: Tensor
     last: Tensor
+    by_first: Tensor | None = None  # rows by first use (when already sorted)
+    load_ids_host: Tensor | None = None  # ids[by_first] of the present rows, on the host
 
 
-def _counts(vis_o: Tensor, start: int, stop: int) -> _Segment:
+def _counts(vis_o: Tensor, start: int, stop: int, ids: Tensor | None = None) -> _Segment:
+    """Loads and frees per view of ``vis_o[start:stop]``, in one host sync. With ``ids``, the
+    rows in load order come along in the same transfer (for their catch-up on the host)."""
     vis_seg = vis_o[start:stop]
     num = stop - start
     first, last = _first_last(vis_seg)
@@ -140,16 +141,34 @@ def _counts(vis_o: Tensor, start: int, stop: int) -> _Segment:
     ones = torch.ones_like(first)
     counts[0].scatter_add_(0, first, ones)  # (bincount would sync to find its length)
     counts[1].scatter_add_(0, last, ones)
-    both = counts[:, :num].flatten().cpu().tolist()  # the one host sync of a segment
-    return _Segment(start, stop, both[:num], both[num:], first, last)
+    counts = counts[:, :num].flatten()
+    if ids is None:
+        both = counts.cpu().tolist()  # the one host sync of a segment
+        return _Segment(start, stop, both[:num], both[num:], first, last)
+    by_first = torch.argsort(first, stable=True)
+    packed = _to_host(torch.cat([counts, ids[by_first].to(torch.int64)]))
+    both = packed[: 2 * num].tolist()
+    present = sum(both[:num])
+    host_ids = packed[2 * num : 2 * num + present]
+    return _Segment(start, stop, both[:num], both[num:], first, last, by_first, host_ids)
 
 
-def _segment(vis_o: Tensor, capacity: int) -> list[_Segment]:
+def _to_host(values: Tensor) -> Tensor:
+    """A host copy, through pinned memory from a GPU (a pageable copy is several times slower)."""
+    if values.device.type != "cuda":
+        return values.cpu()
+    out = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    out.copy_(values, non_blocking=True)
+    torch.cuda.current_stream(values.device).synchronize()
+    return out
+
+
+def _segment(vis_o: Tensor, capacity: int, ids: Tensor) -> list[_Segment]:
     """Consecutive view ranges whose schedules fit; the whole batch when it fits."""
     num = vis_o.shape[0]
     segments, start = [], 0
     while start < num:
-        whole = _counts(vis_o, start, num)
+        whole = _counts(vis_o, start, num, ids if start == 0 else None)
         if _fits(whole.loads, whole.frees, capacity):
             segments.append(whole)
             break
@@ -172,70 +191,115 @@ def _segment(vis_o: Tensor, capacity: int) -> list[_Segment]:
     return segments
 
 
+def _slots(by_first: Tensor, by_last: Tensor, capacity: int, num_views: int, union: int) -> Tensor:
+    """The cache slot of each loaded row, in load order.
+
+    Loads take slots from a queue: the ``capacity`` fresh slots, then the slots of freed rows in
+    the order they are freed. So load ``i >= capacity`` gets the slot of the row freed
+    ``i - capacity``-th, which was loaded earlier: a pointer chase that ends at a fresh slot.
+    Each step goes back at least two micro-batches, so pointer doubling ends within
+    ``log2(num_views)`` rounds (no loop over micro-batches, no host sync).
+    """
+    present = by_first.numel()
+    device = by_first.device
+    if present <= capacity:
+        return torch.arange(present, device=device)
+    rank = torch.empty(union, dtype=torch.int64, device=device)
+    rank[by_first] = torch.arange(present, device=device)
+    parent = torch.cat([torch.arange(capacity, device=device), rank[by_last[: present - capacity]]])
+    for _ in range(num_views.bit_length()):
+        parent = parent[parent]
+    return parent
+
+
+def _shared_rows(vis_o: Tensor, segments: list[_Segment]) -> Tensor:
+    """Rows loaded in more than one segment: their gradients are deferred."""
+    seen = torch.stack([vis_o[s.start : s.stop].any(dim=0) for s in segments])
+    return seen.sum(dim=0) > 1
+
+
+def _schedule(
+    plan: BatchPlan,
+    seg: _Segment,
+    vis_o: Tensor,
+    uses: list[int],
+    capacity: int,
+    shared: Tensor | None,
+) -> None:
+    """Append the segment's micro-batches to ``plan``."""
+    ids, num, union = plan.ids, seg.stop - seg.start, vis_o.shape[1]
+    present = sum(seg.loads)
+    plan.slots_needed = max(plan.slots_needed, min(capacity, present))
+    by_first = seg.by_first if seg.by_first is not None else torch.argsort(seg.first, stable=True)
+    by_first = by_first[:present]
+    if shared is None:
+        by_last = torch.argsort(seg.last, stable=True)[:present]
+        finals, defers = seg.frees, [0] * num
+    else:  # per view, rows flushed for good first, then the deferred ones
+        key = seg.last * 2 + shared
+        by_last = torch.argsort(key, stable=True)[:present]
+        counts = torch.zeros(2 * num + 2, dtype=torch.int64, device=key.device)
+        counts.scatter_add_(0, key, torch.ones_like(key))
+        pairs = counts[: 2 * num].view(num, 2).cpu().tolist()
+        finals, defers = [p[0] for p in pairs], [p[1] for p in pairs]
+    slots = _slots(by_first, by_last, capacity, num, union)
+    slot_of = torch.empty(union, dtype=torch.int64, device=vis_o.device)
+    slot_of[by_first] = slots
+    load_ids = ids[by_first]
+    free_slots, free_ids = slot_of[by_last], ids[by_last]
+    seen = torch.nonzero_static(vis_o[seg.start : seg.stop], size=sum(uses[seg.start : seg.stop]))[
+        :, 1
+    ]
+    seen_slots, seen_ids = slot_of[seen], ids[seen]
+
+    a = f = r = live = 0
+    for k in range(num):
+        g = seg.start + k
+        n_load, n_final, n_defer, n_seen = seg.loads[k], finals[k], defers[k], uses[g]
+        live += n_load
+        plan.peak_slots = max(plan.peak_slots, live)
+        live -= seg.frees[k]
+        load, final = slice(a, a + n_load), slice(f, f + n_final)
+        defer, render = slice(f + n_final, f + n_final + n_defer), slice(r, r + n_seen)
+        plan.micro.append(
+            MicroBatch(
+                view=plan.order[g],
+                load_pos=by_first[load],
+                load_slots=slots[load],
+                load_ids=load_ids[load],
+                load_after=g - 2 if k >= 2 else seg.start - 1,
+                render_pos=seen[render],
+                render_slots=seen_slots[render],
+                render_ids=seen_ids[render],
+                flush_pos=by_last[final],
+                flush_slots=free_slots[final],
+                flush_ids=free_ids[final],
+                defer_pos=by_last[defer],
+                defer_slots=free_slots[defer],
+                defer_ids=free_ids[defer],
+            )
+        )
+        a, f, r = a + n_load, f + n_final + n_defer, r + n_seen
+        plan.loads += n_load
+
+
 def plan_batch(ids: Tensor, vis: Tensor, capacity: int) -> BatchPlan:
     """Schedule a culled batch (``vis [B, U]`` over rows ``ids``) through ``capacity`` slots."""
     if capacity < 1:
         raise ValueError("the row cache needs at least one slot")
-    device = vis.device
     capacity = min(capacity, max(vis.shape[1], 1))  # slots beyond the union are never used
     overlap, per_view = _overlap_and_uses(vis)
     order = _chain(overlap)
     vis_o = vis[order]
-    plan = BatchPlan(ids=ids, order=order)
-    segments = _segment(vis_o, capacity)
-    plan.segments = len(segments)
-    if len(segments) > 1:
-        seen = torch.stack([vis_o[s.start : s.stop].any(dim=0) for s in segments])
-        multi = seen.sum(dim=0) > 1  # rows loaded in more than one segment: deferred
-    else:
-        multi = torch.zeros(vis.shape[1], dtype=torch.bool, device=device)
     uses = [per_view[v] for v in order]
-    plan.uses = sum(uses)
-
+    plan = BatchPlan(ids=ids, order=order, uses=sum(uses))
+    segments = _segment(vis_o, capacity, ids)
+    plan.segments = len(segments)
+    shared = _shared_rows(vis_o, segments) if len(segments) > 1 else None
     for seg in segments:
-        present = sum(seg.loads)
-        plan.slots_needed = max(plan.slots_needed, min(capacity, present))
-        by_first = torch.argsort(seg.first, stable=True)[:present]
-        by_last = torch.argsort(seg.last, stable=True)[:present]
-        slot_of = torch.full((vis.shape[1],), -1, dtype=torch.int64, device=device)
-        queue = torch.empty(capacity + present, dtype=torch.int64, device=device)
-        queue[:capacity] = torch.arange(capacity, device=device)
-        a_off, f_off = [0], [0]
-        for n in seg.loads:
-            a_off.append(a_off[-1] + n)
-        for n in seg.frees:
-            f_off.append(f_off[-1] + n)
-        live = 0
-        for k in range(seg.stop - seg.start):
-            g = seg.start + k
-            if k >= 2:
-                freed = by_last[f_off[k - 2] : f_off[k - 1]]
-                queue[capacity + f_off[k - 2] : capacity + f_off[k - 1]] = slot_of[freed]
-            new = by_first[a_off[k] : a_off[k + 1]]
-            slot_of[new] = queue[a_off[k] : a_off[k + 1]]
-            live += seg.loads[k]
-            plan.peak_slots = max(plan.peak_slots, live)
-            live -= seg.frees[k]
-            render_pos = masked_positions(vis_o[g], uses[g])
-            flushing = by_last[f_off[k] : f_off[k + 1]]
-            if plan.segments > 1:
-                deferred = multi[flushing]
-                final_pos, defer_pos = flushing[~deferred], flushing[deferred]
-            else:
-                final_pos, defer_pos = flushing, flushing[:0]
-            plan.micro.append(
-                MicroBatch(
-                    view=order[g],
-                    load_pos=new,
-                    load_slots=slot_of[new],
-                    load_after=g - 2 if k >= 2 else seg.start - 1,
-                    render_pos=render_pos,
-                    render_slots=slot_of[render_pos],
-                    flush_pos=final_pos,
-                    flush_slots=slot_of[final_pos],
-                    defer_pos=defer_pos,
-                    defer_slots=slot_of[defer_pos],
-                )
-            )
-            plan.loads += seg.loads[k]
+        _schedule(plan, seg, vis_o, uses, capacity, shared)
+    if len(segments) == 1:
+        plan.load_ids_host = segments[0].load_ids_host
+    else:
+        plan.load_ids_host = torch.cat([mb.load_ids for mb in plan.micro]).cpu()
     return plan

@@ -205,12 +205,37 @@ def adam_step(
 ) -> None:
     """One dense Adam step in place, with torch.optim.Adam's exact single-tensor arithmetic
     (no weight decay, no amsgrad); ``step`` counts from 1."""
+    bc1, denom = _moments(grad, exp_avg, exp_avg_sq, step, config)
+    param.addcdiv_(exp_avg, denom, value=-(lr / bc1))
+
+
+def adam_step_columns(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: int,
+    column_lrs: Sequence[tuple[int, int, float]],
+    config: AdamConfig,
+) -> None:
+    """:func:`adam_step` for ``[n, W]`` rows whose column ranges ``(start, end, lr)`` have
+    their own learning rates: the moments are updated once over all columns, then each range's
+    parameters. Per element the arithmetic is :func:`adam_step`'s, in fewer launches."""
+    bc1, denom = _moments(grad, exp_avg, exp_avg_sq, step, config)
+    for start, end, lr in column_lrs:
+        cols = slice(start, end)
+        param[:, cols].addcdiv_(exp_avg[:, cols], denom[:, cols], value=-(lr / bc1))
+
+
+def _moments(
+    grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, config: AdamConfig
+) -> tuple[float, Tensor]:
+    """Update both moments in place; returns the first bias correction and Adam's denominator."""
     b1, b2 = config.betas
     exp_avg.lerp_(grad, 1 - b1)
     exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
     bc1, bc2_sqrt = bias_corrections(config, step)
-    denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(config.eps)
-    param.addcdiv_(exp_avg, denom, value=-(lr / bc1))
+    return bc1, (exp_avg_sq.sqrt() / bc2_sqrt).add_(config.eps)
 
 
 def lazy_step_rows(

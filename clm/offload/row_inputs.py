@@ -1,0 +1,101 @@
+"""A view's render inputs, gathered from packed rows, with gradients that go straight back.
+
+The offloaded engine renders each view from rows gathered out of two packed tables (key rows on
+the GPU, host rows in the cache). Made the plain way (index, ``requires_grad_``, per-attribute
+slices), autograd gives every attribute slice its own zero-filled ``[n, width]`` gradient, sums
+them into the leaf, and the engine then adds the leaf's gradient into the batch's buffer: several
+full-width temporaries and a dozen launches per view, on a path the GPU waits for. One
+:class:`RowInputs` call gathers every table with one op each and, in backward, concatenates
+each table's gradients once and adds them into its buffer at the rows' positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from clm.model.spec import ColumnSegment
+
+
+@dataclass(frozen=True)
+class Source:
+    """Rows ``table[index]`` to render; their gradients go to ``sink[sink_index]``.
+
+    Only the leading ``sink.shape[1]`` columns are read: the active attributes fill them in
+    layout order.
+    """
+
+    table: Tensor
+    index: Tensor
+    sink: Tensor
+    sink_index: Tensor
+
+
+_Span = tuple[int, int, tuple[int, ...]]  # first column, width, per-row shape
+
+
+class _Gather(torch.autograd.Function):
+    """Forward: attribute views of each source's rows. Backward: each source's gradients,
+    packed again, are added into its sink; no input receives a gradient.
+
+    ``anchor`` is a zero-size tensor that requires grad, so that the outputs do: the tables
+    are optimiser state, not autograd leaves.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor, sources, spans):
+        outputs = []
+        ctx.sources, ctx.spans = sources, spans
+        for src, layout in zip(sources, spans, strict=True):
+            rows = src.table[:, : src.sink.shape[1]].index_select(0, src.index)
+            n = rows.shape[0]
+            outputs += [rows[:, a : a + w].view(n, *shape) for a, w, shape in layout]
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        k = 0
+        for src, layout in zip(ctx.sources, ctx.spans, strict=True):
+            n = src.index.shape[0]
+            parts = []
+            for _, w, _ in layout:
+                g = grads[k]
+                parts.append(g.reshape(n, w) if g is not None else src.sink.new_zeros(n, w))
+                k += 1
+            src.sink.index_add_(0, src.sink_index, torch.cat(parts, dim=1))
+        return None, None, None
+
+
+class RowInputs:
+    """Gathers render inputs from packed tables with given layouts (see module docstring)."""
+
+    def __init__(self, layouts: Sequence[Sequence[ColumnSegment]]) -> None:
+        self.layouts = [list(layout) for layout in layouts]
+        self._spans: dict[int | None, list[list[_Span]]] = {}
+
+    def spans(self, sh_degree: int | None) -> list[list[_Span]]:
+        """Per layout, where each attribute sits; ``sh_rest`` keeps its active bands only."""
+        if sh_degree not in self._spans:
+            self._spans[sh_degree] = [
+                [self._span(seg, sh_degree) for seg in layout] for layout in self.layouts
+            ]
+        return self._spans[sh_degree]
+
+    @staticmethod
+    def _span(seg: ColumnSegment, sh_degree: int | None) -> _Span:
+        attr = seg.attr
+        if attr.sh_rest and sh_degree is not None:
+            width = attr.active_width(sh_degree)
+            return seg.start, width, (width // attr.shape[1], attr.shape[1])
+        return seg.start, attr.width, tuple(attr.shape)
+
+    def gather(self, sources: Sequence[Source], sh_degree: int | None) -> dict[str, Tensor]:
+        """Attributes by name, from ``sources`` (one per layout, in order)."""
+        spans = self.spans(sh_degree)
+        anchor = torch.empty(0, device=sources[0].table.device, requires_grad=True)
+        outputs = _Gather.apply(anchor, tuple(sources), spans)
+        names = [seg.attr.name for layout in self.layouts for seg in layout]
+        return dict(zip(names, outputs, strict=True))
