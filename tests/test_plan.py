@@ -119,3 +119,18 @@ def test_order_chains_neighbours():
     order = order_views(line[perm])
     walked = [perm[i] for i in order]
     assert walked in (list(range(6)), list(range(5, -1, -1)))
+
+
+@pytest.mark.parametrize("tight", [False, True])
+def test_load_rows_are_announced_once_in_load_order(tight):
+    vis = random_vis(10, 300, 1, density=0.4)
+    capacity = max(int(v.sum()) for v in vis) + 5 if tight else vis.shape[1]
+    calls = []
+    plan = plan_batch(
+        row_ids(vis), vis, capacity, lambda rows, counts: calls.append((rows, counts))
+    )
+    assert (plan.segments > 1) == tight
+    assert len(calls) == 1
+    rows, counts = calls[0]
+    assert counts == [mb.load_ids.numel() for mb in plan.micro]
+    assert torch.equal(rows, torch.cat([mb.load_ids for mb in plan.micro]))

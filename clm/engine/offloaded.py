@@ -134,18 +134,22 @@ class OffloadEngine(Engine):
         step = self.step + 1
         width = active_row_width(self.spec.host, sh_degree)
         keys = self.key.views()
+        # Rows of this batch must have their previous update before being caught up, gathered.
+        self._drain()
+        self.host.advance_to(step - 1)
         culled = self.culler.cull(keys["means"], keys["scales"], keys["opacities"], views)
         capacity = self.capacity if self.capacity is not None else culled.ids.numel()
-        plan = plan_batch(culled.ids, culled.vis, max(capacity, 1))
+        ready: list[threading.Event] = []  # the catch-up starts while the plan is being built
+        plan = plan_batch(
+            culled.ids,
+            culled.vis,
+            max(capacity, 1),
+            lambda rows, counts: ready.extend(self._catch_up_loads(rows, counts, step - 1, width)),
+        )
         self._ensure_cache(plan.slots_needed)
         key_grads = torch.zeros(culled.ids.numel(), self.key.width, device=self.device)
         stats = StepStats(visible_rows=int(culled.ids.numel()), cache_lookups=plan.uses)
         stats.cache_hits = plan.uses - plan.loads
-
-        # Rows of this batch must have their previous update before being caught up, gathered.
-        self._drain()
-        self.host.advance_to(step - 1)
-        ready = self._catch_up_loads(plan, step - 1, width)
         self._catch_up_ahead(views, step, width)
         if self.copy_stream is not None:  # the loads read the plan, made on this stream
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -248,17 +252,14 @@ class OffloadEngine(Engine):
         if read:
             torch.cuda.current_stream(self.device).wait_event(read[0])
 
-    def _catch_up_loads(self, plan: BatchPlan, upto: int, width: int) -> list[threading.Event]:
-        """Catch up the first view's load rows here (nothing can run before them) and queue
-        the others' on the catch-up thread; returns one event per view."""
-        counts = [mb.load_ids.numel() for mb in plan.micro]
-        rows = plan.load_ids_host
-        done = [threading.Event() for _ in plan.micro]
-        if counts[0]:
-            self.host.catch_up(rows[: counts[0]], upto, width)
-        done[0].set()
-        start = counts[0]
-        for k, n in enumerate(counts[1:], start=1):
+    def _catch_up_loads(
+        self, rows: Tensor, counts: Sequence[int], upto: int, width: int
+    ) -> list[threading.Event]:
+        """Queue the catch-up of each micro-batch's load rows (``rows`` split by ``counts``);
+        returns one event per micro-batch."""
+        done = [threading.Event() for _ in counts]
+        start = 0
+        for k, n in enumerate(counts):
 
             def job(lo=start, hi=start + n, event=done[k]) -> None:
                 if hi > lo:

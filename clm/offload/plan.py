@@ -19,6 +19,7 @@ per row stays on the device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -283,8 +284,18 @@ def _schedule(
         plan.loads += n_load
 
 
-def plan_batch(ids: Tensor, vis: Tensor, capacity: int) -> BatchPlan:
-    """Schedule a culled batch (``vis [B, U]`` over rows ``ids``) through ``capacity`` slots."""
+def plan_batch(
+    ids: Tensor,
+    vis: Tensor,
+    capacity: int,
+    on_loads: Callable[[Tensor, list[int]], None] | None = None,
+) -> BatchPlan:
+    """Schedule a culled batch (``vis [B, U]`` over rows ``ids``) through ``capacity`` slots.
+
+    ``on_loads(rows, counts)`` is called as soon as the rows each micro-batch loads are known
+    on the host (``rows`` in load order, ``counts`` per micro-batch), before the rest of the
+    schedule is built: their catch-up can start meanwhile.
+    """
     if capacity < 1:
         raise ValueError("the row cache needs at least one slot")
     capacity = min(capacity, max(vis.shape[1], 1))  # slots beyond the union are never used
@@ -295,11 +306,15 @@ def plan_batch(ids: Tensor, vis: Tensor, capacity: int) -> BatchPlan:
     plan = BatchPlan(ids=ids, order=order, uses=sum(uses))
     segments = _segment(vis_o, capacity, ids)
     plan.segments = len(segments)
+    if len(segments) == 1:
+        plan.load_ids_host = segments[0].load_ids_host
+        if on_loads is not None:
+            on_loads(plan.load_ids_host, segments[0].loads)
     shared = _shared_rows(vis_o, segments) if len(segments) > 1 else None
     for seg in segments:
         _schedule(plan, seg, vis_o, uses, capacity, shared)
-    if len(segments) == 1:
-        plan.load_ids_host = segments[0].load_ids_host
-    else:
+    if len(segments) > 1:
         plan.load_ids_host = torch.cat([mb.load_ids for mb in plan.micro]).cpu()
+        if on_loads is not None:
+            on_loads(plan.load_ids_host, [mb.load_ids.numel() for mb in plan.micro])
     return plan
