@@ -6,7 +6,8 @@ One step, for a batch of views (see DESIGN.md):
    row cache (:mod:`clm.offload.plan`);
 2. a background thread brings the rows each view will load up to date (host rows are updated
    lazily; dense Adam would have moved a row that went unseen, and the render must see that),
-   one view ahead of the gathers;
+   starting as soon as the planner knows them, ahead of the gathers; most were already caught
+   up during the previous step (:meth:`OffloadEngine.expect`);
 3. for each view in the planned order: gather the rows it is the first to use from pinned
    memory into cache slots (a kernel on the copy stream, one view ahead of rendering), render,
    backpropagate, accumulate gradients in the cache, and flush the rows whose last use this was:

@@ -13,8 +13,10 @@ After culling, the batch's whole access sequence is known. The planner
    are *deferred* (summed on the host, updated at the end of the batch), so Adam still sees the
    batch's total gradient exactly once.
 
-Sizes come to the host in one small sync per batch (two per segment when splitting); everything
-per row stays on the device.
+The host learns the overlap and view sizes (one sync), then each view's loads and frees with the
+rows to catch up (one more); splitting a batch takes a few more per segment. Every per-row
+result stays on the device, and each micro-batch's tensors are slices of a few per-segment ones,
+so building the schedule launches a dozen kernels whatever the batch size.
 """
 
 from __future__ import annotations
