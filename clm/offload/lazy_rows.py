@@ -41,9 +41,12 @@ class _Schedule:
 
     def advance_to(self, step: int) -> None:
         """Fold in learning rates up to ``step`` (after every update of that step)."""
-        for t in range(self.table_step + 1, step + 1):
-            for seg in self.layout:
-                self.tables[seg.attr.name].advance(t, self.lrs.at(seg.attr.name, t))
+        for seg in self.layout:
+            self._advance(self.tables[seg.attr.name], seg.attr.name, step)
+
+    def _advance(self, table: SkipTable, name: str, step: int) -> None:
+        for t in range(table.step + 1, step + 1):
+            table.advance(t, self.lrs.at(name, t))
 
     def segments(self, step: int) -> list[Segment]:
         return [
@@ -57,8 +60,7 @@ class _Schedule:
         segments = []
         for s in self.layout:
             table = self.tables[s.attr.name].copy()
-            for t in range(table.step + 1, step + 1):
-                table.advance(t, self.lrs.at(s.attr.name, t))
+            self._advance(table, s.attr.name, step)
             segments.append(Segment(s.start, s.end, self.lrs.at(s.attr.name, step), table))
         return segments
 
