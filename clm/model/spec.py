@@ -152,11 +152,18 @@ def unpack_rows(
     out = {}
     n = rows.shape[0]
     for seg in segments:
-        attr = seg.attr
-        if attr.sh_rest and sh_degree is not None:
-            width = attr.active_width(sh_degree)
-            shape = (width // attr.shape[1], attr.shape[1])
-        else:
-            width, shape = attr.width, attr.shape
-        out[attr.name] = rows[:, seg.start : seg.start + width].reshape(n, *shape)
+        start, width, shape = active_span(seg, sh_degree)
+        out[seg.attr.name] = rows[:, start : start + width].reshape(n, *shape)
     return out
+
+
+def active_span(
+    seg: ColumnSegment, sh_degree: int | None = None
+) -> tuple[int, int, tuple[int, ...]]:
+    """An attribute's first column, width and per-row shape in a packed row; with
+    ``sh_degree``, ``sh_rest`` keeps its active bands only."""
+    attr = seg.attr
+    if attr.sh_rest and sh_degree is not None:
+        width = attr.active_width(sh_degree)
+        return seg.start, width, (width // attr.shape[1], attr.shape[1])
+    return seg.start, attr.width, tuple(attr.shape)

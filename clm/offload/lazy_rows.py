@@ -35,10 +35,6 @@ class _Schedule:
         self.config = config
         self.tables = {seg.attr.name: SkipTable(config, device=device) for seg in self.layout}
 
-    @property
-    def table_step(self) -> int:
-        return next(iter(self.tables.values())).step
-
     def advance_to(self, step: int) -> None:
         """Fold in learning rates up to ``step`` (after every update of that step)."""
         for seg in self.layout:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from clm.model.spec import ColumnSegment
+from clm.model.spec import ColumnSegment, active_span
 
 
 @dataclass(frozen=True)
@@ -80,17 +80,9 @@ class RowInputs:
         """Per layout, where each attribute sits; ``sh_rest`` keeps its active bands only."""
         if sh_degree not in self._spans:
             self._spans[sh_degree] = [
-                [self._span(seg, sh_degree) for seg in layout] for layout in self.layouts
+                [active_span(seg, sh_degree) for seg in layout] for layout in self.layouts
             ]
         return self._spans[sh_degree]
-
-    @staticmethod
-    def _span(seg: ColumnSegment, sh_degree: int | None) -> _Span:
-        attr = seg.attr
-        if attr.sh_rest and sh_degree is not None:
-            width = attr.active_width(sh_degree)
-            return seg.start, width, (width // attr.shape[1], attr.shape[1])
-        return seg.start, attr.width, tuple(attr.shape)
 
     def gather(self, sources: Sequence[Source], sh_degree: int | None) -> dict[str, Tensor]:
         """Attributes by name, from ``sources`` (one per layout, in order)."""
