@@ -1,6 +1,7 @@
 """The INRIA 3DGS PLY: layout checked with plyfile directly, round trips, and bad input."""
 
 import re
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from plyfile import PlyData
 from clm import files as files_module
 from clm.errors import ClmError
 from clm.model import ply as ply_module
-from clm.model.ply import read_ply, sh_degree_of, write_ply
+from clm.model.ply import SPLAT_KEYS, read_ply, sh_degree_of, write_ply
 
 
 def random_splats(n: int, num_rest: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -245,3 +246,143 @@ def test_sh_degree_of() -> None:
     for bad in (-1, 1, 14, 16):
         with pytest.raises(ValueError):
             sh_degree_of(bad)
+
+
+def chunked(splats: dict[str, np.ndarray], sizes: list[int]):
+    """``splats`` cut into consecutive chunks of the given sizes, as a one-shot generator."""
+    start = 0
+    for size in sizes:
+        yield {key: value[start : start + size] for key, value in splats.items()}
+        start += size
+
+
+def test_stream_round_trip_over_chunks_drops_non_finite_rows(tmp_path: Path) -> None:
+    splats = random_splats(23, 3, seed=4)
+    splats["quats"][[0, 9, 22], 1] = np.nan  # first, middle and last chunk
+    splats["sh0"][12, 0, 2] = np.inf
+    path = tmp_path / "s.ply"
+    written, dropped = ply_module.write_ply_stream(path, 3, 10**6, chunked(splats, [5, 0, 11, 7]))
+    assert (written, dropped) == (19, 4)
+    keep = [i for i in range(23) if i not in (0, 9, 12, 22)]
+    # plyfile, an independent reader, parses the padded header and finds the rows.
+    vertex = PlyData.read(str(path))["vertex"]
+    assert vertex.count == 19
+    assert [p.name for p in vertex.properties] == expected_names(3)
+    np.testing.assert_array_equal(vertex["x"], splats["means"][keep, 0])
+    np.testing.assert_array_equal(vertex["f_rest_4"], splats["shN"][keep, 1, 1])
+    np.testing.assert_array_equal(vertex["rot_1"], splats["quats"][keep, 1])
+    back = read_ply(path)
+    for key, value in splats.items():
+        np.testing.assert_array_equal(back[key], value[keep])
+
+
+def test_stream_header_is_padded_to_the_reserved_length(tmp_path: Path) -> None:
+    splats = random_splats(12, 0)
+    lengths = {}
+    for count, max_rows in ((0, 99), (7, 99), (12, 99), (12, 10**9)):
+        path = tmp_path / f"{count}-{max_rows}.ply"
+        ply_module.write_ply_stream(path, 0, max_rows, chunked(splats, [count]))
+        raw = path.read_bytes()
+        header = raw[: raw.index(b"end_header\n") + len(b"end_header\n")]
+        assert f"\nelement vertex {count}\n".encode() in header
+        assert len(raw) - len(header) == count * 4 * 17
+        assert PlyData.read(str(path))["vertex"].count == count
+        lengths[count, max_rows] = len(header)
+    # Room for the digits of max_rows, whatever the final count.
+    assert lengths[0, 99] == lengths[7, 99] == lengths[12, 99] == lengths[12, 10**9] - 8
+
+
+def test_stream_refuses_more_rows_than_announced(tmp_path: Path) -> None:
+    splats = random_splats(10, 0)
+    with pytest.raises(ValueError, match="max_rows"):
+        ply_module.write_ply_stream(tmp_path / "s.ply", 0, 9, chunked(splats, [5, 5]))
+    with pytest.raises(ValueError, match="SH coefficients"):
+        ply_module.write_ply_stream(tmp_path / "s.ply", 3, 10, chunked(splats, [10]))
+    assert not list(tmp_path.iterdir())
+
+
+def test_stream_failing_midway_keeps_the_previous_file(tmp_path: Path) -> None:
+    target = tmp_path / "s.ply"
+    write_ply(target, random_splats(5, 0))
+    before = target.read_bytes()
+
+    def failing():
+        yield from chunked(random_splats(8, 0), [4])
+        raise ClmError("source broke")
+
+    with pytest.raises(ClmError, match="source broke"):
+        ply_module.write_ply_stream(target, 0, 8, failing())
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.ply"]
+
+
+@pytest.mark.parametrize("rows", [1, 6, 20, 1000])
+def test_open_ply_chunks_match_plyfile(tmp_path: Path, rows: int) -> None:
+    write_ply(tmp_path / "s.ply", random_splats(20, 8, seed=5))
+    source = ply_module.open_ply(tmp_path / "s.ply")
+    assert (source.count, source.num_rest, source.sh_degree) == (20, 8, 2)
+    chunks = list(source.chunks(rows))
+    assert [len(c["means"]) for c in chunks] == [min(rows, 20 - s) for s in range(0, 20, rows)]
+    vertex = PlyData.read(str(tmp_path / "s.ply"), mmap=False)["vertex"]
+    got = {key: np.concatenate([c[key] for c in chunks]) for key in SPLAT_KEYS}
+    for key in SPLAT_KEYS:
+        assert got[key].dtype == np.float32
+    np.testing.assert_array_equal(got["means"][:, 2], vertex["z"])
+    np.testing.assert_array_equal(got["opacities"], vertex["opacity"])
+    np.testing.assert_array_equal(got["scales"][:, 1], vertex["scale_1"])
+    np.testing.assert_array_equal(got["sh0"][:, 0, 2], vertex["f_dc_2"])
+    for c in range(3):
+        for k in range(8):
+            np.testing.assert_array_equal(got["shN"][:, k, c], vertex[f"f_rest_{c * 8 + k}"])
+
+
+def test_open_ply_of_no_rows_gives_no_chunks(tmp_path: Path) -> None:
+    write_ply(tmp_path / "s.ply", random_splats(0, 3))
+    source = ply_module.open_ply(tmp_path / "s.ply")
+    assert (source.count, source.sh_degree) == (0, 1)
+    assert list(source.chunks()) == []
+
+
+def test_open_ply_checks_the_header_like_read_ply(tmp_path: Path) -> None:
+    names = [n for n in expected_names(0) if n != "opacity"]
+    write_header_only_ply(tmp_path / "s.ply", names)
+    with pytest.raises(ClmError, match=r"s\.ply.*opacity"):
+        ply_module.open_ply(tmp_path / "s.ply")
+    with pytest.raises(ClmError, match=r"nope\.ply"):
+        ply_module.open_ply(tmp_path / "nope.ply")
+
+
+def test_streaming_a_large_model_needs_memory_for_a_few_chunks_only(tmp_path: Path) -> None:
+    n, chunk, props = 1_000_000, 1 << 15, 17
+    model_bytes = n * props * 4
+    rng = np.random.default_rng(0)
+
+    def source():
+        for start in range(0, n, chunk):
+            m = min(chunk, n - start)
+            yield {
+                "means": rng.random((m, 3), np.float32),
+                "scales": rng.random((m, 3), np.float32),
+                "quats": rng.random((m, 4), np.float32),
+                "opacities": rng.random(m, np.float32),
+                "sh0": rng.random((m, 1, 3), np.float32),
+                "shN": np.zeros((m, 0, 3), np.float32),
+            }
+
+    path = tmp_path / "big.ply"
+    tracemalloc.start()
+    try:
+        assert ply_module.write_ply_stream(path, 0, n, source()) == (n, 0)
+        _, write_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        rows = 0
+        for part in ply_module.open_ply(path).chunks(chunk):
+            rows += len(part["means"])
+        _, read_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rows == n
+    assert path.stat().st_size > model_bytes
+    # A packed chunk is 2.2 MB here; holding the model would take 68 MB.
+    assert write_peak < model_bytes / 5, write_peak
+    assert read_peak < model_bytes / 5, read_peak

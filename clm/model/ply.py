@@ -4,11 +4,16 @@ Layout (binary little endian, one ``vertex`` element, all float32, in this order
 ``nx ny nz`` (zeros), ``f_dc_0..2``, ``f_rest_0..3K-1``, ``opacity`` (logit), ``scale_0..2``
 (log), ``rot_0..3`` (quaternion w, x, y, z, not necessarily normalised). ``f_rest`` is
 channel-major: ``f_rest_{c*K + k}`` holds SH coefficient ``k`` of colour channel ``c``.
+
+Models of a hundred million splats are written and read a chunk of rows at a time
+(:func:`write_ply_stream`, :func:`open_ply`), never as a second full copy in memory.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -64,55 +69,125 @@ def write_ply(path: Path, splats: dict[str, np.ndarray | torch.Tensor]) -> int:
 
     Rows holding any NaN or infinity are left out rather than poisoning the file: one bad splat
     must not cost the whole export. The file is replaced atomically, so a crash or a full disk
-    leaves the previous file (or none), never half of one. Rows are packed and written in chunks,
-    so a scene of a hundred million splats needs no second full copy in memory.
+    leaves the previous file (or none), never half of one. Rows are converted and written in
+    chunks (through :func:`write_ply_stream`), so a scene of a hundred million splats, on the GPU
+    or in host memory, needs no second full copy.
     """
     path = Path(path)
-    cols = _columns(path, splats)
-    num_rest = cols["shN"].shape[1]
-    n = cols["means"].shape[0]
-    chunks = [slice(start, start + _CHUNK_ROWS) for start in range(0, n, _CHUNK_ROWS)]
-    finite = [np.isfinite(_pack_rows(cols, rows)).all(axis=1) for rows in chunks]
-    kept = sum(int(mask.sum()) for mask in finite)
+    n, num_rest = _check_shapes(path, splats)
+    chunks = (
+        {key: splats[key][start : start + _CHUNK_ROWS] for key in SPLAT_KEYS}
+        for start in range(0, n, _CHUNK_ROWS)
+    )
+    return write_ply_stream(path, num_rest, n, chunks)[1]
+
+
+def write_ply_stream(
+    path: Path,
+    num_rest: int,
+    max_rows: int,
+    chunks: Iterable[dict[str, np.ndarray | torch.Tensor]],
+) -> tuple[int, int]:
+    """Write a 3DGS PLY from chunks of splats; return (rows written, non-finite rows dropped).
+
+    Each chunk has the keys :data:`SPLAT_KEYS` with :func:`write_ply`'s shapes (``shN`` is
+    ``[m, num_rest, 3]``). ``chunks`` is consumed once (a generator that cannot be replayed is
+    fine) and only one chunk is packed at a time. The row count is only known at the end, so the
+    header is written first with room for a count of ``max_rows``'s digits and rewritten last,
+    padded to the same length inside a ``comment`` line, which every PLY reader skips. More than
+    ``max_rows`` rows is a ``ValueError`` (a caller's bug). The file is replaced atomically, as
+    by :func:`write_ply`.
+    """
+    path = Path(path)
+    if max_rows < 0:
+        raise ValueError(f"{path}: max_rows is {max_rows}, want >= 0")
+    try:
+        sh_degree_of(num_rest)
+    except ValueError as exc:
+        raise ValueError(f"{path}: num_rest has a bad band count: {exc}") from exc
+    width = len(str(max_rows))
+    counts = [0, 0]  # rows received, rows written
 
     def write(stream: BinaryIO) -> None:
-        stream.write(_header(kept, num_rest))
-        for rows, mask in zip(chunks, finite, strict=True):
-            packed = _pack_rows(cols, rows)[mask]
+        stream.write(_header(0, num_rest, width))
+        for chunk in chunks:
+            m, chunk_rest = _check_shapes(path, chunk)
+            if chunk_rest != num_rest:
+                raise ValueError(
+                    f"{path}: a chunk has {chunk_rest} SH coefficients, want {num_rest}"
+                )
+            counts[0] += m
+            if counts[0] > max_rows:
+                raise ValueError(f"{path}: more than max_rows={max_rows} rows")
+            packed = _pack_rows({key: _to_numpy(chunk[key]) for key in SPLAT_KEYS})
+            finite = np.isfinite(packed).all(axis=1)
+            if not finite.all():
+                packed = packed[finite]
             stream.write(np.ascontiguousarray(packed, dtype="<f4").data)
+            counts[1] += len(packed)
+        stream.seek(0)
+        stream.write(_header(counts[1], num_rest, width))
 
     atomic_write(path, write)
-    return n - kept
+    return counts[1], counts[0] - counts[1]
 
 
-def _pack_rows(cols: dict[str, np.ndarray], rows: slice) -> np.ndarray:
-    """Rows ``rows`` as ``[M, P]`` float32 in file property order."""
-    means = cols["means"][rows]
+def _pack_rows(cols: dict[str, np.ndarray]) -> np.ndarray:
+    """A chunk's rows as ``[M, P]`` float32 in file property order."""
+    means = cols["means"]
     m = len(means)
-    rest = cols["shN"][rows]
+    rest = cols["shN"]
     return np.concatenate(
         [
             means,
             np.zeros((m, 3), np.float32),
-            cols["sh0"][rows].reshape(m, 3),
+            cols["sh0"].reshape(m, 3),
             rest.transpose(0, 2, 1).reshape(m, 3 * rest.shape[1]),
-            cols["opacities"][rows].reshape(m, 1),
-            cols["scales"][rows],
-            cols["quats"][rows],
+            cols["opacities"].reshape(m, 1),
+            cols["scales"],
+            cols["quats"],
         ],
         axis=1,
     )
 
 
-def _header(count: int, num_rest: int) -> bytes:
-    lines = ["ply", "format binary_little_endian 1.0", f"element vertex {count}"]
+def _header(count: int, num_rest: int, width: int) -> bytes:
+    """The header, the same length for every ``count`` of at most ``width`` digits."""
+    pad = width - len(str(count))
+    lines = ["ply", "format binary_little_endian 1.0", "comment written by clm" + " " * pad]
+    lines.append(f"element vertex {count}")
     lines += [f"property float {name}" for name in property_names(num_rest)]
     lines.append("end_header")
     return ("\n".join(lines) + "\n").encode("ascii")
 
 
-def read_ply(path: Path) -> dict[str, np.ndarray]:
-    """Read a 3DGS PLY back into the arrays :func:`write_ply` takes, as float32.
+@dataclass(frozen=True)
+class PlySource:
+    """A 3DGS PLY whose header is checked and whose rows stay on disk until asked for.
+
+    ``num_rest`` is K, the SH coefficients per channel beyond degree 0. The rows are memory-mapped
+    (binary files), so a chunk reads and converts only its own rows.
+    """
+
+    path: Path
+    count: int
+    num_rest: int
+    _rows: np.ndarray = field(repr=False, compare=False)
+
+    @property
+    def sh_degree(self) -> int:
+        return sh_degree_of(self.num_rest)
+
+    def chunks(self, rows: int = 1 << 20) -> Iterator[dict[str, np.ndarray]]:
+        """Float32 arrays with :func:`read_ply`'s keys and shapes, ``rows`` rows at a time."""
+        if rows <= 0:
+            raise ValueError(f"rows is {rows}, want > 0")
+        for start in range(0, self.count, rows):
+            yield _unpack_rows(self._rows[start : start + rows], self.num_rest)
+
+
+def open_ply(path: Path) -> PlySource:
+    """Open a 3DGS PLY for chunked reading; its header is checked here, no row is read yet.
 
     The SH degree comes from the number of ``f_rest`` properties. Normals are ignored (some
     exporters omit them); every other property of the layout must be present.
@@ -122,7 +197,7 @@ def read_ply(path: Path) -> dict[str, np.ndarray]:
         raise ClmError(f"{path}: no such file")
     try:
         # Memory-mapped: plyfile's non-mapped binary reader parses row by row in Python.
-        ply = PlyData.read(str(path))
+        ply = PlyData.read(str(path), mmap="r")
     except Exception as exc:  # plyfile signals bad input with many exception types
         raise ClmError(f"{path}: not a readable PLY file ({reason(exc)})") from exc
     if "vertex" not in ply:
@@ -133,23 +208,56 @@ def read_ply(path: Path) -> dict[str, np.ndarray]:
     if missing:
         raise ClmError(f"{path}: not a 3DGS PLY, missing properties {', '.join(missing)}")
     num_rest = _num_rest_coeffs(path, names)
+    return PlySource(path, vertex.count, num_rest, vertex.data)
 
-    n = vertex.count
 
-    def stack(keys: list[str]) -> np.ndarray:
-        if not keys:
-            return np.zeros((n, 0), np.float32)
-        return np.stack([np.asarray(vertex[key], dtype=np.float32) for key in keys], axis=1)
+def read_ply(path: Path) -> dict[str, np.ndarray]:
+    """Read a whole 3DGS PLY into the arrays :func:`write_ply` takes, as float32.
 
-    rest = stack([f"f_rest_{i}" for i in range(3 * num_rest)]).reshape(n, 3, num_rest)
-    return {
-        "means": stack(["x", "y", "z"]),
-        "scales": stack([f"scale_{i}" for i in range(3)]),
-        "quats": stack([f"rot_{i}" for i in range(4)]),
-        "opacities": stack(["opacity"]).reshape(n),
-        "sh0": stack([f"f_dc_{c}" for c in range(3)]).reshape(n, 1, 3),
-        "shN": np.ascontiguousarray(rest.transpose(0, 2, 1)),
+    The result is the model itself; the file is read a chunk at a time into it (see
+    :func:`open_ply` to avoid holding the model at all).
+    """
+    source = open_ply(path)
+    out = _empty(source.count, source.num_rest)
+    start = 0
+    for chunk in source.chunks():
+        stop = start + len(chunk["means"])
+        for key, value in chunk.items():
+            out[key][start:stop] = value
+        start = stop
+    return out
+
+
+def _empty(n: int, num_rest: int) -> dict[str, np.ndarray]:
+    shapes = {
+        "means": (n, 3),
+        "scales": (n, 3),
+        "quats": (n, 4),
+        "opacities": (n,),
+        "sh0": (n, 1, 3),
+        "shN": (n, num_rest, 3),
     }
+    return {key: np.empty(shape, np.float32) for key, shape in shapes.items()}
+
+
+def _unpack_rows(rows: np.ndarray, num_rest: int) -> dict[str, np.ndarray]:
+    """Structured PLY rows as float32 splat arrays; reads each property once."""
+    m = len(rows)
+    out = _empty(m, num_rest)
+    flat = {key: value.reshape(m, -1) for key, value in out.items()}
+    for i, name in enumerate(("x", "y", "z")):
+        flat["means"][:, i] = rows[name]
+    for i in range(3):
+        flat["scales"][:, i] = rows[f"scale_{i}"]
+        flat["sh0"][:, i] = rows[f"f_dc_{i}"]
+    for i in range(4):
+        flat["quats"][:, i] = rows[f"rot_{i}"]
+    flat["opacities"][:, 0] = rows["opacity"]
+    # f_rest_{c*K + k} is shN[k, c], column k*3 + c of the flattened [K, 3].
+    for c in range(3):
+        for k in range(num_rest):
+            flat["shN"][:, k * 3 + c] = rows[f"f_rest_{c * num_rest + k}"]
+    return out
 
 
 def _num_rest_coeffs(path: Path, names: list[str]) -> int:
@@ -165,15 +273,14 @@ def _num_rest_coeffs(path: Path, names: list[str]) -> int:
     return num_rest
 
 
-def _columns(path: Path, splats: dict[str, np.ndarray | torch.Tensor]) -> dict[str, np.ndarray]:
-    """The splat arrays as float32 numpy, with their shapes checked against each other."""
+def _check_shapes(path: Path, splats: dict[str, np.ndarray | torch.Tensor]) -> tuple[int, int]:
+    """(rows, K) of ``splats``, after checking the arrays' shapes against each other."""
     missing = [key for key in SPLAT_KEYS if key not in splats]
     if missing:
         raise ValueError(f"{path}: splats lack {', '.join(missing)}")
-    cols = {key: _to_numpy(splats[key]) for key in SPLAT_KEYS}
-    n = cols["means"].shape[0] if cols["means"].ndim == 2 else -1
-    shn = cols["shN"]
-    num_rest = shn.shape[1] if shn.ndim == 3 else -1
+    shapes = {key: tuple(np.shape(splats[key])) for key in SPLAT_KEYS}
+    n = shapes["means"][0] if len(shapes["means"]) == 2 else -1
+    num_rest = shapes["shN"][1] if len(shapes["shN"]) == 3 else -1
     expected = {
         "means": (n, 3),
         "scales": (n, 3),
@@ -183,13 +290,13 @@ def _columns(path: Path, splats: dict[str, np.ndarray | torch.Tensor]) -> dict[s
         "shN": (n, num_rest, 3),
     }
     for key, shape in expected.items():
-        if cols[key].shape != shape:
-            raise ValueError(f"{path}: splats[{key!r}] has shape {cols[key].shape}, want {shape}")
+        if shapes[key] != shape:
+            raise ValueError(f"{path}: splats[{key!r}] has shape {shapes[key]}, want {shape}")
     try:
         sh_degree_of(num_rest)
     except ValueError as exc:
         raise ValueError(f"{path}: splats['shN'] has a bad band count: {exc}") from exc
-    return cols
+    return n, num_rest
 
 
 def _to_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
