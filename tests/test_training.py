@@ -19,7 +19,7 @@ from clm.model.ply import read_ply
 from clm.model.spec import gaussian_splatting_spec
 from clm.render.splats import render_torch
 from clm.synthetic.generate import generate_scene
-from clm.train.checkpoint import latest_checkpoint, load_checkpoint
+from clm.train.checkpoint import Checkpoint, list_checkpoints
 from clm.train.config import make_config
 from clm.train.densify import DensifyConfig, DensityController
 from clm.train.schedule import LearningRates
@@ -58,7 +58,14 @@ def short_config(scene, output, offload, **extra):
 
 
 def final_params(output):
-    return load_checkpoint(latest_checkpoint(output))["snapshot"]
+    """The newest checkpoint's columns, joined: {kind: {attribute: tensor}}."""
+    ckpt = Checkpoint(list_checkpoints(output)[-1])
+    blocks = list(ckpt.blocks())
+    out = {}
+    for column in ckpt.columns:
+        kind, name = column.split("/", 1)
+        out.setdefault(kind, {})[name] = torch.cat([b[column] for b in blocks])
+    return out
 
 
 @pytest.mark.parametrize("offload", ["none", "clm"])
@@ -85,10 +92,10 @@ def test_ctrl_c_then_resume_continues_exactly(scene, tmp_path, offload):
     args = ["--resume", "--output", str(tmp_path / "b"), "--no-progress"]
     assert train_main(args) == 0
     a, b = final_params(tmp_path / "a"), final_params(tmp_path / "b")
-    assert a["params"]["means"].shape[0] != 0
-    for name in a["params"]:
-        assert torch.equal(a["params"][name], b["params"][name]), name
-        assert torch.equal(a["exp_avg_sq"][name], b["exp_avg_sq"][name]), name
+    assert a["param"]["means"].shape[0] != 0
+    for kind in ("param", "exp_avg", "exp_avg_sq", "density"):
+        for name in a[kind]:
+            assert torch.equal(a[kind][name], b[kind][name]), (kind, name)
     log_b = (tmp_path / "b" / "train_log.csv").read_text().splitlines()
     log_a = (tmp_path / "a" / "train_log.csv").read_text().splitlines()
     assert [r.split(",")[:3] for r in log_a] == [r.split(",")[:3] for r in log_b]
@@ -101,15 +108,15 @@ def test_ply_is_in_the_scene_frame(scene, tmp_path):
     )
     assert code == 0
     splats = read_ply(out / "point_cloud.ply")
-    ckpt = load_checkpoint(latest_checkpoint(out))
-    scale = ckpt["to_train"]["scale"]
+    ckpt = Checkpoint(list_checkpoints(out)[-1])
+    scale = ckpt.meta["to_train"]["scale"]
     assert abs(scale - 1.0) > 1e-3  # training really works in a normalised frame
     # After two small steps the Gaussians still sit on the SfM points of the COLMAP model.
     points = read_model(scene / "sparse" / "0").points.xyz
     assert splats["means"].shape[0] == points.shape[0]
     extent = np.ptp(points, axis=0).max()
     assert np.abs(splats["means"] - points).max() < 0.01 * extent
-    train_scales = ckpt["snapshot"]["params"]["scales"].numpy()
+    train_scales = final_params(out)["param"]["scales"].numpy()
     np.testing.assert_allclose(splats["scales"], train_scales - math.log(scale), atol=1e-5)
 
 

@@ -10,12 +10,13 @@ from pathlib import Path
 from clm.cli.common import OneLineParser, run_cli
 from clm.cli.model_source import load_model
 from clm.errors import ClmError
+from clm.model.spec import gaussian_splatting_spec
 from clm.train.export import export_ply
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="clm-export", description="Export a checkpoint as a 3DGS PLY.")
-    parser.add_argument("source", type=Path, help="run folder or checkpoint (.pt)")
+    parser.add_argument("source", type=Path, help="run folder or checkpoint (.ckpt)")
     parser.add_argument("--output", type=Path, help="PLY to write (default: RUN/point_cloud.ply)")
     return parser
 
@@ -27,7 +28,9 @@ def _export(argv: list[str] | None) -> int:
     model = load_model(args.source)
     base = args.source if args.source.is_dir() else args.source.parent.parent
     out = args.output or base / "point_cloud.ply"
-    written, dropped = export_ply(out, model.params, model.to_train)
+    spec = gaussian_splatting_spec(int(model.config["sh_degree"]))
+    chunks = (chunk.params for chunk in model.rows(spec).chunks)
+    written, dropped = export_ply(out, chunks, model.count, model.to_train)
     note = f" ({dropped} with non-finite values dropped)" if dropped else ""
     print(f"{written} Gaussians{note} -> {out}")
     return 0

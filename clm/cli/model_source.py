@@ -1,9 +1,11 @@
 """What ``clm-render``, ``clm-eval`` and ``clm-export`` take: a run folder, a checkpoint or a PLY,
-turned into parameters in the training frame of its scene, and an engine that renders them."""
+opened as a stream of parameters in the training frame of its scene (never loaded whole), and an
+engine that renders them."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,29 +16,33 @@ from torch import Tensor
 
 from clm.data.scene import load_scene
 from clm.data.types import Scene, Similarity
-from clm.engine.base import AdamSettings, Engine
+from clm.engine.base import AdamSettings, Engine, RowSource
 from clm.engine.factory import make_engine
 from clm.errors import ClmError
-from clm.model.ply import read_ply, sh_degree_of
-from clm.model.spec import gaussian_splatting_spec
+from clm.model.ply import open_ply
+from clm.model.spec import GaussianSpec, gaussian_splatting_spec
 from clm.render.splats import default_renderer
-from clm.train.checkpoint import load_checkpoint, resolve_checkpoint
+from clm.train.checkpoint import open_checkpoint
 from clm.train.config import TrainConfig, config_from_dict
-from clm.train.export import world_to_params
+from clm.train.export import checkpoint_source, ply_source
 from clm.train.schedule import LearningRates, sh_degree_at
 from clm.train.trainer import resolve_device
 
 
 @dataclass
 class Model:
-    params: dict[str, Tensor]  # training frame
+    """A model to render or export; ``rows()`` streams its parameters (training frame) for the
+    spec of ``sh_degree``, each call from the start."""
+
+    rows: Callable[[GaussianSpec], RowSource]
+    count: int
     to_train: Similarity
     sh_degree: int
     config: dict[str, Any]  # the run's options (empty for a PLY)
 
 
 def add_source_arguments(parser: argparse.ArgumentParser, needs_scene: bool) -> None:
-    parser.add_argument("source", type=Path, help="run folder, checkpoint (.pt) or PLY file")
+    parser.add_argument("source", type=Path, help="run folder, checkpoint (.ckpt) or PLY file")
     if needs_scene:
         parser.add_argument(
             "--scene", type=Path, help="scene folder (default: the one the run trained on)"
@@ -49,26 +55,39 @@ def add_source_arguments(parser: argparse.ArgumentParser, needs_scene: bool) -> 
 
 
 def load_model(source: Path, scene: Scene | None = None) -> Model:
-    """Parameters from a PLY (needs ``scene`` for its frame) or a checkpoint."""
+    """A PLY (needs ``scene`` for its frame) or a checkpoint, opened, not read."""
     if source.suffix.lower() == ".ply":
         if scene is None:
             raise ClmError(f"{source}: a PLY carries no scene; pass --scene")
-        splats = read_ply(source)
-        degree = sh_degree_of(splats["shN"].shape[1])
-        spec = gaussian_splatting_spec(degree)
-        return Model(world_to_params(splats, scene.to_train, spec), scene.to_train, degree, {})
-    ckpt = load_checkpoint(resolve_checkpoint(source))
-    config = ckpt["config"]
+        ply = open_ply(source)
+        if ply.count == 0:
+            raise ClmError(f"{source}: the PLY holds no Gaussians")
+        return Model(
+            lambda spec: ply_source(source, scene.to_train, spec),
+            ply.count,
+            scene.to_train,
+            ply.sh_degree,
+            {},
+        )
+    ckpt = open_checkpoint(source)
+    config = ckpt.meta["config"]
     to_train = Similarity(
-        float(ckpt["to_train"]["scale"]), np.asarray(ckpt["to_train"]["center"], dtype=np.float64)
+        float(ckpt.meta["to_train"]["scale"]),
+        np.asarray(ckpt.meta["to_train"]["center"], dtype=np.float64),
     )
     degree = sh_degree_at(
-        int(ckpt["step"]),
+        ckpt.step,
         int(config["batch_size"]),
         int(config["sh_degree"]),
         int(config["sh_degree_every"]),
     )
-    return Model(dict(ckpt["snapshot"]["params"]), to_train, degree, config)
+    return Model(
+        lambda spec: checkpoint_source(ckpt, spec, moments=False),
+        ckpt.count,
+        to_train,
+        degree,
+        config,
+    )
 
 
 def scene_for(args: argparse.Namespace) -> tuple[Scene, Model]:
@@ -98,14 +117,10 @@ def render_engine(model: Model, device_name: str, max_pixels: int) -> Engine:
     values = {k: v for k, v in model.config.items() if k in TrainConfig.__dataclass_fields__}
     cfg = TrainConfig(**config_from_dict(values))
     cfg.offload = cfg.offload if device.type == "cuda" else "none"
-    params = {
-        a.name: model.params[a.name][:, : a.shape[0]] if a.sh_rest else model.params[a.name]
-        for a in spec
-    }
     return make_engine(
         cfg,
         spec,
-        params,
+        model.rows(spec),
         default_renderer(device),
         LearningRates(spec, 1),
         AdamSettings(),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from clm.cli.common import run_cli
 from clm.errors import ClmError
-from clm.train.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint
+from clm.train.checkpoint import open_checkpoint
 from clm.train.config import TrainConfig, config_from_dict, make_config, parse_flags
 
 
@@ -18,11 +18,10 @@ def _train(argv: list[str] | None) -> int:
     checkpoint = None
     if given.get("resume"):
         output = Path(given.get("output", TrainConfig.output))
-        path = latest_checkpoint(output)
-        if path is None:
-            raise ClmError(f"--resume: no checkpoint in {checkpoint_dir(output)}")
-        checkpoint = load_checkpoint(path)
-        cfg = make_config(given, base=config_from_dict(checkpoint["config"]))
+        if not output.is_dir():
+            raise ClmError(f"--resume: {output} is not a run folder")
+        checkpoint = open_checkpoint(output)
+        cfg = make_config(given, base=config_from_dict(checkpoint.meta["config"]))
     else:
         cfg = make_config(given)
     trainer = Trainer(cfg, checkpoint)

@@ -8,7 +8,7 @@ Adam's arithmetic, so switching ``--offload`` changes speed and memory, not the 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +39,48 @@ class Snapshot:
     exp_avg: dict[str, Tensor]
     exp_avg_sq: dict[str, Tensor]
     step: int
+
+
+# Rows per chunk when a whole model streams in or out (checkpoints, export, loading).
+STREAM_ROWS = 1 << 18
+
+
+@dataclass
+class RowChunk:
+    """Consecutive rows of every attribute, on the CPU; moments of ``None`` mean zeros (a model
+    that has not been trained, such as an initial PLY)."""
+
+    params: dict[str, Tensor]
+    exp_avg: dict[str, Tensor] | None = None
+    exp_avg_sq: dict[str, Tensor] | None = None
+
+    def __len__(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+    def moments(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Both moments, zeros where the chunk has none."""
+        zeros = {n: torch.zeros_like(t) for n, t in self.params.items()}
+        return self.exp_avg or zeros, self.exp_avg_sq or zeros
+
+
+@dataclass
+class RowSource:
+    """A whole model as a stream of chunks, so a hundred million rows never sit in RAM twice:
+    ``count`` rows in all, in :class:`RowChunk` pieces, with moments as of optimiser step
+    ``step``."""
+
+    count: int
+    chunks: Iterable[RowChunk]
+    step: int = 0
+    # Rows spread over the whole model (parameters only), for planning before loading.
+    sample: Callable[[], dict[str, Tensor]] | None = None
+
+    @classmethod
+    def of(cls, params: Mapping[str, Tensor], step: int = 0) -> RowSource:
+        """One chunk holding ``params`` (a model small enough to be in memory already)."""
+        params = dict(params)
+        count = next(iter(params.values())).shape[0]
+        return cls(count, [RowChunk(params)], step, sample=lambda: params)
 
 
 @dataclass
@@ -123,12 +165,30 @@ class Engine(ABC):
         """Clamp every opacity logit to ``max_logit`` and zero its Adam moments (3DGS reset)."""
 
     @abstractmethod
-    def snapshot(self) -> Snapshot:
-        """Everything, caught up to ``self.step``, on the CPU."""
+    def state_chunks(self, rows: int = STREAM_ROWS) -> Iterator[RowChunk]:
+        """Every row in order, at most ``rows`` at a time, caught up to ``self.step``, on the
+        CPU. A chunk may be a view of the engine's own memory: use it before the next one."""
 
     @abstractmethod
+    def load_rows(self, source: RowSource) -> None:
+        """Replace all rows and optimiser state with the source's, chunk by chunk; afterwards
+        ``self.step`` is ``source.step``."""
+
+    def snapshot(self) -> Snapshot:
+        """Everything, caught up to ``self.step``, on the CPU, in one piece (tests, small
+        models; large ones go through :meth:`state_chunks`)."""
+        parts = [(c.params, *c.moments()) for c in self.state_chunks()]
+        joined = [
+            {n: torch.cat([p[k][n] for p in parts]) for n in self.spec.names} for k in range(3)
+        ]
+        if not parts:
+            joined = [{a.name: torch.zeros(0, *a.shape) for a in self.spec}] * 3
+        return Snapshot(joined[0], joined[1], joined[2], self.step)
+
     def load(self, snap: Snapshot) -> None:
         """Replace all rows and optimiser state with a snapshot's."""
+        chunk = RowChunk(dict(snap.params), dict(snap.exp_avg), dict(snap.exp_avg_sq))
+        self.load_rows(RowSource(len(chunk), [chunk], snap.step))
 
     def close(self) -> None:  # noqa: B027 (engines without background work have nothing to stop)
         """Stop background work (threads, streams); the engine is unusable afterwards."""

@@ -8,13 +8,20 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from clm.engine.base import AdamSettings, Engine
+from clm.engine.base import STREAM_ROWS, AdamSettings, Engine, RowSource
 from clm.engine.naive import NaiveEngine
-from clm.engine.offloaded import OffloadEngine
+from clm.engine.offloaded import STAGING_ROWS, OffloadEngine
 from clm.engine.resident import ResidentEngine
 from clm.errors import ClmError
 from clm.model.spec import GaussianSpec
-from clm.offload.budget import GIB, apply_gpu_cap, busiest_view_share, plan_gpu
+from clm.offload.budget import (
+    DENSITY_STATS_BYTES,
+    GIB,
+    apply_gpu_cap,
+    busiest_view_share,
+    plan_gpu,
+)
+from clm.offload.host_budget import plan_host
 from clm.render.base import RenderFn, View
 from clm.train.config import TrainConfig
 from clm.train.schedule import LearningRates
@@ -25,7 +32,7 @@ log = logging.getLogger("clm")
 def make_engine(
     cfg: TrainConfig,
     spec: GaussianSpec,
-    params: Mapping[str, Tensor],
+    rows: Mapping[str, Tensor] | RowSource,
     render_fn: RenderFn,
     lrs: LearningRates,
     adam: AdamSettings,
@@ -33,15 +40,22 @@ def make_engine(
     max_pixels: int,
     views: Sequence[View] = (),
 ) -> Engine:
-    """The engine ``cfg.offload`` asks for, sized to the budgets, with the plan logged.
+    """The engine ``cfg.offload`` asks for, sized to the budgets, with the plans logged, holding
+    ``rows`` (parameters, or a stream of chunks that is loaded without a second copy).
 
-    ``views`` (the training views, optional) let the planner size the row cache for this scene.
+    Both budgets are checked before a row is loaded. ``views`` (the training views, optional)
+    let the GPU planner size the row cache for this scene, from a sample of the rows.
     """
-    if device.type == "cuda" and device.index is None:  # CUDA memory APIs want an index
-        device = torch.device("cuda", torch.cuda.current_device())
-    num = next(iter(params.values())).shape[0]
-    common = {"spec": spec, "render_fn": render_fn, "lrs": lrs, "adam": adam, "device": device}
-    host_bytes = int(cfg.max_host_gb * GIB) if cfg.max_host_gb else None
+    source = rows if isinstance(rows, RowSource) else RowSource.of(rows)
+    num = source.count
+    host = plan_host(
+        host_bytes_per_gaussian(spec, cfg.offload, device),
+        host_buffers(spec, cfg, max_pixels),
+        int(cfg.max_host_gb * GIB) if cfg.max_host_gb else None,
+    )
+    log.info(host.describe())
+    host.check(num)
+    max_gaussians = host.max_gaussians
     plan = None
     if device.type == "cuda":
         if cfg.max_gpu_gb is not None:
@@ -49,8 +63,8 @@ def make_engine(
         else:  # no hard cap asked for: plan for most of the card
             budget = int(0.9 * torch.cuda.get_device_properties(device).total_memory)
         share = None
-        if cfg.offload == "clm" and views:
-            share = busiest_view_share(params, views)
+        if cfg.offload == "clm" and views and source.sample is not None:
+            share = busiest_view_share(source.sample(), views)
             log.info("the busiest training view sees %.1f%% of the Gaussians", 100 * share)
         plan = plan_gpu(spec, cfg.offload, budget, max_pixels, share)
         log.info(plan.describe(cfg.offload))
@@ -59,34 +73,53 @@ def make_engine(
                 f"the scene starts with {num} Gaussians but {budget / GIB:.1f} GiB of GPU memory "
                 f"holds at most {plan.max_gaussians} with --offload {cfg.offload}"
             )
-    max_gaussians = plan.max_gaussians if plan else None
+        max_gaussians = min(max_gaussians, plan.max_gaussians)
+    empty = {a.name: torch.zeros(0, *a.shape) for a in spec}
+    common = {"spec": spec, "render_fn": render_fn, "lrs": lrs, "adam": adam, "device": device}
+    store_bytes = host.rows_bytes if host.capped else None
     if cfg.offload == "none":
-        engine: Engine = ResidentEngine(params, **common)
+        engine: Engine = ResidentEngine(empty, **common)
     elif cfg.offload == "naive":
         engine = NaiveEngine(
-            params, max_host_bytes=host_bytes, cpu_threads=cfg.cpu_threads, **common
+            empty, max_host_bytes=store_bytes, cpu_threads=cfg.cpu_threads, **common
         )
     else:
-        cache_rows = plan.cache_rows if plan else None
         engine = OffloadEngine(
-            params,
-            cache_rows=cache_rows,
-            max_host_bytes=host_bytes,
+            empty,
+            cache_rows=plan.cache_rows if plan else None,
+            max_host_bytes=store_bytes,
             cpu_threads=cfg.cpu_threads,
             **common,
         )
-        host_rows = engine.host.store.max_rows()
-        if host_rows is not None:
-            max_gaussians = min(max_gaussians or host_rows, host_rows)
-            log.info(
-                "host budget %.1f GiB: up to %.2fM Gaussians at %d B each",
-                cfg.max_host_gb,
-                host_rows / 1e6,
-                engine.host.store.bytes_per_row,
-            )
     if cfg.max_gaussians is not None:
-        max_gaussians = min(max_gaussians or cfg.max_gaussians, cfg.max_gaussians)
+        max_gaussians = min(max_gaussians, cfg.max_gaussians)
     engine.max_gaussians = max_gaussians
-    if cfg.max_gpu_gb is not None and max_gaussians is not None:
-        engine.reserve(max_gaussians)  # a hard budget: take it now, never grow past it
+    # A hard budget is taken before loading, so neither loading nor growth ever reallocates
+    # (a copy would briefly need old and new memory, past the budget).
+    engine.reserve(max(max_gaussians, num) if cfg.max_gpu_gb is not None else num)
+    engine.load_rows(source)
     return engine
+
+
+def host_bytes_per_gaussian(spec: GaussianSpec, offload: str, device: torch.device) -> int:
+    """Host bytes each Gaussian costs: its offloaded row with both moments and a step counter,
+    or, with the compute device on the CPU, everything the engine keeps there."""
+    width = sum(a.width for a in spec)
+    key_width = sum(a.width for a in spec.key)
+    on_cpu = device.type == "cpu"
+    if offload == "none":
+        return 16 * width + DENSITY_STATS_BYTES if on_cpu else 0
+    if offload == "naive":
+        return 16 * width + 4
+    store = 12 * (width - key_width) + 4
+    return store + (16 * key_width + DENSITY_STATS_BYTES if on_cpu else 0)
+
+
+def host_buffers(spec: GaussianSpec, cfg: TrainConfig, max_pixels: int) -> int:
+    """Host memory training needs whatever the model's size: the pinned gradient staging ring,
+    staged and prefetched target images, and the blocks a checkpoint or PLY streams through."""
+    width = sum(a.width for a in spec)
+    staging = STAGING_ROWS * (4 * width + 8) if cfg.offload == "clm" else 0
+    images = 4 * cfg.batch_size * max_pixels * 3
+    streaming = 2 * STREAM_ROWS * 12 * width
+    return staging + images + streaming

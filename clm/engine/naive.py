@@ -4,12 +4,12 @@ culling, caching and overlap buy."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from clm.engine.base import Engine, LossFn, ObserveFn, Snapshot, StepStats
+from clm.engine.base import STREAM_ROWS, Engine, LossFn, ObserveFn, RowChunk, RowSource, StepStats
 from clm.model.spec import unpack_rows
 from clm.model.table import Compaction
 from clm.offload.lazy_rows import HostRows
@@ -108,11 +108,14 @@ class NaiveEngine(Engine):
         for chunk in store.param_chunks:
             chunk[:, seg.start : seg.end].clamp_(max=max_logit)
 
-    def snapshot(self) -> Snapshot:
-        params, exp_avg, exp_avg_sq = self.host.dense(self.step)
-        return Snapshot(params, exp_avg, exp_avg_sq, self.step)
+    def state_chunks(self, rows: int = STREAM_ROWS) -> Iterator[RowChunk]:
+        for _, _, state in self.host.state_chunks(self.step, rows):
+            yield RowChunk(*state)
 
-    def load(self, snap: Snapshot) -> None:
-        self.host.load(snap.params, snap.exp_avg, snap.exp_avg_sq, snap.step)
-        self.host.advance_to(snap.step)
-        self.step = snap.step
+    def load_rows(self, source: RowSource) -> None:
+        self.host.clear()
+        self.host.store.reserve(source.count)
+        for chunk in source.chunks:
+            self.host.append_state(chunk.params, *chunk.moments(), source.step)
+        self.host.advance_to(source.step)
+        self.step = source.step

@@ -29,7 +29,15 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from clm.engine.base import Engine, LossFn, ObserveFn, Snapshot, StepStats
+from clm.engine.base import (
+    STREAM_ROWS,
+    Engine,
+    LossFn,
+    ObserveFn,
+    RowChunk,
+    RowSource,
+    StepStats,
+)
 from clm.model.spec import active_row_width, unpack_rows
 from clm.model.table import Compaction
 from clm.offload.culling import MAX_CAMERAS, Culler
@@ -40,6 +48,8 @@ from clm.offload.transfer import RowGather
 from clm.offload.worker import BackgroundQueue, StagingRing, wait_for
 from clm.optim.lazy_adam import AdamConfig
 from clm.render.base import RenderOutput, View
+
+STAGING_ROWS = 1 << 20  # gradient rows the pinned staging ring holds
 
 
 @contextlib.contextmanager
@@ -57,7 +67,7 @@ class OffloadEngine(Engine):
         params: Mapping[str, Tensor],
         *,
         cache_rows: int | None,
-        staging_rows: int = 1 << 20,
+        staging_rows: int = STAGING_ROWS,
         max_host_bytes: int | None = None,
         chunk_shift: int = 20,
         cpu_threads: int | None = None,
@@ -404,31 +414,25 @@ class OffloadEngine(Engine):
 
     # ---- checkpoints ----------------------------------------------------------------------
 
-    def snapshot(self) -> Snapshot:
+    def state_chunks(self, rows: int = STREAM_ROWS) -> Iterator[RowChunk]:
         self._drain()
-        params, exp_avg, exp_avg_sq = self.key.dense()
-        hp, hm, hv = self.host.dense(self.step)
-        params.update(hp)
-        exp_avg.update(hm)
-        exp_avg_sq.update(hv)
-        return Snapshot(params, exp_avg, exp_avg_sq, self.step)
+        for start, stop, host in self.host.state_chunks(self.step, rows):
+            key = self.key.state_chunk(start, stop)
+            yield RowChunk(*({**k, **h} for k, h in zip(key, host, strict=True)))
 
-    def load(self, snap: Snapshot) -> None:
+    def load_rows(self, source: RowSource) -> None:
         self._drain()
-        host = [a.name for a in self.spec.host]
-        pick = lambda d, names: {n: d[n] for n in names}  # noqa: E731
-        keys = [a.name for a in self.spec.key]
-        self.key.load(
-            pick(snap.params, keys), pick(snap.exp_avg, keys), pick(snap.exp_avg_sq, keys)
-        )
-        self.host.load(
-            pick(snap.params, host),
-            pick(snap.exp_avg, host),
-            pick(snap.exp_avg_sq, host),
-            snap.step,
-        )
-        self.host.advance_to(snap.step)
-        self.step = snap.step
+        self.key.clear(max(self.key.table.capacity, source.count))
+        self.host.clear()
+        self.host.store.reserve(source.count)
+        key_names = [a.name for a in self.spec.key]
+        host_names = [a.name for a in self.spec.host]
+        for chunk in source.chunks:
+            state = (chunk.params, *chunk.moments())
+            self.key.append_state(*({n: d[n] for n in key_names} for d in state))
+            self.host.append_state(*({n: d[n] for n in host_names} for d in state), source.step)
+        self.host.advance_to(source.step)
+        self.step = source.step
 
     def close(self) -> None:
         self.prefetch.close()

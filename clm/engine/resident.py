@@ -6,12 +6,12 @@ match number for number. On the CPU it is simply the whole model in RAM.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from clm.engine.base import Engine, LossFn, ObserveFn, Snapshot, StepStats
+from clm.engine.base import STREAM_ROWS, Engine, LossFn, ObserveFn, RowChunk, RowSource, StepStats
 from clm.model.table import Compaction, RowTable
 from clm.optim.lazy_adam import AdamConfig, adam_step
 from clm.render.base import RenderOutput, View
@@ -87,18 +87,25 @@ class ResidentEngine(Engine):
         self.exp_avg["opacities"].zero_()
         self.exp_avg_sq["opacities"].zero_()
 
-    def snapshot(self) -> Snapshot:
-        return Snapshot(
-            self.params.state(), self.exp_avg.state(), self.exp_avg_sq.state(), self.step
-        )
+    def state_chunks(self, rows: int = STREAM_ROWS) -> Iterator[RowChunk]:
+        for start in range(0, len(self.params), rows):
+            yield RowChunk(
+                *(
+                    {n: t[start : start + rows].cpu() for n, t in table.items()}
+                    for table in (self.params, self.exp_avg, self.exp_avg_sq)
+                )
+            )
 
-    def load(self, snap: Snapshot) -> None:
-        def table(tensors: Mapping[str, Tensor]) -> RowTable:
-            return RowTable({n: tensors[n].to(self.device, torch.float32) for n in self.spec.names})
-
-        reserved = self.params.capacity
-        self.params = table(snap.params)
-        self.exp_avg = table(snap.exp_avg)
-        self.exp_avg_sq = table(snap.exp_avg_sq)
-        self.reserve(reserved)
-        self.step = snap.step
+    def load_rows(self, source: RowSource) -> None:
+        capacity = max(self.params.capacity, source.count)
+        empty = {a.name: torch.zeros(0, *a.shape, device=self.device) for a in self.spec}
+        self.params, self.exp_avg, self.exp_avg_sq = (RowTable(empty) for _ in range(3))
+        self.reserve(capacity)
+        for chunk in source.chunks:
+            for table, values in zip(
+                (self.params, self.exp_avg, self.exp_avg_sq),
+                (chunk.params, *chunk.moments()),
+                strict=True,
+            ):
+                table.append({n: values[n].to(self.device, torch.float32) for n in self.spec.names})
+        self.step = source.step

@@ -185,6 +185,12 @@ class PlySource:
         for start in range(0, self.count, rows):
             yield _unpack_rows(self._rows[start : start + rows], self.num_rest)
 
+    def sample(self, rows: int) -> dict[str, np.ndarray]:
+        """About ``rows`` rows evenly spaced through the file (reads only their pages), for
+        planning from a model without loading it."""
+        stride = max(1, self.count // max(rows, 1))
+        return _unpack_rows(self._rows[::stride], self.num_rest)
+
 
 def open_ply(path: Path) -> PlySource:
     """Open a 3DGS PLY for chunked reading; its header is checked here, no row is read yet.

@@ -140,7 +140,8 @@ def gaussian_splatting_spec(sh_degree: int = 3) -> GaussianSpec:
 
 def pack_rows(params: dict[str, Tensor], segments: Sequence[ColumnSegment]) -> Tensor:
     """Attributes side by side as one ``[N, width]`` float32 tensor."""
-    parts = [params[seg.attr.name].reshape(params[seg.attr.name].shape[0], -1) for seg in segments]
+    values = [params[seg.attr.name] for seg in segments]
+    parts = [t.reshape(t.shape[0], math.prod(t.shape[1:])) for t in values]
     return torch.cat(parts, dim=1).float().contiguous()
 
 

@@ -194,14 +194,28 @@ class HostStore:
             yield chunk, offset, pos - start, count
             pos += count
 
-    def append(self, params: Tensor, step: int) -> None:
-        """Add rows with zero Adam moments, considered up to date at ``step``."""
+    def append(
+        self,
+        params: Tensor,
+        step: int,
+        exp_avg: Tensor | None = None,
+        exp_avg_sq: Tensor | None = None,
+    ) -> None:
+        """Add rows, considered up to date at ``step``, with the given Adam moments (zeros when
+        None)."""
         n = params.shape[0]
         self.reserve(self._len + n)
         for chunk, offset, src, count in self.chunk_slices(self._len, self._len + n):
-            self.param_chunks[chunk][offset : offset + count] = params[src : src + count]
-            self.exp_avg_chunks[chunk][offset : offset + count] = 0
-            self.exp_avg_sq_chunks[chunk][offset : offset + count] = 0
+            for chunks, values in (
+                (self.param_chunks, params),
+                (self.exp_avg_chunks, exp_avg),
+                (self.exp_avg_sq_chunks, exp_avg_sq),
+            ):
+                target = chunks[chunk][offset : offset + count]
+                if values is None:
+                    target.zero_()
+                else:
+                    target.copy_(values[src : src + count])
             self.last_chunks[chunk][offset : offset + count] = step
         self._len += n
 
@@ -236,25 +250,24 @@ class HostStore:
             del chunks[keep_chunks:]
         del self._blocks[keep_chunks:]
 
-    # ---- whole-store views (checkpoints) ------------------------------------------------------
+    # ---- whole-store access (checkpoints, export) ------------------------------------------
 
-    def dense(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Copies of every row's parameters and Adam moments."""
-        out = []
-        for chunks in (self.param_chunks, self.exp_avg_chunks, self.exp_avg_sq_chunks):
-            dense = torch.empty(self._len, self.width)
-            for c, o, src, n in self.chunk_slices(0, self._len):
-                dense[src : src + n] = chunks[c][o : o + n]
-            out.append(dense)
-        return out[0], out[1], out[2]
+    def rows(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Views of the parameters and both moments of rows ``[start, stop)``, which must lie in
+        one chunk (see :meth:`chunk_slices`)."""
+        chunk, offset = start >> self.chunk_shift, start & (self.chunk_rows - 1)
+        if (stop - 1) >> self.chunk_shift != chunk:
+            raise ValueError(f"rows {start}:{stop} span more than one chunk")
+        end = offset + stop - start
+        return (
+            self.param_chunks[chunk][offset:end],
+            self.exp_avg_chunks[chunk][offset:end],
+            self.exp_avg_sq_chunks[chunk][offset:end],
+        )
 
-    def load_dense(self, params: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int) -> None:
-        """Replace every row (a checkpoint's, caught up to ``step``)."""
+    def clear(self) -> None:
+        """Drop every row and free every chunk."""
         self._len = 0
         for chunks in self._arrays():
             chunks.clear()
         self._blocks.clear()
-        self.append(params, step)
-        for chunk, offset, src, count in self.chunk_slices(0, self._len):
-            self.exp_avg_chunks[chunk][offset : offset + count] = exp_avg[src : src + count]
-            self.exp_avg_sq_chunks[chunk][offset : offset + count] = exp_avg_sq[src : src + count]

@@ -7,7 +7,7 @@ saved or exported), so a step costs host work in proportion to the rows a batch 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -116,23 +116,35 @@ class HostRows(_Schedule):
     def compact(self, plan: Compaction) -> None:
         self.store.compact(plan)
 
-    def dense(self, step: int) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-        """Every row up to date at ``step``, unpacked into attributes."""
-        self.catch_up(None, step)
-        p, m, v = self.store.dense()
-        return tuple(
-            {k: t.clone() for k, t in unpack_rows(x, self.layout).items()} for x in (p, m, v)
-        )
+    def state_chunks(
+        self, step: int, rows: int
+    ) -> Iterator[tuple[int, int, tuple[dict[str, Tensor], ...]]]:
+        """``(start, stop, (params, exp_avg, exp_avg_sq))`` for every range of at most ``rows``
+        rows (never across a store chunk), each brought up to ``step`` first; views of the
+        store, unpacked into attributes."""
+        self.advance_to(step)
+        segments = self.segments(step)
+        store = self.store
+        start = 0
+        while start < len(store):
+            stop = min(start + rows, len(store), (start | (store.chunk_rows - 1)) + 1)
+            self.adam.catch_up(torch.arange(start, stop), step, segments)
+            yield start, stop, tuple(unpack_rows(x, self.layout) for x in store.rows(start, stop))
+            start = stop
 
-    def load(
+    def clear(self) -> None:
+        self.store.clear()
+
+    def append_state(
         self,
         params: Mapping[str, Tensor],
         exp_avg: Mapping[str, Tensor],
         exp_avg_sq: Mapping[str, Tensor],
         step: int,
     ) -> None:
+        """Add rows with their Adam moments, up to date at ``step``."""
         pack = lambda d: pack_rows(dict(d), self.layout)  # noqa: E731
-        self.store.load_dense(pack(params), pack(exp_avg), pack(exp_avg_sq), step)
+        self.store.append(pack(params), step, pack(exp_avg), pack(exp_avg_sq))
 
 
 class DeviceRows:
@@ -209,24 +221,26 @@ class DeviceRows:
         self.table["exp_avg"][:, seg.start : seg.end] = 0
         self.table["exp_avg_sq"][:, seg.start : seg.end] = 0
 
-    def dense(self) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    def state_chunk(self, start: int, stop: int) -> tuple[dict[str, Tensor], ...]:
+        """Parameters and both moments of rows ``[start, stop)``, unpacked, on the CPU."""
         return tuple(
-            {
-                k: v.detach().cpu().clone()
-                for k, v in unpack_rows(self.table[key], self.layout).items()
-            }
+            unpack_rows(self.table[key][start:stop].cpu(), self.layout)
             for key in ("param", "exp_avg", "exp_avg_sq")
         )
 
-    def load(
+    def clear(self, capacity: int) -> None:
+        """Drop every row; keep room for ``capacity`` (a hard budget reserved it)."""
+        empty = torch.empty(0, self.width, device=self.device)
+        self.table = RowTable({"param": empty, "exp_avg": empty, "exp_avg_sq": empty})
+        self.table.reserve(capacity)
+
+    def append_state(
         self,
         params: Mapping[str, Tensor],
         exp_avg: Mapping[str, Tensor],
         exp_avg_sq: Mapping[str, Tensor],
     ) -> None:
         pack = lambda d: pack_rows(dict(d), self.layout).to(self.device)  # noqa: E731
-        reserved = self.table.capacity
-        self.table = RowTable(
+        self.table.append(
             {"param": pack(params), "exp_avg": pack(exp_avg), "exp_avg_sq": pack(exp_avg_sq)}
         )
-        self.table.reserve(reserved)

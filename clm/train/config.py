@@ -56,6 +56,9 @@ class TrainConfig:
     cpu_threads: int | None = _opt(None, "threads for the CPU Adam (default: all cores)")
     # outputs
     checkpoint_every: int = _opt(1000, "save a checkpoint every this many steps (and on Ctrl-C)")
+    keep_checkpoints: int = _opt(
+        2, "checkpoints kept; an older one is deleted only once a newer one is complete"
+    )
     eval_every: int = _opt(0, "evaluate on held-out views every this many steps (0: at the end)")
     log_every: int = _opt(10, "append to the training log every this many steps")
     cache_dir: Path | None = _opt(None, "where decoded images are cached (default: output/cache)")
@@ -195,6 +198,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ClmError(f"--batch-size must be between 1 and 64, got {cfg.batch_size}")
     if not 0 <= cfg.sh_degree <= 3:
         raise ClmError(f"--sh-degree must be 0..3, got {cfg.sh_degree}")
+    if cfg.keep_checkpoints < 1:
+        raise ClmError(f"--keep-checkpoints must be at least 1, got {cfg.keep_checkpoints}")
     if cfg.data_factor < 1:
         raise ClmError(f"--data-factor must be at least 1, got {cfg.data_factor}")
     if cfg.max_gpu_gb is not None and cfg.max_gpu_gb <= 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -178,14 +179,28 @@ class DensityController:
         chosen &= candidates
         return clone & chosen, split & chosen, wanted - int(chosen.sum())
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {
-            "grad2d": self.grad2d.cpu(),
-            "count": self.count.cpu(),
-            "generator": self.generator.get_state(),
-        }
+    ROW_STATE = ("grad2d", "count")  # per-Gaussian statistics, saved as checkpoint columns
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.grad2d = state["grad2d"].to(self.device)
-        self.count = state["count"].to(self.device)
+    def row_state(self, start: int, stop: int) -> dict[str, Tensor]:
+        """Rows ``[start, stop)`` of the statistics, on the CPU (zeros before the first view)."""
+        out = {}
+        for name in self.ROW_STATE:
+            values = getattr(self, name)
+            out[name] = values[start:stop].cpu() if values.numel() else torch.zeros(stop - start)
+        return out
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(
+        self, state: dict[str, Tensor], rows: Iterable[dict[str, Tensor]], count: int
+    ) -> None:
+        """Restore the generator, and the statistics from blocks of ``density/<name>`` columns."""
         self.generator.set_state(state["generator"])
+        self._ensure_size(count)
+        start = 0
+        for block in rows:
+            n = len(next(iter(block.values())))
+            for name in self.ROW_STATE:
+                getattr(self, name)[start : start + n] = block[f"density/{name}"].to(self.device)
+            start += n

@@ -1,14 +1,17 @@
-"""Between the training frame and the user's: PLY export and import.
+"""Between the training frame and the user's: PLY export and import, chunk by chunk.
 
 Training works in a normalised frame (``x_train = s·(x_world - c)``, see
 :class:`clm.data.types.Similarity`). A uniform scale and a translation leave rotations and
-view-dependent colour unchanged, so only positions and log-scales need converting.
+view-dependent colour unchanged, so only positions and log-scales need converting. Models move
+in chunks (:class:`clm.engine.base.RowSource`), so a PLY of a hundred million splats is never
+in memory whole.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +19,18 @@ import torch
 from torch import Tensor
 
 from clm.data.types import Similarity
-from clm.model.ply import read_ply, write_ply
+from clm.engine.base import RowChunk, RowSource
+from clm.errors import ClmError
+from clm.model.ply import open_ply, write_ply_stream
 from clm.model.spec import GaussianSpec
+from clm.train.checkpoint import MOMENT_KINDS, Checkpoint
 
 log = logging.getLogger(__name__)
 
+PLAN_SAMPLE_ROWS = 1 << 20  # rows read ahead of loading a model, to plan its GPU memory
 
-def params_to_world(params: dict[str, Tensor], to_train: Similarity) -> dict[str, np.ndarray]:
+
+def params_to_world(params: Mapping[str, Tensor], to_train: Similarity) -> dict[str, np.ndarray]:
     out = {k: v.detach().cpu().float().numpy() for k, v in params.items()}
     out["means"] = to_train.to_world(out["means"].astype(np.float64)).astype(np.float32)
     out["scales"] = out["scales"] - np.float32(math.log(to_train.scale))
@@ -30,7 +38,7 @@ def params_to_world(params: dict[str, Tensor], to_train: Similarity) -> dict[str
 
 
 def world_to_params(
-    splats: dict[str, np.ndarray], to_train: Similarity, spec: GaussianSpec
+    splats: Mapping[str, np.ndarray], to_train: Similarity, spec: GaussianSpec
 ) -> dict[str, Tensor]:
     """PLY values as raw parameters in the training frame, fitted to the spec's SH degree."""
     params = {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in splats.items()}
@@ -40,7 +48,6 @@ def world_to_params(
     bands = spec["shN"].shape[0]
     rest = params["shN"]
     if rest.shape[1] != bands:
-        log.warning("PLY has %d SH bands beyond degree 0; the model uses %d", rest.shape[1], bands)
         fitted = torch.zeros(rest.shape[0], bands, 3)
         keep = min(bands, rest.shape[1])
         fitted[:, :keep] = rest[:, :keep]
@@ -48,12 +55,60 @@ def world_to_params(
     return params
 
 
-def export_ply(path: Path, params: dict[str, Tensor], to_train: Similarity) -> tuple[int, int]:
-    """Write the INRIA PLY in the scene's own frame; returns (written, dropped non-finite)."""
-    splats = params_to_world(params, to_train)
-    dropped = write_ply(path, splats)
-    return splats["means"].shape[0] - dropped, dropped
+def export_ply(
+    path: Path, chunks: Iterable[Mapping[str, Tensor]], count: int, to_train: Similarity
+) -> tuple[int, int]:
+    """Write parameter chunks (training frame, ``count`` rows in all) as the INRIA PLY in the
+    scene's own frame; returns (written, dropped non-finite)."""
+    it = iter(chunks)
+    first = next(it, None)
+    if first is None:
+        raise ClmError(f"{path}: the model has no Gaussians to export")
+
+    def world() -> Iterator[dict[str, np.ndarray]]:
+        yield params_to_world(first, to_train)
+        for chunk in it:
+            yield params_to_world(chunk, to_train)
+
+    return write_ply_stream(path, first["shN"].shape[1], count, world())
 
 
-def import_ply(path: Path, to_train: Similarity, spec: GaussianSpec) -> dict[str, Tensor]:
-    return world_to_params(read_ply(path), to_train, spec)
+def ply_source(path: Path, to_train: Similarity, spec: GaussianSpec) -> RowSource:
+    """A PLY's splats as raw parameters in the training frame, streamed from disk."""
+    ply = open_ply(path)
+    if ply.count == 0:
+        raise ClmError(f"{path}: the PLY holds no Gaussians")
+    bands = spec["shN"].shape[0]
+    if ply.num_rest != bands:
+        log.warning(
+            "%s has %d SH bands beyond degree 0; the model uses %d", path, ply.num_rest, bands
+        )
+    chunks = (RowChunk(world_to_params(c, to_train, spec)) for c in ply.chunks())
+    return RowSource(
+        ply.count,
+        chunks,
+        sample=lambda: world_to_params(ply.sample(PLAN_SAMPLE_ROWS), to_train, spec),
+    )
+
+
+def checkpoint_source(ckpt: Checkpoint, spec: GaussianSpec, moments: bool = True) -> RowSource:
+    """A checkpoint's rows for ``spec`` (whose SH bands may be fewer than the run's: the rest are
+    cut off), with both Adam moments unless ``moments`` is False (rendering needs none)."""
+    kinds = MOMENT_KINDS if moments else MOMENT_KINDS[:1]
+    names = [f"{kind}/{a.name}" for kind in kinds for a in spec]
+
+    def fit(values: Tensor, shape: tuple[int, ...]) -> Tensor:
+        return values[:, : shape[0]] if values.shape[1:] != shape else values
+
+    def chunks() -> Iterator[RowChunk]:
+        for block in ckpt.blocks(names):
+            parts = [
+                {a.name: fit(block[f"{kind}/{a.name}"], a.shape) for a in spec} for kind in kinds
+            ]
+            yield RowChunk(*parts)
+
+    def sample() -> dict[str, Tensor]:
+        names = [f"param/{a.name}" for a in spec]
+        return {n.split("/", 1)[1]: t for n, t in ckpt.sample(names, PLAN_SAMPLE_ROWS).items()}
+
+    return RowSource(ckpt.count, chunks(), ckpt.step if moments else 0, sample=sample)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from clm.data.images import ImageCache
 from clm.data.scene import load_scene
-from clm.engine.base import AdamSettings, Engine, Snapshot
+from clm.engine.base import STREAM_ROWS, AdamSettings, Engine, RowSource
 from clm.engine.factory import make_engine
 from clm.errors import ClmError
 from clm.files import write_json
@@ -26,11 +26,11 @@ from clm.model.init import init_from_points
 from clm.model.spec import gaussian_splatting_spec
 from clm.render.base import RenderOutput, View
 from clm.render.splats import default_renderer
-from clm.train.checkpoint import list_checkpoints, save_checkpoint
+from clm.train.checkpoint import MOMENT_KINDS, Checkpoint, list_checkpoints, save_checkpoint
 from clm.train.config import TrainConfig, config_to_dict
 from clm.train.densify import DensifyConfig, DensityController
 from clm.train.evaluate import evaluate
-from clm.train.export import export_ply, import_ply
+from clm.train.export import checkpoint_source, export_ply, ply_source
 from clm.train.log import TrainLog
 from clm.train.loss import photometric_loss
 from clm.train.schedule import LearningRates, adam_betas, sh_degree_at
@@ -97,7 +97,7 @@ def format_count(n: int) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, checkpoint: dict[str, Any] | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, checkpoint: Checkpoint | None = None) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         prepare_output(cfg.output, resuming=checkpoint is not None)
@@ -122,18 +122,20 @@ class Trainer:
         lrs = LearningRates(self.spec, self.total_steps, extent=scene.extent, batch_size=batch)
         adam = AdamSettings(betas=adam_betas(batch))
         if checkpoint is not None:
-            params = checkpoint["snapshot"]["params"]
+            rows = checkpoint_source(checkpoint, self.spec)
         elif cfg.init_ply is not None:
-            params = import_ply(cfg.init_ply, scene.to_train, self.spec)
+            rows = ply_source(cfg.init_ply, scene.to_train, self.spec)
         else:
-            params = init_from_points(
-                self.spec, scene.points, scene.colors, init_opacity=cfg.init_opacity
+            rows = RowSource.of(
+                init_from_points(
+                    self.spec, scene.points, scene.colors, init_opacity=cfg.init_opacity
+                )
             )
         max_pixels = max(f.width * f.height for f in frames)
         self.engine: Engine = make_engine(
             cfg,
             self.spec,
-            params,
+            rows,
             default_renderer(self.device),
             lrs,
             adam,
@@ -167,15 +169,10 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
 
-    def _payload(self, snap: Snapshot) -> dict[str, Any]:
+    def _meta(self) -> dict[str, Any]:
+        """Everything but the per-row columns (see :meth:`_row_blocks`)."""
         return {
-            "step": snap.step,
             "config": config_to_dict(self.cfg),
-            "snapshot": {
-                "params": snap.params,
-                "exp_avg": snap.exp_avg,
-                "exp_avg_sq": snap.exp_avg_sq,
-            },
             "density": self.density.state_dict(),
             "sampler": self.sampler.state_dict(),
             "log": self.log.state_dict(),
@@ -191,28 +188,59 @@ class Trainer:
             },
         }
 
-    def _restore(self, ckpt: dict[str, Any]) -> None:
-        snap = ckpt["snapshot"]
-        self.engine.load(
-            Snapshot(snap["params"], snap["exp_avg"], snap["exp_avg_sq"], int(ckpt["step"]))
-        )
-        self.density.load_state_dict(ckpt["density"])
-        self.sampler.load_state_dict(ckpt["sampler"])
-        self.log.load_state_dict(ckpt["log"], int(ckpt["step"]))
-        self.elapsed = float(ckpt.get("elapsed", 0.0))
-        random.setstate(ckpt["rng"]["python"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        log.info("resumed from step %d", ckpt["step"])
+    def _columns(self) -> dict[str, tuple[int, ...]]:
+        columns = {f"{kind}/{a.name}": tuple(a.shape) for kind in MOMENT_KINDS for a in self.spec}
+        columns.update({f"density/{name}": () for name in self.density.ROW_STATE})
+        return columns
 
-    def save_checkpoint(self, snap: Snapshot | None = None) -> Path:
+    def _row_blocks(self) -> Any:
+        """Every row's parameters, moments and density statistics, a block at a time."""
+        start = 0
+        for chunk in self.engine.state_chunks(STREAM_ROWS):
+            stop = start + len(chunk)
+            block = {
+                f"{kind}/{name}": t
+                for kind, values in zip(MOMENT_KINDS, (chunk.params, *chunk.moments()), strict=True)
+                for name, t in values.items()
+            }
+            for name, t in self.density.row_state(start, stop).items():
+                block[f"density/{name}"] = t
+            yield block
+            start = stop
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        meta = ckpt.meta
+        names = [f"density/{n}" for n in self.density.ROW_STATE]
+        self.density.load_state_dict(meta["density"], ckpt.blocks(names), ckpt.count)
+        self.sampler.load_state_dict(meta["sampler"])
+        self.log.load_state_dict(meta["log"], ckpt.step)
+        self.elapsed = float(meta.get("elapsed", 0.0))
+        random.setstate(meta["rng"]["python"])
+        np.random.set_state(meta["rng"]["numpy"])
+        torch.set_rng_state(meta["rng"]["torch"])
+        log.info("resumed from step %d (%s)", ckpt.step, ckpt.path)
+
+    def save_checkpoint(self) -> Path:
+        """Stream the whole training state to a new checkpoint (once per step)."""
         if self._saved is not None and self._saved[0] == self.engine.step:
             return self._saved[1]  # already saved at this step
-        snap = snap if snap is not None else self.engine.snapshot()
-        path = save_checkpoint(self.cfg.output, self.engine.step, self._payload(snap))
-        self._saved = (self.engine.step, path)
-        log.info("checkpoint: %s", path)
-        return path
+        saved = save_checkpoint(
+            self.cfg.output,
+            self.engine.step,
+            self._meta(),
+            self._columns(),
+            self._row_blocks(),
+            keep=self.cfg.keep_checkpoints,
+        )
+        self._saved = (self.engine.step, saved.path)
+        log.info(
+            "checkpoint at step %d: %.2f GB in %.1f s -> %s",
+            self.engine.step,
+            saved.bytes / 1e9,
+            saved.seconds,
+            saved.path,
+        )
+        return saved.path
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -396,11 +424,15 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """Final checkpoint, PLY, held-out metrics with renders, and the plot."""
         cfg = self.cfg
-        snap = self.engine.snapshot()  # one catch-up and copy serves checkpoint and PLY
-        path = self.save_checkpoint(snap)
+        path = self.save_checkpoint()  # also brings every host row up to date for the PLY
+        t0 = time.perf_counter()
         written, dropped = export_ply(
-            cfg.output / "point_cloud.ply", snap.params, self.scene.to_train
+            cfg.output / "point_cloud.ply",
+            (chunk.params for chunk in self.engine.state_chunks(STREAM_ROWS)),
+            self.engine.num_gaussians,
+            self.scene.to_train,
         )
+        log.info("PLY: %d Gaussians in %.1f s", written, time.perf_counter() - t0)
         if dropped:
             log.warning("dropped %d Gaussians with non-finite values from the PLY", dropped)
         metrics: dict[str, Any] = {"step": self.engine.step, "num_gaussians": written}
