@@ -4,9 +4,11 @@ everything goes to a temporary file beside the target, is synced, then renamed o
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -42,8 +44,16 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             os.fsync(stream.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
+        written = tmp.stat().st_size if tmp.exists() else 0
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            free = shutil.disk_usage(path.parent).free
+            raise ClmError(
+                f"{path}: no space left on {path.parent} (the disk filled after "
+                f"{written / 1e9:.2f} GB; {free / 1e9:.2f} GB free now); the previous file is "
+                "intact"
+            ) from None
         if isinstance(exc, OSError):
             raise ClmError(f"{path}: write failed ({reason(exc)})") from None
         raise

@@ -93,6 +93,8 @@ def test_ctrl_c_then_resume_continues_exactly(scene, tmp_path, offload):
     assert train_main(args) == 0
     a, b = final_params(tmp_path / "a"), final_params(tmp_path / "b")
     assert a["param"]["means"].shape[0] != 0
+    kept = [p.name for p in list_checkpoints(tmp_path / "b")]
+    assert kept == ["step_0000020.ckpt", "step_0000040.ckpt"]  # --keep-checkpoints 2
     for kind in ("param", "exp_avg", "exp_avg_sq", "density"):
         for name in a[kind]:
             assert torch.equal(a[kind][name], b[kind][name]), (kind, name)

@@ -42,7 +42,7 @@ class Snapshot:
 
 
 # Rows per chunk when a whole model streams in or out (checkpoints, export, loading).
-STREAM_ROWS = 1 << 18
+STREAM_ROWS = 1 << 16
 
 
 @dataclass

@@ -21,7 +21,7 @@ import logging
 import re
 import struct
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,8 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clm.engine.base import RowChunk
 from clm.errors import ClmError
 from clm.files import atomic_write, reason
+from clm.model.spec import GaussianSpec
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,31 @@ def list_checkpoints(output: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def state_columns(
+    spec: GaussianSpec, extra: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Per-row shapes of the columns a checkpoint of ``spec`` holds: ``<kind>/<attribute>`` for
+    the parameters and both Adam moments, then ``extra`` (other per-row state)."""
+    columns = {f"{kind}/{a.name}": tuple(a.shape) for kind in MOMENT_KINDS for a in spec}
+    return {**columns, **(extra or {})}
+
+
+def state_blocks(
+    chunks: Iterable[RowChunk], extra: Callable[[int, int], dict[str, Tensor]] | None = None
+) -> Iterator[dict[str, Tensor]]:
+    """An engine's :meth:`~clm.engine.base.Engine.state_chunks` as checkpoint blocks, with
+    ``extra(start, stop)`` (columns named as in :func:`state_columns`) added to each."""
+    start = 0
+    for chunk in chunks:
+        stop = start + len(chunk)
+        kinds = zip(MOMENT_KINDS, (chunk.params, *chunk.moments()), strict=True)
+        block = {f"{kind}/{name}": t for kind, values in kinds for name, t in values.items()}
+        if extra is not None:
+            block.update(extra(start, stop))
+        yield block
+        start = stop
 
 
 def _trimmed(values: Tensor) -> np.ndarray:

@@ -26,7 +26,13 @@ from clm.model.init import init_from_points
 from clm.model.spec import gaussian_splatting_spec
 from clm.render.base import RenderOutput, View
 from clm.render.splats import default_renderer
-from clm.train.checkpoint import MOMENT_KINDS, Checkpoint, list_checkpoints, save_checkpoint
+from clm.train.checkpoint import (
+    Checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+    state_blocks,
+    state_columns,
+)
 from clm.train.config import TrainConfig, config_to_dict
 from clm.train.densify import DensifyConfig, DensityController
 from clm.train.evaluate import evaluate
@@ -170,7 +176,7 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
 
     def _meta(self) -> dict[str, Any]:
-        """Everything but the per-row columns (see :meth:`_row_blocks`)."""
+        """Everything but the per-row columns."""
         return {
             "config": config_to_dict(self.cfg),
             "density": self.density.state_dict(),
@@ -187,26 +193,6 @@ class Trainer:
                 "center": self.scene.to_train.center.tolist(),
             },
         }
-
-    def _columns(self) -> dict[str, tuple[int, ...]]:
-        columns = {f"{kind}/{a.name}": tuple(a.shape) for kind in MOMENT_KINDS for a in self.spec}
-        columns.update({f"density/{name}": () for name in self.density.ROW_STATE})
-        return columns
-
-    def _row_blocks(self) -> Any:
-        """Every row's parameters, moments and density statistics, a block at a time."""
-        start = 0
-        for chunk in self.engine.state_chunks(STREAM_ROWS):
-            stop = start + len(chunk)
-            block = {
-                f"{kind}/{name}": t
-                for kind, values in zip(MOMENT_KINDS, (chunk.params, *chunk.moments()), strict=True)
-                for name, t in values.items()
-            }
-            for name, t in self.density.row_state(start, stop).items():
-                block[f"density/{name}"] = t
-            yield block
-            start = stop
 
     def _restore(self, ckpt: Checkpoint) -> None:
         meta = ckpt.meta
@@ -228,8 +214,11 @@ class Trainer:
             self.cfg.output,
             self.engine.step,
             self._meta(),
-            self._columns(),
-            self._row_blocks(),
+            state_columns(self.spec, {f"density/{n}": () for n in self.density.ROW_STATE}),
+            state_blocks(
+                self.engine.state_chunks(STREAM_ROWS),
+                lambda a, b: {f"density/{n}": t for n, t in self.density.row_state(a, b).items()},
+            ),
             keep=self.cfg.keep_checkpoints,
         )
         self._saved = (self.engine.step, saved.path)

@@ -1,0 +1,245 @@
+"""Checkpoints and exports at scale: streamed block by block from an engine with bounded extra
+memory, exact when read back, the last K kept, a damaged newest one skipped, a full disk named."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from plyfile import PlyData
+
+from clm.data.types import Similarity
+from clm.engine.base import AdamSettings, RowChunk, RowSource
+from clm.engine.factory import make_engine
+from clm.errors import ClmError
+from clm.model.spec import gaussian_splatting_spec
+from clm.render.splats import render_torch
+from clm.train.checkpoint import (
+    Checkpoint,
+    list_checkpoints,
+    open_checkpoint,
+    save_checkpoint,
+    state_blocks,
+    state_columns,
+)
+from clm.train.config import TrainConfig
+from clm.train.export import checkpoint_source, export_ply
+from clm.train.schedule import LearningRates
+
+SPEC = gaussian_splatting_spec(3)
+ROWS = 1 << 20
+CHUNK = 1 << 16
+USED_BANDS = 3  # SH degree 1: higher bands hold zeros, as before degree 2 is ever active
+
+
+def random_chunks(n: int, seed: int, chunk: int = CHUNK):
+    """Chunks of a trained-looking model, made on demand (never all at once)."""
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        parts = []
+        for kind in range(3):
+            values = {}
+            for a in SPEC:
+                t = torch.randn(m, *a.shape, generator=gen)
+                if kind:
+                    t = t.abs() if kind == 2 else t
+                if a.name == "shN":
+                    t[:, USED_BANDS:] = 0
+                values[a.name] = t
+            parts.append(values)
+        yield RowChunk(*parts)
+
+
+def make(source: RowSource, **overrides):
+    cfg = TrainConfig(device="cpu", offload="clm", **overrides)
+    return make_engine(
+        cfg,
+        SPEC,
+        source,
+        render_torch,
+        LearningRates(SPEC, 100),
+        AdamSettings(),
+        torch.device("cpu"),
+        64 * 64,
+    )
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRss:
+    """Peak resident memory above the level at entry, sampled every millisecond."""
+
+    def __enter__(self) -> PeakRss:
+        self.base = rss()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.base
+
+
+def model_bytes(n: int) -> int:
+    """Parameters and both moments, float32."""
+    return n * 3 * 4 * sum(a.width for a in SPEC)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = make(RowSource(ROWS, random_chunks(ROWS, seed=1), step=7))
+    yield engine
+    engine.close()
+
+
+def test_checkpoint_of_a_million_rows_streams_exactly_with_bounded_memory(engine, tmp_path):
+    assert engine.num_gaussians == ROWS and engine.step == 7
+    with PeakRss() as saving:
+        saved = save_checkpoint(
+            tmp_path, 7, {}, state_columns(SPEC), state_blocks(engine.state_chunks(CHUNK)), keep=2
+        )
+    # The all-zero SH bands are not written: a third of the full size plus the rest.
+    assert saved.bytes < 0.45 * model_bytes(ROWS)
+    assert saving.extra < 0.15 * model_bytes(ROWS), saving.extra
+
+    ckpt = Checkpoint(saved.path)
+    assert (ckpt.step, ckpt.count) == (7, ROWS)
+    with PeakRss() as loading:
+        loaded = make(checkpoint_source(ckpt, SPEC))
+    held = loaded.host.store.allocated_bytes + loaded.key.table["param"].numel() * 12
+    assert loading.extra - held < 0.15 * model_bytes(ROWS), (loading.extra, held)
+    try:
+        assert loaded.step == 7
+        for mine, theirs in zip(
+            engine.state_chunks(CHUNK), loaded.state_chunks(CHUNK), strict=True
+        ):
+            pairs = zip(
+                (mine.params, *mine.moments()), (theirs.params, *theirs.moments()), strict=True
+            )
+            for a, b in pairs:
+                for name in a:
+                    assert torch.equal(a[name], b[name]), name
+    finally:
+        loaded.close()
+
+
+def test_ply_export_streams_with_bounded_memory_and_reads_back(engine, tmp_path):
+    to_train = Similarity(2.0, np.array([1.0, -2.0, 0.5]))
+    path = tmp_path / "model.ply"
+    with PeakRss() as exporting:
+        written, dropped = export_ply(
+            path, (c.params for c in engine.state_chunks(CHUNK)), ROWS, to_train
+        )
+    assert (written, dropped) == (ROWS, 0)
+    assert exporting.extra < 0.15 * model_bytes(ROWS), exporting.extra
+    vertex = PlyData.read(str(path))["vertex"]  # plyfile: an independent reader
+    assert vertex.count == ROWS
+    rows = [0, ROWS // 2 + 3, ROWS - 1]
+    chunks = {r // CHUNK: None for r in rows}
+    for i, chunk in enumerate(engine.state_chunks(CHUNK)):
+        if i in chunks:
+            chunks[i] = chunk.params
+    for r in rows:
+        p = {k: v[r % CHUNK] for k, v in chunks[r // CHUNK].items()}
+        world = p["means"].double() / 2.0 + torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+        assert np.allclose([vertex["x"][r], vertex["y"][r], vertex["z"][r]], world, atol=1e-5)
+        assert np.isclose(vertex["scale_1"][r], p["scales"][1] - np.log(2.0), atol=1e-5)
+        # f_rest_{c*15 + k} holds band k of colour channel c.
+        assert np.isclose(vertex["f_rest_16"][r], p["shN"][1, 1])
+        assert np.isclose(vertex["f_rest_2"][r], p["shN"][2, 0])
+        assert vertex["f_rest_44"][r] == 0.0
+
+
+def small_checkpoint(output: Path, step: int, keep: int = 2):
+    blocks = state_blocks(random_chunks(1000, seed=step, chunk=300))
+    return save_checkpoint(output, step, {"note": step}, state_columns(SPEC), blocks, keep=keep)
+
+
+def test_the_last_k_checkpoints_are_kept(tmp_path):
+    for step in (10, 20, 30, 40):
+        small_checkpoint(tmp_path, step, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "step_0000030.ckpt",
+        "step_0000040.ckpt",
+    ]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    blocks = list(Checkpoint(list_checkpoints(tmp_path)[-1]).blocks(["param/shN"]))
+    assert [len(b["param/shN"]) for b in blocks] == [300, 300, 300, 100]
+    assert blocks[0]["param/shN"].shape[1:] == (15, 3)  # trimmed bands come back as zeros
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+    small_checkpoint(tmp_path, 10)
+    newest = small_checkpoint(tmp_path, 20).path
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with pytest.raises(ClmError, match="not a readable clm checkpoint"):
+        Checkpoint(newest)
+    with caplog.at_level("WARNING"):
+        ckpt = open_checkpoint(tmp_path)
+    assert ckpt.step == 10 and ckpt.meta["note"] == 10
+    assert "falling back" in caplog.text
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+    small_checkpoint(tmp_path, 10)
+    real_fdopen = os.fdopen
+
+    class FillingDisk:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def write(self, data):
+            if self.stream.tell() > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.stream.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.stream.close()
+
+    monkeypatch.setattr("clm.files.os.fdopen", lambda *a: FillingDisk(real_fdopen(*a)))
+    with pytest.raises(ClmError, match=r"no space left on .*checkpoints.*previous file is intact"):
+        small_checkpoint(tmp_path, 20)
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000010.ckpt"]
+    assert Checkpoint(list_checkpoints(tmp_path)[0]).step == 10
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000010.ckpt"]
+
+
+def test_a_model_past_the_host_budget_is_refused_before_loading():
+    started = []
+
+    def chunks():
+        started.append(True)
+        yield from random_chunks(100, seed=0)
+
+    with pytest.raises(ClmError, match=r"--max-host-gb .* holds at most"):
+        make(RowSource(50_000_000, chunks()), max_host_gb=4.0)
+    assert not started
