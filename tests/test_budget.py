@@ -1,5 +1,7 @@
 """The --max-gpu-gb planner: what fits, how the row cache is sized, and clear refusals."""
 
+import math
+
 import pytest
 import torch
 from test_engines import make_params, ring_views
@@ -8,12 +10,17 @@ from clm.errors import ClmError
 from clm.model.spec import gaussian_splatting_spec
 from clm.offload.budget import (
     GIB,
+    MAX_CACHE_SHARE,
+    MIN_PIECE_PIXELS,
     MIN_VIEW_SHARE,
+    RENDER_BYTES_PER_PIXEL,
+    TRANSIENT_BYTES,
     VIEW_SHARE_MARGIN,
     busiest_view_share,
     plan_gpu,
 )
 from clm.offload.culling import Culler
+from clm.offload.pieces import PIECE_FILL
 
 SPEC = gaussian_splatting_spec(3)
 PIXELS = 1920 * 1080
@@ -37,20 +44,63 @@ def test_offloading_holds_far_more_gaussians_than_the_gpu_alone():
     assert clm.max_gaussians > 5 * none.max_gaussians
 
 
-@pytest.mark.parametrize("share", [0.0, 0.003, 0.05, 0.25, 0.9])
-def test_the_cache_holds_the_busiest_view_of_the_largest_scene(share):
+def left_after_pixels(budget: int, pixels: int) -> int:
+    return budget - pixels * RENDER_BYTES_PER_PIXEL - TRANSIENT_BYTES
+
+
+def per_cache_row(plan, pixels: int = PIXELS) -> float:
+    pixel_space = plan.budget - left_after_pixels(plan.budget, pixels)
+    return (plan.workspace - pixel_space) / max(plan.cache_rows, 1)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.003, 0.02])
+def test_the_cache_holds_the_busiest_view_when_that_costs_little(share):
     plan = plan_gpu(SPEC, "clm", 24 * GIB, PIXELS, view_share=share)
-    assert fits(plan)
+    assert fits(plan) and plan.pieces == 1
     wanted = min(1.0, max(share * VIEW_SHARE_MARGIN, MIN_VIEW_SHARE))
     assert plan.cache_rows >= wanted * plan.max_gaussians
     # and nothing is left over that could have held more Gaussians
     per_more = plan.per_gaussian + wanted * (plan.workspace / max(plan.cache_rows, 1))
     assert plan.budget - plan.max_gaussians * plan.per_gaussian - plan.workspace < 2 * per_more
+    assert "pieces" not in plan.describe("clm")
+
+
+@pytest.mark.parametrize("share", [0.25, 0.57, 0.9])
+def test_busy_views_no_longer_bound_the_scene(share):
+    """A view too large for the cache is rendered in pieces, so the Gaussians take half of
+    what the pixels leave and the cache the rest, for any share (no view bounds the scene)."""
+    plan = plan_gpu(SPEC, "clm", 24 * GIB, PIXELS, view_share=share)
+    left = left_after_pixels(plan.budget, PIXELS)
+    assert fits(plan)
+    assert plan.max_gaussians == int((1 - MAX_CACHE_SHARE) * left) // plan.per_gaussian
+    rows_bytes = plan.cache_rows * per_cache_row(plan)
+    assert left - plan.max_gaussians * plan.per_gaussian - rows_bytes < per_cache_row(plan)
+    assert plan.cache_rows < share * plan.max_gaussians  # the busiest view does not fit whole
+    assert plan.pieces == math.ceil(share * plan.max_gaussians / (PIECE_FILL * plan.cache_rows))
+    assert f"in about {plan.pieces}" in plan.describe("clm")
+    none = plan_gpu(SPEC, "none", 24 * GIB, PIXELS)
+    assert plan.max_gaussians > 5 * none.max_gaussians
+    # what sizing the cache for the whole busiest view would have allowed
+    rows = min(1.0, share * VIEW_SHARE_MARGIN) * per_cache_row(plan)
+    assert plan.max_gaussians > 2 * left / (plan.per_gaussian + rows)
+
+
+def test_the_cache_never_falls_below_a_piece_of_a_few_tiles():
+    pixels = 256 * 256  # small images: a piece of 64 tiles is a quarter of one
+    plan = plan_gpu(SPEC, "clm", 2 * GIB, pixels, view_share=0.57)
+    assert fits(plan) and plan.pieces > 1
+    share = 0.57 * VIEW_SHARE_MARGIN
+    floor = share * MIN_PIECE_PIXELS / pixels / PIECE_FILL
+    assert plan.cache_rows >= floor * plan.max_gaussians
+    # the rest went to Gaussians: one more would not fit with its share of the cache
+    per_row = per_cache_row(plan, pixels)
+    used = plan.max_gaussians * plan.per_gaussian + plan.workspace
+    assert plan.budget - used < plan.per_gaussian + (floor + 1) * per_row
 
 
 def test_views_that_see_less_allow_more_gaussians():
-    counts = [plan_gpu(SPEC, "clm", 24 * GIB, PIXELS, s).max_gaussians for s in (0.5, 0.2, 0.05)]
-    assert counts[0] < counts[1] < counts[2]
+    counts = [plan_gpu(SPEC, "clm", 24 * GIB, PIXELS, s).max_gaussians for s in (0.5, 0.2, 0.02)]
+    assert counts[0] <= counts[1] < counts[2]
 
 
 def test_a_budget_too_small_for_the_images_is_refused():

@@ -15,8 +15,10 @@ One step, for a batch of views (see DESIGN.md):
    while the GPU renders the next views;
 4. Adam for the key attributes on the GPU; the next batch's culling overlaps the CPU Adam tail.
 
-Only the coefficients of the active SH degree move. On a machine without CUDA the same code
-runs with the torch twins of the kernels and no streams.
+A view that sees more rows than the cache holds is rendered in pieces, each planned like a view,
+with the same gradients as the whole image (:mod:`clm.offload.pieces`); a batch without one takes
+no extra step or host sync for it. Only the coefficients of the active SH degree move. On a
+machine without CUDA the same code runs with the torch twins of the kernels and no streams.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -40,9 +43,10 @@ from clm.engine.base import (
 )
 from clm.model.spec import active_row_width, unpack_rows
 from clm.model.table import Compaction
-from clm.offload.culling import MAX_CAMERAS, Culler
+from clm.offload.culling import MAX_CAMERAS, Culler, CullResult
 from clm.offload.lazy_rows import DeviceRows, HostRows
-from clm.offload.plan import BatchPlan, plan_batch
+from clm.offload.pieces import Canvas, ImageGrad, Piece, PieceCuller, cut_views, group_units
+from clm.offload.plan import BatchPlan, overlap_and_uses, plan_batch
 from clm.offload.row_inputs import RowInputs, Source
 from clm.offload.transfer import RowGather
 from clm.offload.worker import BackgroundQueue, StagingRing, wait_for
@@ -50,6 +54,24 @@ from clm.optim.lazy_adam import AdamConfig
 from clm.render.base import RenderOutput, View
 
 STAGING_ROWS = 1 << 20  # gradient rows the pinned staging ring holds
+
+
+@dataclass
+class _Batch:
+    """One train_step's views and callbacks, and what its groups of micro-batches accumulate."""
+
+    views: Sequence[View]
+    loss_fn: LossFn
+    observe: ObserveFn
+    sh_degree: int
+    background: Tensor
+    step: int
+    width: int  # active columns of a host row
+    stats: StepStats
+    rows: Tensor  # ascending rows the batch renders
+    key_grads: Tensor  # [rows, key width]
+    in_pieces: dict[int, ImageGrad] = field(default_factory=dict)  # views rendered in pieces
+    ahead: bool = True  # the next batch's catch-up is still to be started
 
 
 @contextlib.contextmanager
@@ -88,7 +110,7 @@ class OffloadEngine(Engine):
         )
         self.host.append({a.name: params[a.name] for a in self.spec.host}, step=0)
         self.gather = RowGather(self.host.store, self.device)
-        self.culler = Culler(self.device)
+        self.culler = PieceCuller(self.device)
         self.inputs = RowInputs([self.key.layout, self.host.layout])
         self.capacity = cache_rows
         width = self.host.width
@@ -149,19 +171,65 @@ class OffloadEngine(Engine):
         self._drain()
         self.host.advance_to(step - 1)
         culled = self.culler.cull(keys["means"], keys["scales"], keys["opacities"], views)
-        capacity = self.capacity if self.capacity is not None else culled.ids.numel()
+        capacity = max(self.capacity if self.capacity is not None else culled.ids.numel(), 1)
+        survey = overlap_and_uses(culled.vis)  # the plan's one sync: it says who needs pieces
+        big = [i for i, rows in enumerate(survey[1]) if rows > capacity]
+        batch = _Batch(
+            views,
+            loss_fn,
+            observe,
+            sh_degree,
+            background,
+            step,
+            width,
+            StepStats(visible_rows=int(culled.ids.numel())),
+            culled.ids,
+            torch.zeros(culled.ids.numel(), self.key.width, device=self.device),
+        )
+        if big:
+            self._train_in_pieces(batch, survey[1], big, capacity)
+        else:
+            self._train_group(batch, views, range(len(views)), culled, capacity, survey)
+
+        if self._deferred:
+            self._flush_deferred(width, step)
+        self._after_ahead_reads()
+        self.key.step_sparse(batch.rows, batch.key_grads, step)
+        self.step = step  # the CPU Adam of this batch finishes while the next batch culls
+        self.last_stats = batch.stats
+
+    def _train_group(
+        self,
+        batch: _Batch,
+        units: Sequence[View],
+        owner: Sequence[int],
+        culled: CullResult,
+        capacity: int,
+        survey: tuple[Tensor, list[int]] | None = None,
+        keep: Tensor | None = None,
+        to_batch: Tensor | None = None,
+    ) -> None:
+        """Plan ``units`` (views, or pieces of ``batch.views[owner[k]]``) through the cache and
+        render each with gradients. ``to_batch``: where ``culled``'s rows are in ``batch.rows``,
+        when those are not the same; ``keep``: rows other groups use too."""
+        step, width = batch.step, batch.width
         ready: list[threading.Event] = []  # the catch-up starts while the plan is being built
         plan = plan_batch(
             culled.ids,
             culled.vis,
-            max(capacity, 1),
+            capacity,
             lambda rows, counts: ready.extend(self._catch_up_loads(rows, counts, step - 1, width)),
+            survey=survey,
+            keep=keep,
         )
         self._ensure_cache(plan.slots_needed)
-        key_grads = torch.zeros(culled.ids.numel(), self.key.width, device=self.device)
-        stats = StepStats(visible_rows=int(culled.ids.numel()), cache_lookups=plan.uses)
-        stats.cache_hits = plan.uses - plan.loads
-        self._catch_up_ahead(views, step, width)
+        stats = batch.stats
+        stats.cache_lookups += plan.uses
+        stats.cache_hits += plan.uses - plan.loads
+        stats.bytes_to_gpu += plan.loads * width * 4
+        if batch.ahead:
+            self._catch_up_ahead(batch.views, step, width)
+            batch.ahead = False
         if self.copy_stream is not None:  # the loads read the plan, made on this stream
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         cache_grad = self.cache_grad[:, :width]
@@ -179,29 +247,143 @@ class OffloadEngine(Engine):
             if loaded[k] is not None:
                 torch.cuda.current_stream(self.device).wait_event(loaded[k])
             gids = mb.render_ids
+            pos = mb.render_pos if to_batch is None else to_batch[mb.render_pos]
             # Gradients go into key_grads and the cache during backward (see row_inputs).
             params = self.inputs.gather(
                 (
-                    Source(self.key.param, gids, key_grads, mb.render_pos),
+                    Source(self.key.param, gids, batch.key_grads, pos),
                     Source(self.cache_param, mb.render_slots, cache_grad, mb.render_slots),
                 ),
-                sh_degree,
+                batch.sh_degree,
             )
-            view = views[mb.view]
-            out = self.render_fn(params, view, sh_degree, background)
-            loss_fn(mb.view, out).backward()
-            observe(gids[out.ids], out, view)
+            self._render_unit(batch, units[mb.view], owner[mb.view], params, gids)
             stats.bytes_to_host += self._flush(mb.flush_ids, mb.flush_slots, width, step)
             stats.bytes_to_host += self._defer(mb.defer_ids, mb.defer_slots, width)
             flushed.append(self._event())
-        stats.bytes_to_gpu = plan.loads * width * 4
 
-        if self._deferred:
-            self._flush_deferred(width, step)
-        self._after_ahead_reads()
-        self.key.step_sparse(culled.ids, key_grads, step)
-        self.step = step  # the CPU Adam of this batch finishes while the next batch culls
-        self.last_stats = stats
+    def _render_unit(
+        self, batch: _Batch, unit: View, i: int, params: Mapping[str, Tensor], rows: Tensor
+    ) -> None:
+        """Render view ``i`` of the batch, or a piece of it, from ``rows`` and backpropagate."""
+        if isinstance(unit, Piece):
+            if rows.numel() == 0:  # only background there: nothing to backpropagate
+                return
+            image_grad = batch.in_pieces[i]
+            out = self.render_fn(params, unit.full, batch.sh_degree, batch.background)
+            loss = image_grad.loss(unit, out)
+            if loss is not None:
+                loss.backward()
+            image_grad.record(out, rows)
+            return
+        out = self.render_fn(params, unit, batch.sh_degree, batch.background)
+        batch.loss_fn(i, out).backward()
+        batch.observe(rows[out.ids], out, unit)
+
+    def _train_in_pieces(
+        self, batch: _Batch, per_view: Sequence[int], big: Sequence[int], capacity: int
+    ) -> None:
+        """The batch with views ``big`` (too large for the cache) cut into pieces.
+
+        Pass 1 stitches each such view from its pieces, without gradients, and backpropagates
+        its loss to the image (:mod:`clm.offload.pieces`). Pass 2 plans pieces and whole views
+        through the cache like views, in groups of bounded size; rows used by several groups
+        have their gradients deferred, so Adam still sees each row's batch gradient once.
+        """
+        wanted = [batch.views[i] for i in big]
+        cuts = dict(
+            zip(big, cut_views(self.culler, self.key.views(), wanted, capacity), strict=True)
+        )
+        units: list[View] = []
+        owner: list[int] = []
+        counts: list[int] = []
+        for i, view in enumerate(batch.views):
+            parts = cuts.get(i, [(view, per_view[i])])
+            units += [unit for unit, _ in parts]
+            owner += [i] * len(parts)
+            counts += [n for _, n in parts]
+        groups = group_units(counts)
+        canvases = {i: Canvas() for i in big}
+        rows: list[Tensor] = []  # each group's
+        for group in groups:
+            part = self._cull([units[k] for k in group])
+            rows.append(part.ids)
+            batch.stats.bytes_to_gpu += self._paint(
+                canvases, units, owner, group, part, batch.sh_degree, batch.background, batch.width
+            )
+        for i, canvas in canvases.items():
+            batch.in_pieces[i] = ImageGrad(canvas, lambda out, i=i: batch.loss_fn(i, out))
+        if len(groups) == 1:
+            batch.rows = part.ids
+            batch.key_grads = torch.zeros(batch.rows.numel(), self.key.width, device=self.device)
+            self._train_group(batch, units, owner, part, capacity)
+        else:
+            del part  # culled again, group by group: all their visibility at once could be large
+            self._train_groups(batch, units, owner, groups, rows, capacity)
+        for i, image_grad in batch.in_pieces.items():
+            batch.observe(*image_grad.observed(), batch.views[i])
+
+    def _train_groups(
+        self,
+        batch: _Batch,
+        units: Sequence[View],
+        owner: Sequence[int],
+        groups: Sequence[Sequence[int]],
+        rows: Sequence[Tensor],
+        capacity: int,
+    ) -> None:
+        """Train ``groups`` of ``units`` one after the other (``rows``: what each culls to)."""
+        batch.rows = torch.unique(torch.cat(list(rows)))
+        batch.key_grads = torch.zeros(batch.rows.numel(), self.key.width, device=self.device)
+        at = [torch.searchsorted(batch.rows, ids) for ids in rows]
+        uses = torch.zeros(batch.rows.numel(), dtype=torch.int32, device=self.device)
+        for a in at:
+            uses.index_add_(0, a, torch.ones_like(a, dtype=torch.int32))
+        for group, a in zip(groups, at, strict=True):
+            part = self._cull([units[k] for k in group])
+            members, owners = [units[k] for k in group], [owner[k] for k in group]
+            self._train_group(batch, members, owners, part, capacity, keep=uses[a] > 1, to_batch=a)
+
+    def _cull(self, views: Sequence[View]) -> CullResult:
+        keys = self.key.views()
+        return self.culler.cull(keys["means"], keys["scales"], keys["opacities"], views)
+
+    def _paint(
+        self,
+        canvases: Mapping[int, Canvas],
+        units: Sequence[View],
+        owner: Sequence[int],
+        group: Sequence[int],
+        culled: CullResult,
+        sh_degree: int,
+        background: Tensor,
+        width: int,
+    ) -> int:
+        """Render the pieces among ``units[group]`` (``culled`` together) without gradients
+        onto their views' canvases; returns the bytes gathered."""
+        moved = 0
+        for j, k in enumerate(group):
+            piece = units[k]
+            if isinstance(piece, Piece):
+                rows = culled.ids[culled.vis[j]]
+                out = self._render_rows(rows, piece.full, sh_degree, background, width)
+                canvases[owner[k]].paint(piece, out, rows)
+                moved += rows.numel() * width * 4
+        return moved
+
+    @torch.no_grad()
+    def _render_rows(
+        self, rows: Tensor, view: View, sh_degree: int, background: Tensor, width: int
+    ) -> RenderOutput:
+        """Render ``view`` from ``rows`` alone, without gradients, once they are caught up to
+        ``self.step`` (their leading ``width`` columns)."""
+        self.host.catch_up(rows.cpu(), self.step, width)
+        values = torch.empty(rows.numel(), width, device=self.device)
+        self.gather.gather(rows, torch.arange(rows.numel(), device=self.device), width, values)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        params = unpack_rows(self.key.param[rows], self.key.layout)
+        params.update(unpack_rows(values, self.host.layout, sh_degree))
+        return self.render_fn(params, view, sh_degree, background)
 
     def _drain(self) -> float:
         """Wait for all background CPU work; returns (and accumulates) the seconds waited."""
@@ -367,21 +549,24 @@ class OffloadEngine(Engine):
 
     @torch.no_grad()
     def render(self, view: View, sh_degree: int, background: Tensor) -> RenderOutput:
+        """A view that sees more rows than the cache holds is rendered in pieces and stitched,
+        so evaluation never needs more GPU rows than training."""
         self._drain()
-        keys = self.key.views()
-        culled = self.culler.cull(keys["means"], keys["scales"], keys["opacities"], [view])
-        ids = culled.ids
-        self.host.catch_up(ids.cpu(), self.step)
-        rows = torch.empty(ids.numel(), self.host.width, device=self.device)
-        slots = torch.arange(ids.numel(), device=self.device)
-        self.gather.gather(ids, slots, self.host.width, rows)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        params = unpack_rows(self.key.param[ids], self.key.layout)
-        params.update(unpack_rows(rows, self.host.layout, sh_degree))
-        out = self.render_fn(params, view, sh_degree, background)
-        out.ids = ids[out.ids]
-        return out
+        ids = self._cull([view]).ids
+        width = self.host.width
+        if self.capacity is None or ids.numel() <= self.capacity:
+            out = self._render_rows(ids, view, sh_degree, background, width)
+            out.ids = ids[out.ids]
+            return out
+        pieces = cut_views(self.culler, self.key.views(), [view], self.capacity)[0]
+        units = [piece for piece, _ in pieces]
+        canvas = Canvas()
+        for group in group_units([n for _, n in pieces]):
+            culled = self._cull([units[k] for k in group])
+            self._paint(
+                {0: canvas}, units, [0] * len(units), group, culled, sh_degree, background, width
+            )
+        return canvas.output()
 
     # ---- density control ------------------------------------------------------------------
 

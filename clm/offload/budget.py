@@ -16,11 +16,15 @@ Rendering needs workspace in proportion to the pixels and to the Gaussians one v
 plan reserves it from the image size and the cache size (a view never sees more rows than the
 cache holds).
 
-How large the cache must be depends on the scene: a street-level view sees a few percent of a
-city, an aerial view a quarter of it. When the training views are known, the planner culls them
+How large the cache should be depends on the scene: a street-level view sees a few percent of a
+city, an aerial view half of it. A view that sees more rows than the cache holds is rendered in
+pieces (:mod:`clm.offload.pieces`), so the cache need not hold the busiest view; holding it saves
+the pieces' second render pass. When the training views are known, the planner culls them
 against the initial Gaussians and sizes the cache for the busiest view's share (with a margin
-for densification) at the largest Gaussian count that then fits; otherwise it gives the cache a
-fixed share of the budget.
+for densification) at the largest Gaussian count that then fits, as long as that cache takes at
+most half of what is left after the pixel workspace. Otherwise the Gaussians get the other half
+and the cache what is left of it, never less than a piece of a few tiles needs at the scene's
+density. When the views are unknown, the cache gets a fixed share.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from torch import Tensor
 from clm.errors import ClmError
 from clm.model.spec import GaussianSpec
 from clm.offload.culling import Culler
+from clm.offload.pieces import PIECE_FILL, TILE
 from clm.render.base import View
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,10 @@ RENDER_BYTES_PER_VISIBLE_ROW = 700
 CACHE_SHARE = 0.3  # of what is left after the pixel workspace, when view shares are unknown
 VIEW_SHARE_MARGIN = 1.25  # a view's share of the scene may grow as densification goes on
 MIN_VIEW_SHARE = 0.01  # never plan a cache for less than 1% of the scene per view
+# Beyond this share of what is left, the cache no longer holds the busiest view: the Gaussians
+# get the rest and large views go in pieces.
+MAX_CACHE_SHARE = 0.5
+MIN_PIECE_PIXELS = 64 * TILE * TILE  # the smallest cache holds a piece of 64 tiles
 # Chunk-sized temporaries: culling bit words, the key Adam's gradient chunk, CUDA context slack.
 TRANSIENT_BYTES = 768 << 20
 
@@ -72,6 +81,7 @@ class GpuPlan:
     cache_rows: int
     workspace: int
     max_gaussians: int
+    pieces: int = 1  # the busiest view's pieces at max_gaussians (1: rendered whole)
 
     def describe(self, offload: str) -> str:
         parts = [
@@ -81,7 +91,13 @@ class GpuPlan:
         if self.cache_rows:
             parts.append(f"a row cache of {self.cache_rows / 1e6:.2f}M rows")
         parts.append(f"{self.workspace / GIB:.1f} GiB render workspace")
-        return ", ".join(parts)
+        line = ", ".join(parts)
+        if self.pieces > 1:
+            line += (
+                "; views larger than the cache are rendered in pieces (the busiest in about "
+                f"{self.pieces} at {self.max_gaussians / 1e6:.2f}M Gaussians)"
+            )
+        return line
 
 
 def plan_gpu(
@@ -94,7 +110,8 @@ def plan_gpu(
     """How many Gaussians (and cache rows) fit ``budget`` bytes of GPU memory.
 
     ``view_share``: the largest fraction of the Gaussians one training view sees (see
-    :func:`busiest_view_share`); with it, the ``clm`` cache is sized for that view.
+    :func:`busiest_view_share`); with it, the ``clm`` cache is sized for that view, or for
+    pieces of it (see the module docstring).
     """
     width = sum(a.width for a in spec)
     key_width = sum(a.width for a in spec.key)
@@ -106,7 +123,7 @@ def plan_gpu(
             f"GPU budget {budget / GIB:.2f} GiB is too small to render {max_pixels} pixels "
             f"(needs {pixel_space / GIB:.2f} GiB of workspace)"
         )
-    cache_rows, most = 0, None
+    cache_rows, most, pieces = 0, None, 1
     if offload == "clm":
         per_gaussian = 12 * key_width + DENSITY_STATS_BYTES
         per_cache_row = (
@@ -118,10 +135,11 @@ def plan_gpu(
         )
         if view_share is None:
             cache_rows = int(left * CACHE_SHARE) // per_cache_row
-        else:  # N Gaussians need N·share cache rows: solve for the largest N that fits
-            share = min(1.0, max(view_share * VIEW_SHARE_MARGIN, MIN_VIEW_SHARE))
-            most = int(left / (per_gaussian + share * per_cache_row))
-            cache_rows = math.ceil(share * most)
+        else:
+            cache_rows, most = _cache_for(left, per_gaussian, per_cache_row, view_share, max_pixels)
+            busiest = view_share * most
+            if busiest > cache_rows:
+                pieces = math.ceil(busiest / (PIECE_FILL * cache_rows))
         rows_space = cache_rows * per_cache_row
     else:
         per_gaussian = (16 if offload == "none" else 8) * width + DENSITY_STATS_BYTES
@@ -131,7 +149,28 @@ def plan_gpu(
     max_gaussians = max(0, (left - rows_space) // per_gaussian)
     if most is not None:  # not past what the cache was sized for
         max_gaussians = min(max_gaussians, most)
-    return GpuPlan(budget, per_gaussian, cache_rows, budget - left + rows_space, max_gaussians)
+    workspace = budget - left + rows_space
+    return GpuPlan(budget, per_gaussian, cache_rows, workspace, max_gaussians, pieces)
+
+
+def _cache_for(
+    left: int, per_gaussian: int, per_cache_row: int, view_share: float, max_pixels: int
+) -> tuple[int, int]:
+    """Cache rows and the most Gaussians for ``left`` bytes, when the busiest view sees
+    ``view_share`` of them (see the module docstring)."""
+    share = min(1.0, max(view_share * VIEW_SHARE_MARGIN, MIN_VIEW_SHARE))
+    # N Gaussians need N·share rows for the busiest view whole: the largest N that fits
+    whole = int(left / (per_gaussian + share * per_cache_row))
+    if share * whole * per_cache_row <= MAX_CACHE_SHARE * left:
+        return math.ceil(share * whole), whole
+    most = int((1 - MAX_CACHE_SHARE) * left) // per_gaussian
+    rows = (left - most * per_gaussian) // per_cache_row
+    # rows per Gaussian for a piece of MIN_PIECE_PIXELS at PIECE_FILL of the cache (or the view)
+    floor = min(share, share * MIN_PIECE_PIXELS / max_pixels / PIECE_FILL)
+    if rows < floor * most:
+        most = int(left / (per_gaussian + floor * per_cache_row))
+        rows = math.ceil(floor * most)
+    return rows, most
 
 
 def busiest_view_share(params: Mapping[str, Tensor], views: Sequence[View]) -> float:

@@ -66,7 +66,7 @@ class BatchPlan:
 
 def order_views(vis: Tensor) -> list[int]:
     """A chain through the views that greedily maximises the rows shared by neighbours."""
-    return _chain(_overlap_and_uses(vis)[0])
+    return _chain(overlap_and_uses(vis)[0])
 
 
 def _chain(overlap: Tensor) -> list[int]:
@@ -91,7 +91,7 @@ def _chain(overlap: Tensor) -> list[int]:
     return order
 
 
-def _overlap_and_uses(vis: Tensor) -> tuple[Tensor, list[int]]:
+def overlap_and_uses(vis: Tensor) -> tuple[Tensor, list[int]]:
     """Rows shared by each pair of views (approximate: it only orders them) and rows each view
     sees (exact), in one host sync."""
     num = vis.shape[0]
@@ -291,17 +291,22 @@ def plan_batch(
     vis: Tensor,
     capacity: int,
     on_loads: Callable[[Tensor, list[int]], None] | None = None,
+    *,
+    survey: tuple[Tensor, list[int]] | None = None,
+    keep: Tensor | None = None,
 ) -> BatchPlan:
     """Schedule a culled batch (``vis [B, U]`` over rows ``ids``) through ``capacity`` slots.
 
     ``on_loads(rows, counts)`` is called as soon as the rows each micro-batch loads are known
     on the host (``rows`` in load order, ``counts`` per micro-batch), before the rest of the
-    schedule is built: their catch-up can start meanwhile.
+    schedule is built: their catch-up can start meanwhile. ``survey``: what
+    :func:`overlap_and_uses` gave for ``vis``, if the caller already has it. ``keep [U]``
+    marks rows that other plans of the same step also use: their gradients are deferred.
     """
     if capacity < 1:
         raise ValueError("the row cache needs at least one slot")
     capacity = min(capacity, max(vis.shape[1], 1))  # slots beyond the union are never used
-    overlap, per_view = _overlap_and_uses(vis)
+    overlap, per_view = survey if survey is not None else overlap_and_uses(vis)
     order = _chain(overlap)
     vis_o = vis[order]
     uses = [per_view[v] for v in order]
@@ -313,6 +318,8 @@ def plan_batch(
         if on_loads is not None:
             on_loads(plan.load_ids_host, segments[0].loads)
     shared = _shared_rows(vis_o, segments) if len(segments) > 1 else None
+    if keep is not None:
+        shared = keep if shared is None else shared | keep
     for seg in segments:
         _schedule(plan, seg, vis_o, uses, capacity, shared)
     if len(segments) > 1:

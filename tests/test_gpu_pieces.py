@@ -1,0 +1,110 @@
+"""GPU tests of views rendered in pieces (``pytest -m gpu``): with gsplat, stitched pieces give
+the whole image and its gradients, and the offloaded engine with a tiny cache trains as the
+GPU-resident engine does."""
+
+import pytest
+import torch
+from test_gpu import _train, assert_same_training, random_params, ring_views
+
+from clm.engine.base import AdamSettings
+from clm.engine.offloaded import OffloadEngine
+from clm.engine.resident import ResidentEngine
+from clm.model.spec import gaussian_splatting_spec
+from clm.offload import pieces as pieces_module
+from clm.offload.pieces import Canvas, ImageGrad, PieceCuller, cut_views
+from clm.render.splats import render_gsplat
+from clm.train.loss import photometric_loss
+from clm.train.schedule import LearningRates, adam_betas
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+W, H = 200, 136  # not a multiple of the tile size: the last pieces are narrower
+
+
+def rows_seen(params, views) -> list[int]:
+    keys = (params["means"], params["scales"], params["opacities"])
+    return PieceCuller(CUDA).visible_counts(*keys, views)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def test_gsplat_pieces_give_the_whole_image_and_its_gradients():
+    params = random_params(30_000, seed=0, device=CUDA)
+    view = ring_views(5, W, H, device=CUDA)[1]
+    bg = torch.tensor([0.2, 0.1, 0.3], device=CUDA)
+    target = torch.rand(H, W, 3, generator=torch.Generator().manual_seed(4)).to(CUDA)
+
+    def loss(out):
+        return photometric_loss(out.image, target) / 2
+
+    leaves = {k: t.clone().requires_grad_() for k, t in params.items()}
+    whole = render_gsplat(leaves, view, 3, bg)
+    loss(whole).backward()
+
+    culler = PieceCuller(CUDA)
+    keys = (params["means"], params["scales"], params["opacities"])
+    capacity = rows_seen(params, [view])[0] // 3
+    cut = [
+        (p, culler.cull(*keys, [p]).ids) for p, _ in cut_views(culler, params, [view], capacity)[0]
+    ]
+    assert len(cut) > 4
+    canvas = Canvas()
+    for piece, ids in cut:
+        assert ids.numel() <= capacity
+        with torch.no_grad():
+            canvas.paint(
+                piece, render_gsplat({k: t[ids] for k, t in params.items()}, view, 3, bg), ids
+            )
+    got = canvas.output()
+    torch.testing.assert_close(got.image, whole.image.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.alpha, whole.alpha.detach(), rtol=0, atol=1e-5)
+    order = torch.argsort(whole.ids)
+    assert torch.equal(got.ids, whole.ids[order])
+    assert torch.equal(got.radii, whole.radii[order])
+
+    image_grad = ImageGrad(canvas, loss)
+    split = {k: t.clone().requires_grad_() for k, t in params.items()}
+    for piece, ids in cut:
+        out = render_gsplat({k: t[ids] for k, t in split.items()}, view, 3, bg)
+        image_grad.loss(piece, out).backward()
+        image_grad.record(out, ids)
+    for name, leaf in leaves.items():  # gsplat's backward sums with atomics: order-level noise
+        assert relative_error(split[name].grad, leaf.grad) < 1e-4, name
+    _, observed = image_grad.observed()
+    assert relative_error(observed.means2d.grad, whole.means2d.grad[order]) < 1e-4
+
+
+@pytest.mark.parametrize("plan_elements", [None, 60_000])  # one group a step, or several
+def test_offload_engine_with_a_tiny_cache_matches_the_resident_engine(monkeypatch, plan_elements):
+    if plan_elements is not None:
+        monkeypatch.setattr(pieces_module, "PLAN_ELEMENTS", plan_elements)
+    spec = gaussian_splatting_spec(3)
+    params = random_params(20_000, seed=5)
+    views = ring_views(8, W, H, device=CUDA)
+    g = torch.Generator().manual_seed(2)
+    targets = [torch.rand(H, W, 3, generator=g).to(CUDA) for _ in views]
+    batches = [[0, 1, 2, 3], [4, 5, 6, 7], [1, 3, 5, 7], [0, 2, 4, 6]]
+    degrees = [0, 1, 2, 3]
+    cache_rows = min(rows_seen({k: t.to(CUDA) for k, t in params.items()}, views)) // 3
+
+    def common():
+        return {
+            "spec": spec,
+            "render_fn": render_gsplat,
+            "lrs": LearningRates(spec, 10, extent=3.0, batch_size=4),
+            "adam": AdamSettings(betas=adam_betas(4)),
+            "device": CUDA,
+        }
+
+    resident = ResidentEngine(params, **common())
+    engine = OffloadEngine(params, cache_rows=cache_rows, staging_rows=4096, **common())
+    bg = torch.zeros(3, device=CUDA)
+    for view in views[:3]:  # evaluation goes piece by piece too
+        a, b = engine.render(view, 3, bg), resident.render(view, 3, bg)
+        torch.testing.assert_close(a.image, b.image, rtol=0, atol=1e-5)
+    ref = _train(resident, views, targets, batches, degrees)
+    got = _train(engine, views, targets, batches, degrees)
+    engine.close()
+    assert_same_training(got, ref)
