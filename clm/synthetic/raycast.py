@@ -82,14 +82,14 @@ def build_cell_lists(
         iy0 = np.clip(np.floor((r[:, 1] - y0) / cell), 0, ny - 1).astype(np.int64)
         ix1 = np.clip(np.floor((r[:, 2] - x0) / cell), 0, nx - 1).astype(np.int64)
         iy1 = np.clip(np.floor((r[:, 3] - y0) / cell), 0, ny - 1).astype(np.int64)
-        cells, prims = [], []
-        for p in range(len(r)):
-            gx, gy = np.meshgrid(np.arange(ix0[p], ix1[p] + 1), np.arange(iy0[p], iy1[p] + 1))
-            cells.append((gx * ny + gy).ravel())
-            prims.append(np.full(gx.size, p))
+        # Every (cell, primitive) pair of the rectangles' cell ranges, primitive by primitive.
+        tall = iy1 - iy0 + 1
+        counts = (ix1 - ix0 + 1) * tall
+        q = np.repeat(np.arange(len(r)), counts)
+        j = np.arange(len(q)) - np.repeat(np.cumsum(counts) - counts, counts)
+        c = (ix0[q] + j // tall[q]) * ny + iy0[q] + j % tall[q]
         out = np.full((nx * ny, 1), -1, np.int64)
-        if cells:
-            c, q = np.concatenate(cells), np.concatenate(prims)
+        if len(r):
             order = np.argsort(c, kind="stable")
             c, q = c[order], q[order]
             counts = np.bincount(c, minlength=nx * ny)
@@ -202,8 +202,30 @@ class RayCaster:
         """Boxes and spheres inside each screen rectangle's frustum (and nearer than ``far``).
 
         ``rects`` [T, 4] holds pixel bounds u0, v0, u1, v1; returns ids [T, K], [T, S] padded
-        with -1, valid ids first.
+        with -1, valid ids first. The primitives are first culled against the frustum of the
+        rectangles' bounding box, so the per-rectangle test costs rectangles x primitives in
+        view, not x primitives in the city; what that drops lies outside every rectangle's
+        frustum, so no ray through them could hit it.
         """
+        bound = torch.cat([rects[:, :2].amin(0), rects[:, 2:].amax(0)])[None]
+        box_mask, sphere_mask = self._frustum_masks(
+            w2c, intr, bound, self.ct.boxes, self.ct.spheres
+        )
+        box_sub, sphere_sub = box_mask[0].nonzero()[:, 0], sphere_mask[0].nonzero()[:, 0]
+        box_mask, sphere_mask = self._frustum_masks(
+            w2c, intr, rects, self.ct.boxes[box_sub], self.ct.spheres[sphere_sub]
+        )
+        return _global(_compact(box_mask), box_sub), _global(_compact(sphere_mask), sphere_sub)
+
+    def _frustum_masks(
+        self,
+        w2c: np.ndarray,
+        intr: Intrinsics,
+        rects: torch.Tensor,
+        boxes: torch.Tensor,
+        spheres: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks [T, B], [T, S]: which of ``boxes``, ``spheres`` each rectangle's frustum meets."""
         dev = self.device
         rot = torch.as_tensor(w2c[:3, :3], dtype=torch.float32, device=dev)
         centre = torch.as_tensor(-w2c[:3, :3].T @ w2c[:3, 3], dtype=torch.float32, device=dev)
@@ -218,7 +240,7 @@ class RayCaster:
         normals = normals @ rot  # to world: R^T n
         normals = normals / normals.norm(dim=-1, keepdim=True)
 
-        boxes = self.ct.boxes - centre.repeat(2)
+        boxes = boxes - centre.repeat(2)
         lo, hi = boxes[:, :3], boxes[:, 3:]
         reach = sum(
             torch.maximum(normals[..., a, None] * lo[:, a], normals[..., a, None] * hi[:, a])
@@ -227,11 +249,12 @@ class RayCaster:
         nearest = torch.maximum(lo, -hi).clamp(min=0).norm(dim=-1)
         box_mask = (reach >= 0).all(1) & (nearest <= self.far)
 
-        sph = self.ct.spheres
-        rel = sph[:, :3] - centre
+        rel = spheres[:, :3] - centre
         dist = torch.einsum("tpa,sa->tps", normals, rel)
-        sphere_mask = (dist >= -sph[:, 3]).all(1) & (rel.norm(dim=-1) - sph[:, 3] <= self.far)
-        return _compact(box_mask), _compact(sphere_mask)
+        sphere_mask = (dist >= -spheres[:, 3]).all(1) & (
+            rel.norm(dim=-1) - spheres[:, 3] <= self.far
+        )
+        return box_mask, sphere_mask
 
     def trace_view(self, w2c: np.ndarray, intr: Intrinsics, dirs: torch.Tensor) -> Hits:
         """Rays from one camera's centre along world directions [N, 3] that lie in its image."""
@@ -446,6 +469,13 @@ def _compact(mask: torch.Tensor) -> torch.Tensor:
     ids = torch.arange(n, device=mask.device).expand_as(mask)
     ids = torch.where(mask, ids, n).sort(dim=1).values[:, :k]
     return torch.where(ids < n, ids, -1)
+
+
+def _global(ids: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
+    """Ids into ``subset`` (-1 padded) as ids into the whole set; ascending stays ascending."""
+    if len(subset) == 0:
+        return torch.full_like(ids, -1)
+    return torch.where(ids >= 0, subset[ids.clamp(min=0)], -1)
 
 
 def _batches(
