@@ -15,9 +15,10 @@ from clm.cli.synth import main
 from clm.data.colmap import read_model
 from clm.synthetic.cameras import AERIAL, STREET, Intrinsics, look_at, make_views
 from clm.synthetic.generate import PRESETS, generate_scene
-from clm.synthetic.geometry import build_city, load_geometry
-from clm.synthetic.points import pixel_directions, sample_surface_points
+from clm.synthetic.geometry import CityGeometry, build_city, load_geometry
+from clm.synthetic.points import pixel_directions
 from clm.synthetic.raycast import BOX, GROUND, MISS, SPHERE, RayCaster, _box_hits, safe_inverse
+from clm.synthetic.surface import sample_surface_points
 
 
 @pytest.fixture(scope="module")
@@ -204,14 +205,10 @@ def test_look_at_follows_the_opencv_convention() -> None:
     assert above[1] < 0  # world up is image up (y points down)
 
 
-def test_surface_samples_lie_on_visible_surfaces(tiny: Path) -> None:
-    geometry = load_geometry(tiny)
-    xyz, rgb = sample_surface_points(geometry, 4000, seed=1, device="cpu")
-    assert xyz.shape == (4000, 3) and xyz.dtype == np.float32
-    assert rgb.shape == (4000, 3) and rgb.dtype == np.uint8
-    again, _ = sample_surface_points(geometry, 4000, seed=1, device="cpu")
-    assert np.array_equal(xyz, again)
-
+def surface_kinds(
+    geometry: CityGeometry, xyz: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Masks of the points [N, 3] on a box face, on a tree sphere, on the ground (1 mm)."""
     b = geometry.boxes
     on_face = np.zeros(len(xyz), bool)
     for axis in range(3):
@@ -224,7 +221,19 @@ def test_surface_samples_lie_on_visible_surfaces(tiny: Path) -> None:
             on_face |= (within & (np.abs(xyz[:, None, axis] - b[:, side]) < 1e-3)).any(1)
     s = geometry.spheres
     on_sphere = (np.abs(np.linalg.norm(xyz[:, None] - s[:, :3], axis=-1) - s[:, 3]) < 1e-3).any(1)
-    on_ground = np.abs(xyz[:, 2]) < 1e-4
+    return on_face, on_sphere, np.abs(xyz[:, 2]) < 1e-4
+
+
+def test_surface_samples_lie_on_visible_surfaces(tiny: Path) -> None:
+    geometry = load_geometry(tiny)
+    xyz, rgb = sample_surface_points(geometry, 4000, seed=1, device="cpu")
+    assert xyz.shape == (4000, 3) and xyz.dtype == np.float32
+    assert rgb.shape == (4000, 3) and rgb.dtype == np.uint8
+    again, _ = sample_surface_points(geometry, 4000, seed=1, device="cpu")
+    assert np.array_equal(xyz, again)
+
+    on_face, on_sphere, on_ground = surface_kinds(geometry, xyz)
+    b = geometry.boxes
     assert (on_face | on_sphere | on_ground).all()
     assert on_face.sum() > 100 and on_ground.sum() > 100
     strictly_inside = ((xyz[:, None] > b[:, :3] + 1e-2) & (xyz[:, None] < b[:, 3:] - 1e-2)).all(-1)
@@ -293,3 +302,24 @@ def test_street_view_sees_buildings_and_aerial_sees_ground() -> None:
         if v.kind == AERIAL:
             assert GROUND in seen and BOX in seen
         assert math.isfinite(float(hits.t[hits.kind != MISS].max()))
+
+
+def test_surface_samples_are_uniform_by_area_ground_included(tiny: Path) -> None:
+    """Points per square metre are the same on the (one, huge) ground quad and on the roofs,
+    once what buildings hide is taken off each."""
+    geometry = load_geometry(tiny)
+    xyz, _ = sample_surface_points(geometry, 30000, seed=2, device="cpu")
+    b = geometry.boxes.astype(np.float64)
+    footprint = (b[:, 3] - b[:, 0]) * (b[:, 4] - b[:, 1])
+    x0, y0, x1, y1 = geometry.ground
+    ground_area = (x1 - x0) * (y1 - y0) - footprint[b[:, 2] == 0].sum()
+    roof_area = footprint.sum() - footprint[b[:, 2] > 0].sum()  # towers stand on roofs
+    on_roof = (
+        (np.abs(xyz[:, None, 2] - b[:, 5]) < 1e-3)
+        & (xyz[:, None, :2] >= b[:, :2] - 1e-3).all(-1)
+        & (xyz[:, None, :2] <= b[:, 3:5] + 1e-3).all(-1)
+    ).any(1)
+    ground = np.abs(xyz[:, 2]) < 1e-4
+    assert ground.sum() > 5 * on_roof.sum() > 10_000
+    ratio = (ground.sum() / ground_area) / (on_roof.sum() / roof_area)
+    assert ratio == pytest.approx(1.0, abs=0.08)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import sys
 import tempfile
 import time
@@ -30,10 +29,10 @@ import torch
 from clm.engine.base import AdamSettings, Engine
 from clm.engine.factory import make_engine
 from clm.errors import ClmError
-from clm.model.init import mean_neighbour_distance
 from clm.model.spec import gaussian_splatting_spec
-from clm.render.sh import rgb_to_sh0
 from clm.render.splats import default_renderer
+from clm.synthetic.geometry import load_geometry
+from clm.synthetic.surface import surface_params
 from clm.train.config import make_config
 from clm.train.loss import photometric_loss
 from clm.train.schedule import LearningRates, adam_betas
@@ -216,29 +215,6 @@ def bench_compare(args: argparse.Namespace) -> None:
 # ---- largest ------------------------------------------------------------------------------------
 
 
-def surface_params(scene_dir: Path, n: int, to_train, chunk: int, seed: int):
-    """Gaussians on the scene's surfaces, yielded in chunks (never all of them at once in RAM)."""
-    from clm.synthetic.geometry import load_geometry
-    from clm.synthetic.points import sample_surface_points
-
-    geometry = load_geometry(scene_dir)
-    probe, _ = sample_surface_points(geometry, min(n, 200_000), seed)
-    spacing = float(mean_neighbour_distance(torch.from_numpy(probe)).median())
-    spacing *= math.sqrt(min(n, 200_000) / n) * to_train.scale
-    for start in range(0, n, chunk):
-        m = min(chunk, n - start)
-        xyz, rgb = sample_surface_points(geometry, m, seed + 1 + start // chunk)
-        means = torch.from_numpy(to_train.to_train(xyz.astype(np.float64)).astype(np.float32))
-        yield {
-            "means": means,
-            "scales": torch.full((m, 3), math.log(spacing)),
-            "quats": torch.tensor([1.0, 0, 0, 0]).repeat(m, 1),
-            "opacities": torch.full((m,), math.log(0.5 / 0.5)),
-            "sh0": rgb_to_sh0(torch.from_numpy(rgb).float() / 255)[:, None],
-            "shN": torch.zeros(m, 15, 3),
-        }
-
-
 def pick_views(params, views: list, max_share: float | None) -> tuple[list[int], list]:
     """The views (and their frame indices) that each see at most ``max_share`` of ``params``
     (all of them when None): street-level views of a synthetic city, say."""
@@ -278,7 +254,14 @@ def bench_largest(args: argparse.Namespace) -> None:
                     "device": args.device,
                 }
             )
-            chunks = surface_params(Path(args.scene), count, scene.to_train, 4_000_000, 0)
+            chunks = surface_params(
+                load_geometry(args.scene),
+                count,
+                chunk=4_000_000,
+                num_rest=15,
+                to_train=scene.to_train,
+                device=device,
+            )
             engine = meter = None
             lrs = LearningRates(spec, 1000, scene.extent, args.batch_size)
             try:

@@ -1,9 +1,9 @@
-"""Points on the city's surfaces: an SfM-like sparse model, and dense area-weighted samples.
+"""Points on the city's surfaces as SfM gives them: an SfM-like sparse model.
 
-Sparse points mimic what SfM gives: surface points that the cameras see, coloured from the
-images, slightly noisy, each with a track of the images that see it (the one it was sampled
-from first, then up to a few more that pass a visibility ray test). Dense samples come
-straight from the geometry, for initialising very many Gaussians without SfM.
+Sparse points are surface points that the cameras see, coloured from the images, slightly
+noisy, each with a track of the images that see it (the one it was sampled from first, then up
+to a few more that pass a visibility ray test). Dense samples, straight from the geometry, are
+in :mod:`clm.synthetic.surface`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import torch
 
 from clm.data.colmap import ColmapCamera, ColmapImage, ColmapModel, ColmapPoints, rotmat_to_qvec
 from clm.synthetic.cameras import Intrinsics, View
-from clm.synthetic.geometry import CityGeometry
-from clm.synthetic.raycast import BOX, GROUND, MISS, SPHERE, Hits, RayCaster
+from clm.synthetic.raycast import MISS, RayCaster
 
 POSITION_NOISE_PX = 0.1  # SfM point position noise, as a fraction of a pixel's footprint
 DETECTION_NOISE_PX = 0.2  # keypoint noise of the extra track observations
@@ -215,80 +214,3 @@ def _assemble(
     params = np.array([intr.fx, intr.fy, intr.cx, intr.cy], np.float64)
     camera = ColmapCamera(1, "PINHOLE", intr.width, intr.height, params)
     return ColmapModel(cameras={1: camera}, images=images, points=points)
-
-
-def sample_surface_points(
-    geometry: CityGeometry, n: int, seed: int, *, device: str | torch.device | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` points on the visible surfaces (ground, walls, roofs, trees), uniform by area,
-    with the colour they have in the images (sunlight, shadows, no haze).
-
-    Returns xyz float32 [n, 3] and rgb uint8 [n, 3]. Points hidden inside another primitive
-    (a wall against a neighbour, ground under a building) are rejected and redrawn.
-    """
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    caster = RayCaster(geometry, dev)
-    rng = np.random.default_rng([seed, 0x5A3F])
-    quads = _quads(geometry)
-    spheres = geometry.spheres.astype(np.float64)
-    areas = np.concatenate(
-        [
-            np.linalg.norm(np.cross(quads[:, 3:6], quads[:, 6:9]), axis=1),
-            4 * np.pi * spheres[:, 3] ** 2,
-        ]
-    )
-    prob = areas / areas.sum()
-    xyz_parts, rgb_parts, have = [], [], 0
-    batch = 2**22 if dev.type == "cuda" else 2**18
-    while have < n:
-        m = min(int((n - have) * 1.2) + 256, batch)
-        pick = rng.choice(len(areas), size=m, p=prob)
-        on_sphere = pick >= len(quads)
-        q = quads[np.where(on_sphere, 0, pick)]
-        uv = rng.random((m, 2))
-        p = q[:, :3] + uv[:, :1] * q[:, 3:6] + uv[:, 1:] * q[:, 6:9]
-        normal = q[:, 9:12].copy()
-        s = spheres[pick[on_sphere] - len(quads)]
-        g = rng.normal(size=(len(s), 3))
-        g /= np.linalg.norm(g, axis=1, keepdims=True)
-        normal[on_sphere] = g
-        p[on_sphere] = s[:, :3] + g * s[:, 3:]
-        kind = np.where(on_sphere, SPHERE, np.where(q[:, 12] < 0, GROUND, BOX))
-        index = np.where(on_sphere, pick - len(quads), q[:, 12]).astype(np.int64)
-
-        pt = torch.as_tensor(p, dtype=torch.float32, device=dev)
-        nt = torch.as_tensor(normal, dtype=torch.float32, device=dev)
-        keep = ~caster.inside(pt + 0.03 * nt)
-        pt, nt = pt[keep], nt[keep]
-        hits = Hits(
-            torch.full((len(pt),), 0.01, device=dev),
-            torch.as_tensor(kind, device=dev)[keep],
-            torch.as_tensor(index, device=dev)[keep],
-        )
-        p2, n2, albedo = caster.surface(pt + 0.01 * nt, -nt, hits)
-        colour = caster.lit(p2, n2, albedo)
-        take = min(len(p2), n - have)
-        xyz_parts.append(p2[:take].cpu().numpy())
-        rgb_parts.append((colour[:take].clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy())
-        have += take
-    xyz = (
-        np.concatenate(xyz_parts).astype(np.float32) if xyz_parts else np.zeros((0, 3), np.float32)
-    )
-    rgb = np.concatenate(rgb_parts) if rgb_parts else np.zeros((0, 3), np.uint8)
-    return xyz, rgb
-
-
-def _quads(geometry: CityGeometry) -> np.ndarray:
-    """Planar patches as rows (origin, edge1, edge2, normal, box id or -1 for the ground)."""
-    x0, y0, x1, y1 = geometry.ground
-    rows = [[x0, y0, 0, x1 - x0, 0, 0, 0, y1 - y0, 0, 0, 0, 1, -1]]
-    for i, (bx0, by0, bz0, bx1, by1, bz1) in enumerate(geometry.boxes.astype(np.float64)):
-        w, d, h = bx1 - bx0, by1 - by0, bz1 - bz0
-        rows += [
-            [bx0, by0, bz1, w, 0, 0, 0, d, 0, 0, 0, 1, i],  # roof
-            [bx0, by0, bz0, 0, d, 0, 0, 0, h, -1, 0, 0, i],
-            [bx1, by0, bz0, 0, d, 0, 0, 0, h, 1, 0, 0, i],
-            [bx0, by0, bz0, w, 0, 0, 0, 0, h, 0, -1, 0, i],
-            [bx0, by1, bz0, w, 0, 0, 0, 0, h, 0, 1, 0, i],
-        ]
-    return np.asarray(rows, np.float64)
