@@ -13,7 +13,16 @@ from PIL import Image
 
 from clm.cli.synth import main
 from clm.data.colmap import read_model
-from clm.synthetic.cameras import AERIAL, STREET, Intrinsics, look_at, make_views
+from clm.synthetic.cameras import (
+    AERIAL,
+    STREET,
+    Intrinsics,
+    View,
+    frustum_fractions,
+    in_frustum,
+    look_at,
+    make_views,
+)
 from clm.synthetic.generate import PRESETS, generate_scene
 from clm.synthetic.geometry import CityGeometry, build_city, load_geometry
 from clm.synthetic.points import pixel_directions
@@ -179,7 +188,8 @@ def test_regenerating_drops_the_old_images(tmp_path: Path) -> None:
 def test_street_cameras_below_the_roofs_and_aerial_above(size: str) -> None:
     preset = PRESETS[size]
     geometry = build_city(preset.city, 1)
-    views = make_views(geometry, 200, preset.aerial_fraction, "png", np.random.default_rng(1))
+    rng = np.random.default_rng(1)
+    views = make_views(geometry, 200, preset.aerial_fraction, "png", rng, preset.survey)
     lowest_roof, highest_roof = geometry.roof_range
     kinds = {v.kind for v in views}
     assert kinds == {AERIAL, STREET}
@@ -302,6 +312,99 @@ def test_street_view_sees_buildings_and_aerial_sees_ground() -> None:
         if v.kind == AERIAL:
             assert GROUND in seen and BOX in seen
         assert math.isfinite(float(hits.t[hits.kind != MISS].max()))
+
+
+# What the presets that predate metro produce, pinned: their cities (boxes, trees) and cameras
+# (60 views from the generator's seed), and the tiny scene's pixels and sparse points. Sums are
+# compared with a tolerance for float rounding on other CPUs, far below any real change.
+_LAYOUTS = {
+    "tiny": [18, 14, 3931.330662727356, 1610.0924899578094, 6156.56817423328, 9283.952075532125],
+    "small": [64, 37, 20982.227225780487, 5793.797561645508, 9163.59962593886, 13626.57517083443],
+    "medium": [
+        210,
+        130,
+        84424.91451120377,
+        26440.26255595684,
+        12869.021368321884,
+        18767.8176898041,
+    ],
+    "city": [
+        2390,
+        1415,
+        3447313.2681577206,
+        1009344.0308955908,
+        27222.10756631233,
+        48648.3095620041,
+    ],
+}
+
+
+@pytest.mark.parametrize("size", list(_LAYOUTS))
+def test_existing_presets_lay_out_the_same_city_and_cameras(size: str) -> None:
+    preset = PRESETS[size]
+    geometry = build_city(preset.city, 0)
+    rng = np.random.default_rng([0, 0xCA3])
+    views = make_views(geometry, 60, preset.aerial_fraction, "png", rng, preset.survey)
+    poses = np.stack([v.world_to_camera for v in views])
+    boxes, spheres = geometry.boxes.astype(np.float64), geometry.spheres.astype(np.float64)
+    got = [len(boxes), len(spheres), boxes.sum(), spheres.sum(), poses.sum(), np.abs(poses).sum()]
+    assert got == pytest.approx(_LAYOUTS[size], rel=1e-9)
+
+
+def test_tiny_scene_renders_the_same_pixels_and_points(tiny: Path) -> None:
+    pixels = sum(
+        int(np.asarray(Image.open(p)).astype(np.int64).sum())
+        for p in sorted((tiny / "images").iterdir())
+    )
+    assert pixels == pytest.approx(84875032, rel=1e-5)
+    points = read_model(tiny / "sparse" / "0").points
+    assert points.xyz.sum() == pytest.approx(334474.5966865481, rel=1e-7)
+    assert int(points.rgb.astype(np.int64).sum()) == pytest.approx(818017, rel=1e-3)
+    assert int(points.track_lengths.sum()) == pytest.approx(11599, rel=5e-3)
+
+
+@pytest.fixture(scope="module")
+def metro() -> tuple[CityGeometry, list[View], np.ndarray]:
+    """The metro preset's city and its cameras (as the generator lays them out), and surface
+    samples to measure what the views see; nothing is rendered."""
+    preset = PRESETS["metro"]
+    geometry = build_city(preset.city, 0)
+    rng = np.random.default_rng([0, 0xCA3])
+    views = make_views(geometry, preset.images, preset.aerial_fraction, "jpg", rng, preset.survey)
+    points, _ = sample_surface_points(geometry, 8000, seed=0, device="cpu")
+    return geometry, views, points.astype(np.float64)
+
+
+def test_metro_aerial_views_see_a_few_blocks_each_and_the_whole_city_together(metro) -> None:
+    geometry, views, points = metro
+    preset = PRESETS["metro"]
+    # What a view sees depends on its field of view, not on its resolution.
+    intr = Intrinsics.from_fov(192, 108, preset.hfov)
+    aerial = [v for v in views if v.kind == AERIAL]
+    assert (len(views), len(aerial), len(preset.survey)) == (3600, 2400, 3)
+    x0, y0, x1, y1 = geometry.grid.bounds()
+    assert min(x1 - x0, y1 - y0) > 2000
+    share = frustum_fractions(aerial, intr, points)
+    by_altitude = np.median(share.reshape(3, -1), axis=1)  # the survey flies one altitude at a time
+    assert 0.01 < by_altitude[0] < by_altitude[1] < by_altitude[2] < 0.05
+    assert np.mean((share >= 0.01) & (share <= 0.05)) > 0.85
+    assert share.max() < 0.1
+    seen = np.zeros(len(points), bool)
+    for view in aerial:
+        seen |= in_frustum(view, intr, points)
+    city = (points[:, 0] > x0) & (points[:, 0] < x1) & (points[:, 1] > y0) & (points[:, 1] < y1)
+    assert seen[city].all()
+
+    street = frustum_fractions([v for v in views if v.kind == STREET], intr, points)
+    assert np.median(street) < 0.005 and np.quantile(street, 0.9) < 0.02
+
+
+def test_reduced_metro_scene_is_written(tmp_path: Path) -> None:
+    generate_scene(tmp_path, "metro", images=3, width=64, points=60, device="cpu", progress=False)
+    info = json.loads((tmp_path / "synthetic.json").read_text())["generator"]
+    assert (info["size"], info["survey"], info["aerial_images"]) == ("metro", [250, 320, 390], 2)
+    assert len(list((tmp_path / "images").iterdir())) == 3
+    assert len(read_model(tmp_path / "sparse" / "0").points) == 60
 
 
 def test_surface_samples_are_uniform_by_area_ground_included(tiny: Path) -> None:

@@ -7,6 +7,7 @@ the convention COLMAP stores.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,6 +133,47 @@ def _flight_lines(area: _Area, n: int, rng: np.random.Generator) -> list[np.ndar
     return poses
 
 
+def survey_poses(
+    geometry: CityGeometry, n: int, altitudes: Sequence[float], rng: np.random.Generator
+) -> list[np.ndarray]:
+    """An oblique survey of the whole street grid at each of ``altitudes`` (metres above the
+    ground), as a metropolitan aerial capture flies it (MatrixCity's aerial views, say).
+
+    Per altitude, four serpentine passes over one grid of aim points spanning the city, one per
+    heading (the four oblique cameras of a rig, at a random angle to the streets). Cameras are
+    pitched 48-58 degrees down, so the horizon stays out of view and a view covers a few blocks
+    whatever the city's size; every block is seen from four sides at every altitude.
+    """
+    x0, y0, x1, y1 = geometry.grid.bounds()
+    lo, size = np.array([x0, y0]), np.array([x1 - x0, y1 - y0])
+    poses: list[np.ndarray] = []
+    for level, alt in enumerate(altitudes):
+        level_views = n // len(altitudes) + (level < n % len(altitudes))
+        yaw0 = rng.uniform(0, math.pi / 2)
+        for heading in range(4):
+            views = level_views // 4 + (heading < level_views % 4)
+            for aim, cell in _aim_grid(views):
+                yaw = yaw0 + heading * math.pi / 2 + math.radians(rng.uniform(-4, 4))
+                pitch = math.radians(rng.uniform(48, 58))
+                target = lo + size * (aim + cell * rng.uniform(-0.3, 0.3, size=2))
+                look = np.array([math.cos(yaw), math.sin(yaw)])
+                eye = np.array([*(target - look * alt / math.tan(pitch)), alt])
+                poses.append(look_at(eye, np.array([*target, 0.0])))
+    return poses
+
+
+def _aim_grid(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n`` aim points covering the unit square in serpentine rows (the rows hold n between
+    them, so no strip is left out), each with the size of its cell."""
+    rows = max(round(math.sqrt(n)), 1)
+    out = []
+    for r, count in enumerate(len(part) for part in np.array_split(np.arange(n), rows)):
+        order = range(count) if r % 2 == 0 else reversed(range(count))
+        cell = np.array([1 / max(count, 1), 1 / rows])
+        out += [(np.array([(i + 0.5) * cell[0], (r + 0.5) * cell[1]]), cell) for i in order]
+    return out
+
+
 def street_poses(geometry: CityGeometry, n: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Walks of WALK_FRAMES photos at eye height (1.5-2.3 m) along a lane of a random street,
     as a capture would take them: alternately looking along the street (5 m apart, walking
@@ -172,18 +214,83 @@ def street_poses(geometry: CityGeometry, n: int, rng: np.random.Generator) -> li
     return poses
 
 
+def facade_poses(geometry: CityGeometry, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Walks of WALK_FRAMES photos 3 m apart along a sidewalk at eye height (1.5-2.3 m), each
+    looking across the street at the facades opposite (boundary streets look inwards), turned
+    up to 30 degrees along the street and pitched 20-30 degrees up.
+
+    With a vertical field of view up to 40 degrees the horizon stays below the image, so a
+    view's frustum holds the facades in front and the tops of tall buildings beyond, not the
+    whole city down the street that a level street photo takes in.
+    """
+    g = geometry.grid
+    poses: list[np.ndarray] = []
+    while len(poses) < n:
+        axis = int(rng.integers(2))  # 0: street runs along x, 1: along y
+        lines, span = (g.blocks[1], g.blocks[0]) if axis == 0 else g.blocks
+        k = int(rng.integers(lines + 1))
+        side = 1.0 if k == 0 else -1.0 if k == lines else rng.choice([-1.0, 1.0])
+        heading = side * (np.array([0.0, 1.0]) if axis == 0 else np.array([1.0, 0.0]))
+        lateral = k * g.period - side * (g.road / 2 + g.sidewalk * rng.uniform(0.3, 0.7))
+        total = span * g.period
+        start = rng.uniform(0.02 * total, max(0.98 * total - 3.0 * (WALK_FRAMES - 1), 0.03 * total))
+        height = rng.uniform(1.5, 2.3)
+        for f in range(min(WALK_FRAMES, n - len(poses))):
+            a = math.radians(rng.uniform(-30, 30))
+            c, s = math.cos(a), math.sin(a)
+            d = np.array([c * heading[0] - s * heading[1], s * heading[0] + c * heading[1]])
+            p = math.radians(rng.uniform(20, 30))
+            along = start + 3.0 * f
+            xy = np.array([along, lateral]) if axis == 0 else np.array([lateral, along])
+            eye = np.array([*(np.array(g.origin) + xy), height])
+            poses.append(look_at(eye, eye + np.array([*(d * math.cos(p)), math.sin(p)])))
+    return poses
+
+
 def make_views(
-    geometry: CityGeometry, n: int, aerial_fraction: float, ext: str, rng: np.random.Generator
+    geometry: CityGeometry,
+    n: int,
+    aerial_fraction: float,
+    ext: str,
+    rng: np.random.Generator,
+    survey: Sequence[float] = (),
 ) -> list[View]:
-    """Aerial and street views interleaved, so that any every-k-th split holds both kinds."""
+    """Aerial and street views interleaved, so that any every-k-th split holds both kinds.
+
+    The aerial views are orbits and flight lines over a few blocks at a time and the street
+    views walks along and across streets; or, when ``survey`` lists altitudes, an oblique
+    survey of the whole city at those altitudes and street views of the facades.
+    """
 
     def aerial_so_far(i: int) -> int:  # rounded share: the first view is aerial
         return math.floor(i * aerial_fraction + 0.5 + 1e-9)
 
     kinds = [AERIAL if aerial_so_far(i + 1) > aerial_so_far(i) else STREET for i in range(n)]
-    aerial = iter(aerial_poses(geometry, kinds.count(AERIAL), rng))
-    street = iter(street_poses(geometry, kinds.count(STREET), rng))
+    aerial_count = kinds.count(AERIAL)
+    if survey:
+        aerial = iter(survey_poses(geometry, aerial_count, survey, rng))
+        street = iter(facade_poses(geometry, kinds.count(STREET), rng))
+    else:
+        aerial = iter(aerial_poses(geometry, aerial_count, rng))
+        street = iter(street_poses(geometry, kinds.count(STREET), rng))
     return [
         View(f"{i:05d}_{k}.{ext}", k, next(aerial) if k == AERIAL else next(street))
         for i, k in enumerate(kinds)
     ]
+
+
+def in_frustum(view: View, intr: Intrinsics, points: np.ndarray) -> np.ndarray:
+    """Which of ``points`` [N, 3] project into the view's image, in front of it (occluded or
+    not): what frustum culling hands the view's render."""
+    cam = points @ view.world_to_camera[:3, :3].T + view.world_to_camera[:3, 3]
+    z = np.maximum(cam[:, 2], 1e-9)
+    u, v = intr.fx * cam[:, 0] / z + intr.cx, intr.fy * cam[:, 1] / z + intr.cy
+    return (cam[:, 2] > 0) & (u >= 0) & (u < intr.width) & (v >= 0) & (v < intr.height)
+
+
+def frustum_fractions(views: Sequence[View], intr: Intrinsics, points: np.ndarray) -> np.ndarray:
+    """Per view, the share of surface samples ``points`` [N, 3] in its frustum: the share of a
+    dense model that a view's render touches."""
+    if len(points) == 0:
+        return np.zeros(len(views))
+    return np.array([in_frustum(view, intr, points).mean() for view in views])

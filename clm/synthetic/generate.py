@@ -30,7 +30,11 @@ JPEG_FROM_HEIGHT = 720  # PNG below, JPEG quality 95 from here up
 
 @dataclass(frozen=True)
 class Preset:
-    """What ``--size`` selects; ``samples`` is the anti-aliasing rays per pixel side."""
+    """What ``--size`` selects; ``samples`` is the anti-aliasing rays per pixel side.
+
+    ``survey`` lists the altitudes of an oblique survey of the whole city (with street views
+    of the facades), in place of orbits and flight lines over a few blocks at a time.
+    """
 
     images: int
     width: int
@@ -40,6 +44,7 @@ class Preset:
     hfov: float
     aerial_fraction: float
     city: CityParams
+    survey: tuple[float, ...] = ()
 
 
 PRESETS: dict[str, Preset] = {
@@ -98,6 +103,21 @@ PRESETS: dict[str, Preset] = {
             blocks=(14, 14), max_lots=3, max_height=120.0, downtown_height=42.0, street_trees=0.5
         ),
     ),
+    # A 2 km x 2 km city (1600 blocks, ~7600 buildings, ~10500 trees) surveyed like
+    # MatrixCity: each aerial view sees about 1-5% of the surfaces, a facade view far less.
+    "metro": Preset(
+        3600,
+        1920,
+        1080,
+        1_000_000,
+        1,
+        60.0,
+        2 / 3,
+        CityParams(
+            blocks=(40, 40), max_lots=3, max_height=120.0, downtown_height=42.0, street_trees=0.5
+        ),
+        survey=(250.0, 320.0, 390.0),
+    ),
 }
 
 
@@ -120,7 +140,7 @@ def generate_scene(
     differently, so a pixel may differ by one level).
     """
     preset = _resolve(size, images, width, height, points, seed, downscales)
-    dev = _device(device)
+    dev = resolve_device(device)
     out_dir = Path(out_dir)
     _prepare(out_dir, downscales)
     with _one_cpu_thread(dev):
@@ -142,7 +162,7 @@ def _generate(
     intr = Intrinsics.from_fov(preset.width, preset.height, preset.hfov)
     ext = "jpg" if preset.height >= JPEG_FROM_HEIGHT else "png"
     rng = np.random.default_rng([seed, 0xCA3])
-    views = make_views(geometry, preset.images, preset.aerial_fraction, ext, rng)
+    views = make_views(geometry, preset.images, preset.aerial_fraction, ext, rng, preset.survey)
     caster = RayCaster(geometry, dev)
 
     quotas = np.full(len(views), preset.points // len(views))
@@ -185,6 +205,7 @@ def _generate(
             "hfov": preset.hfov,
             "downscales": list(downscales),
             "city": asdict(preset.city),
+            **({"survey": list(preset.survey)} if preset.survey else {}),
         },
         "geometry": geometry.to_json(),
     }
@@ -245,7 +266,8 @@ def _resolve(
     )
 
 
-def _device(device: str | None) -> torch.device:
+def resolve_device(device: str | None) -> torch.device:
+    """The torch device of ``--device`` (CUDA when available by default), or a ClmError."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
