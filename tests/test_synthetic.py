@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from plyfile import PlyData
 
 from clm.cli.synth import main
 from clm.data.colmap import read_model
+from clm.model.ply import open_ply, property_names, read_ply
 from clm.synthetic.cameras import (
     AERIAL,
     STREET,
@@ -27,7 +30,7 @@ from clm.synthetic.generate import PRESETS, generate_scene
 from clm.synthetic.geometry import CityGeometry, build_city, load_geometry
 from clm.synthetic.points import pixel_directions
 from clm.synthetic.raycast import BOX, GROUND, MISS, SPHERE, RayCaster, _box_hits, safe_inverse
-from clm.synthetic.surface import sample_surface_points
+from clm.synthetic.surface import SurfaceSampler, sample_surface_points
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +266,12 @@ def test_cli_writes_a_scene(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     ("args", "words"),
     [
         (["--size", "huge"], "unknown --size 'huge'"),
+        (["--dense", "0"], "--dense must be at least 1"),
+        (["--dense", "-5", "--dense-only"], "--dense must be at least 1"),
+        (["--dense", str(10**15)], "GB are free"),
+        (["--dense-only"], "--dense-only needs --dense N"),
+        (["--dense", "9", "--dense-only", "--size", "tiny"], "drop --size"),
+        (["--dense", "9", "--dense-only"], "synthetic.json not found"),
         (["--images", "many"], "invalid int value"),
         (["--images", "0"], "--images must be at least 1"),
         (["--seed", "-3"], "--seed must be a non-negative integer"),
@@ -426,3 +435,54 @@ def test_surface_samples_are_uniform_by_area_ground_included(tiny: Path) -> None
     assert ground.sum() > 5 * on_roof.sum() > 10_000
     ratio = (ground.sum() / ground_area) / (on_roof.sum() / roof_area)
     assert ratio == pytest.approx(1.0, abs=0.08)
+
+
+def test_dense_only_samples_an_existing_scene_in_its_colmap_frame(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scene = tmp_path / "scene"
+    scene.mkdir()
+    shutil.copy(tiny / "synthetic.json", scene)  # the scene's images are not needed again
+    assert main([str(scene), "--dense", "6000", "--dense-only", "--device", "cpu", "--quiet"]) == 0
+    assert "6000 Gaussians" in capsys.readouterr().out
+    assert sorted(p.name for p in scene.iterdir()) == ["dense_6000.ply", "synthetic.json"]
+    path = scene / "dense_6000.ply"
+    vertex = PlyData.read(str(path))["vertex"]
+    assert vertex.count == 6000
+    assert [p.name for p in vertex.properties] == property_names(0)  # 17 floats, no f_rest
+    assert open_ply(path).sh_degree == 0
+
+    splats = read_ply(path)
+    xyz = splats["means"]
+    geometry = load_geometry(tiny)
+    on_face, on_sphere, on_ground = surface_kinds(geometry, xyz)
+    assert (on_face | on_sphere | on_ground).all()
+    assert 0.3 < on_ground.mean() < 0.95 and on_face.sum() > 500
+    x0, y0, x1, y1 = geometry.ground
+    assert (xyz[:, 0] >= x0).all() and (xyz[:, 0] <= x1).all()
+    assert (xyz[:, 1] >= y0).all() and (xyz[:, 1] <= y1).all() and (xyz[:, 2] > -1e-4).all()
+    # The COLMAP model's points (same frame) lie among the dense ones.
+    sparse = torch.as_tensor(read_model(tiny / "sparse" / "0").points.xyz, dtype=torch.float32)
+    spacing = math.exp(float(splats["scales"][0, 0]))
+    nearest = torch.cdist(sparse, torch.as_tensor(xyz)).min(1).values
+    assert float(nearest.median()) < spacing
+
+    sampler = SurfaceSampler(geometry, "cpu")
+    assert 0.85 < spacing / math.sqrt(sampler.total_area / 6000) <= 1.0
+    assert (splats["scales"] == splats["scales"][0, 0]).all()
+    assert (splats["quats"] == [1, 0, 0, 0]).all() and (splats["opacities"] == 0).all()
+    rgb = sh_to_rgb_degree0(splats["sh0"][:, 0])
+    assert (rgb > -1e-6).all() and (rgb < 1 + 1e-6).all() and rgb.std(0).min() > 0.04
+
+
+def sh_to_rgb_degree0(sh0: np.ndarray) -> np.ndarray:
+    return sh0 * 0.28209479177387814 + 0.5
+
+
+def test_dense_with_a_new_scene(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "s"
+    args = ["--images", "2", "--width", "32", "--points", "20", "--dense", "500"]
+    assert main([str(out), *args, "--device", "cpu", "--quiet"]) == 0
+    assert "2 images" in capsys.readouterr().out
+    assert len(list((out / "images").iterdir())) == 2
+    assert open_ply(out / "dense_500.ply").count == 500
