@@ -1,6 +1,8 @@
 """Generate a synthetic scene from a checkout: the same as ``clm-synth`` (see ``--help``).
 
 python tools/make_scene.py data/tiny --size tiny
+python tools/make_scene.py data/metro --size metro --dense 150000000   # GPU, minutes
+python tools/make_scene.py data/metro --dense 20000000 --dense-only    # another dense model
 """
 
 import sys
