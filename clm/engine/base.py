@@ -125,6 +125,11 @@ class Engine(ABC):
         """Live rows of a key attribute on the compute device, up to date with the last step."""
 
     @abstractmethod
+    def attribute_rows(self, name: str, ids: Tensor) -> Tensor:
+        """Values of attribute ``name`` for rows ``ids``, on the compute device, up to date with
+        the last step (key attributes straight from the device, others from their rows)."""
+
+    @abstractmethod
     def train_step(
         self,
         views: Sequence[View],

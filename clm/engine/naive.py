@@ -57,6 +57,10 @@ class NaiveEngine(Engine):
     def key_param(self, name: str) -> Tensor:
         return unpack_rows(self._upload(), self.host.layout)[name]
 
+    def attribute_rows(self, name: str, ids: Tensor) -> Tensor:
+        rows = unpack_rows(self.host.store.gather_params(ids.cpu()), self.host.layout)[name]
+        return rows.to(self.device)
+
     def train_step(
         self,
         views: Sequence[View],

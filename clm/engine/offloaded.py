@@ -138,6 +138,15 @@ class OffloadEngine(Engine):
     def key_param(self, name: str) -> Tensor:
         return self.key.views()[name]
 
+    def attribute_rows(self, name: str, ids: Tensor) -> Tensor:
+        if any(a.name == name for a in self.spec.key):
+            return self.key.views()[name][ids.to(self.device)]
+        self._drain()
+        rows = ids.cpu()
+        self.host.catch_up(rows, self.step)
+        packed = self.host.store.gather_params(rows)
+        return unpack_rows(packed, self.host.layout)[name].to(self.device)
+
     def _ensure_cache(self, rows: int) -> None:
         if self.cache_param.shape[0] >= rows:
             return

@@ -32,6 +32,9 @@ class ResidentEngine(Engine):
     def key_param(self, name: str) -> Tensor:
         return self.params[name]
 
+    def attribute_rows(self, name: str, ids: Tensor) -> Tensor:
+        return self.params[name][ids.to(self.device)]
+
     def train_step(
         self,
         views: Sequence[View],

@@ -130,7 +130,10 @@ def gaussian_splatting_spec(sh_degree: int = 3) -> GaussianSpec:
                 "means", (3,), 1.6e-4, key=True, lr_final=1.6e-6, scale_lr_by_extent=True
             ),
             AttributeSpec("scales", (3,), 5e-3, key=True, activation="exp"),
-            AttributeSpec("quats", (4,), 1e-3, key=True, activation="normalize"),
+            # Culling bounds a Gaussian by its largest scale, so rotations need not be key:
+            # they travel with the colours (16 bytes a row) instead of costing 48 bytes of
+            # GPU memory per Gaussian, with their Adam moments, for every Gaussian.
+            AttributeSpec("quats", (4,), 1e-3, activation="normalize"),
             AttributeSpec("opacities", (), 5e-2, key=True, activation="sigmoid"),
             AttributeSpec("sh0", (1, 3), 2.5e-3),
             AttributeSpec("shN", (rest_bands, 3), 2.5e-3 / 20, sh_rest=True),

@@ -1,8 +1,9 @@
 """Adaptive density control of 3DGS: clone small Gaussians and split large ones where the
 screen-space gradient is high, prune transparent and oversized ones, reset opacities.
 
-Decisions read only key attributes (position, scale, rotation, opacity), which every engine keeps
-on the compute device; the engine copies the rest of each row itself. Unlike gsplat 1.5.3's
+Decisions read only key attributes (position, scale, opacity), which every engine keeps on the
+compute device, and the rotations of the Gaussians being split; the engine copies the rest of
+each row itself. Unlike gsplat 1.5.3's
 DefaultStrategy, the opacity reset really happens every ``reset_every`` images.
 """
 
@@ -146,7 +147,7 @@ class DensityController:
     def _split(self, engine: Engine, ids: Tensor) -> None:
         """Two children per Gaussian, sampled from it, each 1.6 times smaller."""
         scales = torch.exp(engine.key_param("scales")[ids])
-        rot = quat_to_rotmat(engine.key_param("quats")[ids])
+        rot = quat_to_rotmat(engine.attribute_rows("quats", ids))
         noise = torch.randn(
             (2, ids.numel(), 3), generator=self.generator, device=self.device, dtype=scales.dtype
         )
