@@ -4,7 +4,7 @@ GPU-resident engine does."""
 
 import pytest
 import torch
-from test_gpu import _train, assert_same_training, random_params, ring_views
+from test_gpu import _train, assert_same_training, ring_views
 
 from clm.engine.base import AdamSettings
 from clm.engine.offloaded import OffloadEngine
@@ -21,6 +21,26 @@ CUDA = torch.device("cuda")
 W, H = 200, 136  # not a multiple of the tile size: the last pieces are narrower
 
 
+def scene(n: int, seed: int, device="cpu") -> dict[str, torch.Tensor]:
+    """Gaussians small on screen, so that a few tiles see a fraction of a view, and 1% large
+    ones near the cameras, which cross pieces (and need the whole view's Jacobian clamp)."""
+    g = torch.Generator().manual_seed(seed)
+    large = n // 100
+    spread = torch.tensor([8.0, 2.0, 8.0]).repeat(n, 1)
+    spread[:large] = torch.tensor([3.0, 1.0, 3.0])
+    size = torch.full((n, 1), 0.02)
+    size[:large] = 0.15
+    params = {
+        "means": (torch.rand(n, 3, generator=g) - 0.5) * spread,
+        "scales": torch.log(torch.rand(n, 3, generator=g) * size + size / 2),
+        "quats": torch.randn(n, 4, generator=g),
+        "opacities": torch.randn(n, generator=g) * 1.5,
+        "sh0": torch.randn(n, 1, 3, generator=g) * 0.5,
+        "shN": torch.randn(n, 15, 3, generator=g) * 0.1,
+    }
+    return {k: v.to(device) for k, v in params.items()}
+
+
 def rows_seen(params, views) -> list[int]:
     keys = (params["means"], params["scales"], params["opacities"])
     return PieceCuller(CUDA).visible_counts(*keys, views)
@@ -31,8 +51,8 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_gsplat_pieces_give_the_whole_image_and_its_gradients():
-    params = random_params(30_000, seed=0, device=CUDA)
-    view = ring_views(5, W, H, device=CUDA)[1]
+    params = scene(30_000, seed=0, device=CUDA)
+    view = ring_views(5, W, H, radius=1.0, device=CUDA)[1]
     bg = torch.tensor([0.2, 0.1, 0.3], device=CUDA)
     target = torch.rand(H, W, 3, generator=torch.Generator().manual_seed(4)).to(CUDA)
 
@@ -81,8 +101,8 @@ def test_offload_engine_with_a_tiny_cache_matches_the_resident_engine(monkeypatc
     if plan_elements is not None:
         monkeypatch.setattr(pieces_module, "PLAN_ELEMENTS", plan_elements)
     spec = gaussian_splatting_spec(3)
-    params = random_params(20_000, seed=5)
-    views = ring_views(8, W, H, device=CUDA)
+    params = scene(20_000, seed=5)
+    views = ring_views(8, W, H, radius=1.0, device=CUDA)
     g = torch.Generator().manual_seed(2)
     targets = [torch.rand(H, W, 3, generator=g).to(CUDA) for _ in views]
     batches = [[0, 1, 2, 3], [4, 5, 6, 7], [1, 3, 5, 7], [0, 2, 4, 6]]
