@@ -7,8 +7,9 @@ Costs per Gaussian on the GPU (float32):
   per Gaussian, 59 for 3DGS at SH degree 3), plus density statistics;
 * ``naive``: a parameter and a gradient row for every Gaussian each step, ``8·W``;
 * ``clm``: only the key attributes (7 floats for 3DGS: position, log-scale, opacity) with their
-  Adam moments, ``12·K``, plus density statistics; the host rows visit the GPU through the row cache, whose slots (a
-  parameter and a gradient row of the non-key width) are sized from what is left. Each row a
+  Adam moments, ``12·K``, plus density statistics; the host rows visit the GPU through the row
+  cache, whose slots (a parameter and a gradient row of the non-key width) are sized from what
+  is left. Each row a
   view renders also costs its gathered copies and their gradients (about 2 KB in all for
   3DGS, measured at 10M Gaussians on the H200).
 
