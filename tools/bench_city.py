@@ -27,6 +27,11 @@ from pathlib import Path
 STAGES = ("scene", "dense", "train", "resume", "export", "none")
 
 
+def clm(command: str, *args: str) -> list[str]:
+    """What ``clm-<command> args`` runs, without needing the console scripts installed."""
+    return [sys.executable, "-m", f"clm.cli.{command}", *args]
+
+
 def peak_rss(pid: int) -> int:
     """VmHWM of a live process, in bytes (0 once it has gone)."""
     try:
@@ -70,6 +75,11 @@ def log_figures(text: str) -> dict[str, float]:
     return found
 
 
+def scene_size(scene: Path) -> str:
+    info = json.loads((scene / "synthetic.json").read_text())["generator"]
+    return f"{info['images']} images of {info['width']}x{info['height']}"
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
@@ -101,16 +111,16 @@ def main() -> None:
         figures_path.write_text(json.dumps(figures, indent=1))
 
     if "scene" in stages and not (args.scene / "synthetic.json").exists():
-        cmd = ["clm-synth", str(args.scene), "--size", args.size, "--images", str(args.images)]
+        cmd = clm("synth", str(args.scene), "--size", args.size, "--images", str(args.images))
         figures["scene"] = run([*cmd, "--quiet"], logs / "synth.log")
         save()
     if "dense" in stages and not ply.exists():
-        cmd = ["clm-synth", str(args.scene), "--dense", str(n), "--dense-only", "--quiet"]
+        cmd = clm("synth", str(args.scene), "--dense", str(n), "--dense-only", "--quiet")
         figures["dense"] = run(cmd, logs / "dense.log")
         figures["dense"]["bytes"] = ply.stat().st_size
         save()
     train = [
-        *("clm-train", str(args.scene), "--output", str(out), "--init-ply", str(ply)),
+        *clm("train", str(args.scene), "--output", str(out), "--init-ply", str(ply)),
         *("--max-gpu-gb", str(args.max_gpu_gb), "--max-host-gb", str(args.max_host_gb)),
         *("--batch-size", str(args.batch_size), "--steps", str(args.steps)),
         *("--checkpoint-every", str(args.checkpoint_at), "--keep-checkpoints", "1"),
@@ -124,7 +134,7 @@ def main() -> None:
         figures["train"].update(log_figures((out / "train.log").read_text()))
         save()
     if "resume" in stages and "resume" not in figures:
-        cmd = ["clm-train", "--resume", "--output", str(out), "--no-progress"]
+        cmd = clm("train", "--resume", "--output", str(out), "--no-progress")
         figures["resume"] = run(cmd, logs / "resume.log")
         text = (out / "train.log").read_text()
         figures["resume"].update(log_figures(text))
@@ -141,7 +151,7 @@ def main() -> None:
         save()
     if "export" in stages and "export" not in figures:
         (out / "point_cloud.ply").unlink(missing_ok=True)  # the disk holds one PLY at a time
-        cmd = ["clm-export", str(out), "--output", str(out / "point_cloud.ply")]
+        cmd = clm("export", str(out), "--output", str(out / "point_cloud.ply"))
         figures["export"] = run(cmd, logs / "export.log")
         save()
     if "none" in stages and "none" not in figures:
@@ -174,7 +184,7 @@ def report(args: argparse.Namespace, n: int, f: dict) -> None:
     rss = max(train.get("peak_rss", 0), resume.get("peak_rss", 0))
     rows = [
         ("Gaussians", f"{n / 1e6:.0f}M, SH degree 3"),
-        ("scene", f"{args.size}, {args.images} images 1920x1080"),
+        ("scene", f"{args.size}, {scene_size(args.scene)}"),
         ("dense PLY written", f"{f['dense']['seconds']:.0f} s" if "dense" in f else "-"),
         ("budgets", f"--max-gpu-gb {args.max_gpu_gb:g} --max-host-gb {args.max_host_gb:g}"),
         ("host plan", f"up to {train.get('host_plan_m', 0):.1f}M Gaussians"),

@@ -80,9 +80,7 @@ def ply_source(path: Path, to_train: Similarity, spec: GaussianSpec) -> RowSourc
         raise ClmError(f"{path}: the PLY holds no Gaussians")
     bands = spec["shN"].shape[0]
     if ply.num_rest != bands:
-        log.warning(
-            "%s has %d SH bands beyond degree 0; the model uses %d", path, ply.num_rest, bands
-        )
+        log.info("%s has %d SH bands beyond degree 0; the model has %d", path, ply.num_rest, bands)
     chunks = (RowChunk(world_to_params(c, to_train, spec)) for c in ply.chunks())
     return RowSource(
         ply.count,
