@@ -46,6 +46,8 @@ def make_engine(
     Both budgets are checked before a row is loaded. ``views`` (the training views, optional)
     let the GPU planner size the row cache for this scene, from a sample of the rows.
     """
+    if device.type == "cuda" and device.index is None:  # CUDA memory APIs want an index
+        device = torch.device("cuda", torch.cuda.current_device())
     source = rows if isinstance(rows, RowSource) else RowSource.of(rows)
     num = source.count
     host = plan_host(
