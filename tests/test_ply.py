@@ -386,3 +386,16 @@ def test_streaming_a_large_model_needs_memory_for_a_few_chunks_only(tmp_path: Pa
     # A packed chunk is 2.2 MB here; holding the model would take 68 MB.
     assert write_peak < model_bytes / 5, write_peak
     assert read_peak < model_bytes / 5, read_peak
+
+
+def test_sample_reads_evenly_spread_runs_of_rows(tmp_path: Path) -> None:
+    splats = random_splats(10_000, 3)
+    splats["means"][:, 0] = np.arange(10_000)  # each row names itself
+    write_ply(tmp_path / "s.ply", splats)
+    sample = ply_module.open_ply(tmp_path / "s.ply").sample(1000, runs=10)
+    rows = sample["means"][:, 0].astype(int)
+    assert len(rows) == 1000 and rows[0] == 0 and rows[-1] == 9999
+    runs = rows.reshape(10, 100)
+    assert (np.diff(runs, axis=1) == 1).all()  # consecutive rows within a run
+    assert (np.diff(runs[:, 0]) > 900).all()  # runs spread through the whole file
+    np.testing.assert_array_equal(sample["shN"], splats["shN"][rows])

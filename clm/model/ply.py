@@ -165,31 +165,60 @@ def _header(count: int, num_rest: int, width: int) -> bytes:
 class PlySource:
     """A 3DGS PLY whose header is checked and whose rows stay on disk until asked for.
 
-    ``num_rest`` is K, the SH coefficients per channel beyond degree 0. The rows are memory-mapped
-    (binary files), so a chunk reads and converts only its own rows.
+    ``num_rest`` is K, the SH coefficients per channel beyond degree 0. Rows of a binary file are
+    read with plain reads, a chunk at a time: no mapping keeps pages of a large file resident in
+    the process (an ASCII file, parsed whole by plyfile, is held as parsed).
     """
 
     path: Path
     count: int
     num_rest: int
-    _rows: np.ndarray = field(repr=False, compare=False)
+    _dtype: np.dtype = field(repr=False, compare=False)
+    _offset: int | None = field(repr=False, compare=False)  # of the rows, in a binary file
+    _parsed: np.ndarray | None = field(repr=False, compare=False)  # rows of an ASCII file
 
     @property
     def sh_degree(self) -> int:
         return sh_degree_of(self.num_rest)
 
+    def _read(self, fh: BinaryIO | None, start: int, rows: int) -> np.ndarray:
+        if self._parsed is not None or fh is None:
+            return self._parsed[start : start + rows]
+        rows = max(0, min(rows, self.count - start))
+        out = np.empty(rows, self._dtype)
+        fh.seek(self._offset + start * self._dtype.itemsize)
+        if fh.readinto(memoryview(out.view(np.uint8))) != out.nbytes:
+            raise ClmError(f"{self.path}: the PLY is shorter than its header says")
+        return out
+
+    def _open(self) -> BinaryIO | None:
+        return None if self._parsed is not None else open(self.path, "rb")
+
     def chunks(self, rows: int = 1 << 20) -> Iterator[dict[str, np.ndarray]]:
         """Float32 arrays with :func:`read_ply`'s keys and shapes, ``rows`` rows at a time."""
         if rows <= 0:
             raise ValueError(f"rows is {rows}, want > 0")
-        for start in range(0, self.count, rows):
-            yield _unpack_rows(self._rows[start : start + rows], self.num_rest)
+        fh = self._open()
+        try:
+            for start in range(0, self.count, rows):
+                yield _unpack_rows(self._read(fh, start, rows), self.num_rest)
+        finally:
+            if fh is not None:
+                fh.close()
 
-    def sample(self, rows: int) -> dict[str, np.ndarray]:
-        """About ``rows`` rows evenly spaced through the file (reads only their pages), for
-        planning from a model without loading it."""
-        stride = max(1, self.count // max(rows, 1))
-        return _unpack_rows(self._rows[::stride], self.num_rest)
+    def sample(self, rows: int, runs: int = 64) -> dict[str, np.ndarray]:
+        """About ``rows`` rows in ``runs`` short runs spread evenly through the file, for
+        planning from a model without loading it (a few reads, whatever the model's size)."""
+        per_run = max(1, -(-rows // runs))
+        starts = np.linspace(0, max(self.count - per_run, 0), num=min(runs, self.count)).astype(int)
+        fh = self._open()
+        try:
+            parts = [self._read(fh, int(start), per_run) for start in starts]
+        finally:
+            if fh is not None:
+                fh.close()
+        rows_read = np.concatenate(parts) if parts else np.empty(0, self._dtype)
+        return _unpack_rows(rows_read, self.num_rest)
 
 
 def open_ply(path: Path) -> PlySource:
@@ -214,7 +243,10 @@ def open_ply(path: Path) -> PlySource:
     if missing:
         raise ClmError(f"{path}: not a 3DGS PLY, missing properties {', '.join(missing)}")
     num_rest = _num_rest_coeffs(path, names)
-    return PlySource(path, vertex.count, num_rest, vertex.data)
+    rows = vertex.data
+    if isinstance(rows, np.memmap):  # binary: remember where the rows are, keep no mapping
+        return PlySource(path, vertex.count, num_rest, rows.dtype, int(rows.offset), None)
+    return PlySource(path, vertex.count, num_rest, rows.dtype, None, rows)
 
 
 def read_ply(path: Path) -> dict[str, np.ndarray]:

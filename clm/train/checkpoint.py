@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import io
 import logging
+import queue
 import re
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -83,13 +85,53 @@ def state_blocks(
 
 
 def _trimmed(values: Tensor) -> np.ndarray:
-    """A column block as float32 numpy, without trailing all-zero bands (dim 1 of 3-d blocks)."""
-    array = values.detach().to("cpu").contiguous().numpy()
+    """A column block as a fresh contiguous numpy array, without trailing all-zero bands (dim 1
+    of 3-d blocks)."""
+    array = values.detach().cpu().contiguous().numpy()
     if array.ndim == 3 and array.shape[1]:
-        used = np.flatnonzero(np.any(array != 0, axis=(0, 2)))
-        keep = int(used[-1]) + 1 if used.size else 0
-        array = np.ascontiguousarray(array[:, :keep])
-    return array
+        used = np.flatnonzero(array.reshape(len(array), -1).any(axis=0))
+        bands = int(used[-1]) // array.shape[2] + 1 if used.size else 0
+        array = array[:, :bands]
+    return np.ascontiguousarray(array)
+
+
+class _Writer:
+    """Writes byte buffers to a stream on a background thread, so the next block is prepared
+    while the last one is written; :meth:`put` returns where its bytes start. An error of the
+    writing thread (a full disk) is raised again on the caller's thread."""
+
+    def __init__(self, stream: BinaryIO, depth: int = 4) -> None:
+        self.stream = stream
+        self.size = 0
+        self._queue: queue.Queue[memoryview | bytes | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="clm-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.stream.write(data)
+                except BaseException as exc:  # handed to the caller's thread
+                    self._error = exc
+
+    def put(self, data: memoryview | bytes) -> int:
+        if self._error is not None:
+            raise self._error
+        offset = self.size
+        self._queue.put(data)
+        self.size += len(memoryview(data).cast("B"))
+        return offset
+
+    def __enter__(self) -> _Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error
 
 
 def _bytes(array: np.ndarray) -> memoryview:
@@ -126,25 +168,24 @@ def save_checkpoint(
 
     def write(stream: BinaryIO) -> None:
         nonlocal size
-        stream.write(MAGIC)
-        index, count = [], 0
-        for block in blocks:
-            entry: dict[str, Any] = {}
-            for name, values in block.items():
-                array = _trimmed(values)
-                entry[name] = (stream.tell(), array.shape, str(array.dtype))
-                stream.write(_bytes(array))
-            rows = len(next(iter(block.values()))) if block else 0
-            index.append((rows, entry))
-            count += rows
-        buffer = io.BytesIO()
-        record = {"format": FORMAT_VERSION, "step": step, "count": count, **meta}
-        torch.save({**record, "columns": columns, "blocks": index}, buffer)
-        offset = stream.tell()
-        stream.write(buffer.getbuffer())
-        stream.write(_TRAILER.pack(offset, buffer.tell()))
-        stream.write(MAGIC)
-        size = stream.tell()
+        with _Writer(stream) as out:
+            out.put(MAGIC)
+            index, count = [], 0
+            for block in blocks:
+                entry: dict[str, Any] = {}
+                for name, values in block.items():
+                    array = _trimmed(values)
+                    entry[name] = (out.put(_bytes(array)), array.shape, str(array.dtype))
+                rows = len(next(iter(block.values()))) if block else 0
+                index.append((rows, entry))
+                count += rows
+            buffer = io.BytesIO()
+            record = {"format": FORMAT_VERSION, "step": step, "count": count, **meta}
+            torch.save({**record, "columns": columns, "blocks": index}, buffer)
+            offset = out.put(buffer.getbuffer())
+            out.put(_TRAILER.pack(offset, buffer.tell()))
+            out.put(MAGIC)
+            size = out.size
 
     atomic_write(path, write)
     for old in list_checkpoints(output)[:-keep]:
