@@ -1,5 +1,6 @@
-"""Checkpoints and exports at scale: streamed block by block from an engine with bounded extra
-memory, exact when read back, the last K kept, a damaged newest one skipped, a full disk named."""
+"""Checkpoints and exports at scale (two million rows): streamed block by block from an engine
+with bounded extra memory, exact when read back, the last K kept, a damaged newest one skipped,
+a full disk named."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from clm.train.export import checkpoint_source, export_ply
 from clm.train.schedule import LearningRates
 
 SPEC = gaussian_splatting_spec(3)
-ROWS = 1 << 20
+ROWS = 1 << 21
 CHUNK = 1 << 16
 USED_BANDS = 3  # SH degree 1: higher bands hold zeros, as before degree 2 is ever active
 
@@ -114,7 +115,7 @@ def engine():
     engine.close()
 
 
-def test_checkpoint_of_a_million_rows_streams_exactly_with_bounded_memory(engine, tmp_path):
+def test_checkpoint_of_two_million_rows_streams_exactly_with_bounded_memory(engine, tmp_path):
     assert engine.num_gaussians == ROWS and engine.step == 7
     with PeakRss() as saving:
         saved = save_checkpoint(

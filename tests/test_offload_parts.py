@@ -183,7 +183,8 @@ def test_key_adam_over_chunks_matches_dense_adam(chunk_rows):
     lrs = LearningRates(spec, 10, extent=1.0, batch_size=1)
     config = AdamConfig((0.9, 0.999), 1e-15)
     rows = DeviceRows(spec.key, params, lrs, config, torch.device("cpu"), chunk_rows=chunk_rows)
-    ref = {n: params[n].clone().requires_grad_() for n in ("means", "quats", "scales", "opacities")}
+    ref = {a.name: params[a.name].clone().requires_grad_() for a in spec.key}
+    assert set(ref) == {"means", "scales", "opacities"}
     optim = torch.optim.Adam(
         [{"params": [t], "lr": lrs.at(n, 1)} for n, t in ref.items()], betas=(0.9, 0.999), eps=1e-15
     )
@@ -213,14 +214,14 @@ def test_row_inputs_send_gradients_to_their_sinks():
 
     spec = gaussian_splatting_spec(3)
     key_layout, key_width = row_layout(spec.key)
-    host_layout, _ = row_layout(spec.host)
+    host_layout, host_width = row_layout(spec.host)
     g = torch.Generator().manual_seed(3)
     key_table = torch.randn(30, key_width, generator=g)
-    cache = torch.randn(12, 48, generator=g)
+    cache = torch.randn(12, host_width, generator=g)
     ids, pos = torch.tensor([4, 9, 17, 2]), torch.tensor([0, 3, 5, 6])
     slots = torch.tensor([7, 1, 10, 3])
-    degree, width = 1, 12  # sh0 and the first three rest bands
-    key_sink, cache_sink = torch.zeros(8, key_width), torch.zeros(12, 48)
+    degree, width = 1, 16  # quats, sh0 and the first three rest bands
+    key_sink, cache_sink = torch.zeros(8, key_width), torch.zeros(12, host_width)
     inputs = RowInputs([key_layout, host_layout])
     got = inputs.gather(
         (
