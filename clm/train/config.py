@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,9 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 class TrainConfig:
     scene: Path | None = _opt(None, "scene folder: COLMAP (sparse/0 + images/) or transforms.json")
     output: Path = _opt(Path("runs/latest"), "output folder for checkpoints, PLY, metrics, renders")
-    preset: str | None = _opt(None, "preset from configs/ (default, aerial, tiny) or a .toml file")
+    preset: str | None = _opt(
+        None, "preset from configs/ (default, aerial, tiny) or a .toml file; default: default"
+    )
     steps: int | None = _opt(
         None, "optimiser steps (default: 30000 images' worth, i.e. 30000 / batch size)"
     )
@@ -131,43 +135,72 @@ def _count(text: str) -> int:
 _count.__name__ = "non-negative integer"  # argparse names the type in its error message
 
 
-def build_parser(prog: str = "clm-train") -> argparse.ArgumentParser:
+def build_parser(
+    prog: str = "clm-train", preset: tuple[str, dict[str, Any]] | None = None
+) -> argparse.ArgumentParser:
+    """The flags of every TrainConfig field; ``preset`` (name, values) adds its values to the
+    help, so ``clm-train --preset tiny --help`` shows what that preset sets."""
     parser = OneLineParser(
         prog=prog,
         description="Train a 3D Gaussian Splatting scene, offloading to host memory as needed.",
     )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        text = _help(f, preset)
         if f.name == "scene":
-            parser.add_argument("scene", type=Path, nargs="?", help=f.metadata["help"])
+            parser.add_argument("scene", type=Path, nargs="?", help=text)
         elif f.name in _BOOLEAN_FLAGS:
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"]
+                flag, action=argparse.BooleanOptionalAction, default=None, help=text
             )
         else:
-            kind = f.type
-            conv: Any = str
-            if "Path" in kind:
-                conv = Path
-            elif kind.startswith("int"):
-                conv = _count
-            elif kind.startswith("float"):
-                conv = float
             choices = {"offload": ["none", "naive", "clm"], "device": ["auto", "cuda", "cpu"]}
             parser.add_argument(
                 flag,
-                type=conv,
+                type=_converter(f.type),
                 default=None,
                 choices=choices.get(f.name),
                 metavar=None if f.name in choices else f.name.upper(),
-                help=f.metadata["help"] + f" (default: {f.default})",
+                help=text,
             )
     return parser
 
 
+def _converter(kind: str) -> Any:
+    if "Path" in kind:
+        return Path
+    if kind.startswith("int"):
+        return _count
+    if kind.startswith("float"):
+        return float
+    return str
+
+
+def _help(f: dataclasses.Field, preset: tuple[str, dict[str, Any]] | None) -> str:
+    """The field's help with its default once (unless the text already states it or there is
+    none to state) and the chosen preset's value where it sets one."""
+    text = f.metadata["help"]
+    if f.default is not None and "default" not in text:
+        text += f" (default: {f.default})"
+    if preset is not None and f.name in preset[1]:
+        text += f" (preset {preset[0]}: {preset[1][f.name]})"
+    return text
+
+
+def _preset_for_help(argv: list[str] | None) -> tuple[str, dict[str, Any]] | None:
+    """The preset named with --preset, when --help is asked for too (otherwise not read here)."""
+    args = sys.argv[1:] if argv is None else argv
+    if not {"-h", "--help"} & set(args):
+        return None
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--preset")
+    name = early.parse_known_args(args)[0].preset
+    return None if name is None else (name, load_preset(name))
+
+
 def parse_flags(argv: list[str] | None = None) -> dict[str, Any]:
     """Only the flags the user gave, by field name."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(preset=_preset_for_help(argv)).parse_args(argv)
     return {k: v for k, v in vars(args).items() if v is not None}
 
 
@@ -192,6 +225,7 @@ def config_from_dict(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate(cfg: TrainConfig) -> None:
+    _check_finite(cfg)
     if cfg.scene is None and not cfg.resume:
         raise ClmError("no scene given (clm-train SCENE, or --resume with --output)")
     if not 1 <= cfg.batch_size <= 64:
@@ -210,7 +244,30 @@ def validate(cfg: TrainConfig) -> None:
         raise ClmError(f"--ssim-weight must be in [0, 1], got {cfg.ssim_weight}")
     if not 0.0 < cfg.init_opacity < 1.0:
         raise ClmError(f"--init-opacity must be in (0, 1), got {cfg.init_opacity}")
+    if cfg.max_seconds is not None and cfg.max_seconds <= 0:
+        raise ClmError(f"--max-seconds must be positive, got {cfg.max_seconds}")
+    if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
+        raise ClmError(
+            f"--cpu-threads must be at least 1, got {cfg.cpu_threads} (omit it for all cores)"
+        )
+    for name in _NEVER_ZERO:
+        if getattr(cfg, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ClmError(f"{flag} must be at least 1, got {getattr(cfg, name)}")
     if cfg.offload not in ("none", "naive", "clm"):
         raise ClmError(f"--offload must be none, naive or clm, got {cfg.offload!r}")
     if cfg.device not in ("auto", "cuda", "cpu"):
         raise ClmError(f"--device must be auto, cuda or cpu, got {cfg.device!r}")
+
+
+# Intervals the trainer divides by, so 0 (which would mean "never") is refused for now.
+_NEVER_ZERO = ("checkpoint_every", "log_every")
+
+
+def _check_finite(cfg: TrainConfig) -> None:
+    """NaN passes every comparison-based check below, so float options are checked first."""
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            flag = "--" + f.name.replace("_", "-")
+            raise ClmError(f"{flag} must be a finite number, got {value}")
