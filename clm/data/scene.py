@@ -7,6 +7,7 @@ the run before training starts rather than hours into it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from clm.data.transforms_json import read_blender, read_nerfstudio
 from clm.data.types import Frame, Scene, Similarity
 from clm.data.undistort import pinhole_for_training, split_camera_params
 from clm.errors import ClmError
+
+log = logging.getLogger(__name__)
 
 RANDOM_INIT_POINTS = 100_000
 _DEGENERATE = 1e-9
@@ -52,12 +55,18 @@ def load_scene(
     elif (root / "transforms.json").is_file():
         kind, background = "nerfstudio", (0.0, 0.0, 0.0)
         frames, points, colors = read_nerfstudio(root, data_factor)
+        if points is not None:
+            points, colors = _finite_points(
+                points, colors, f"{root / 'transforms.json'} (ply_file_path)"
+            )
         train, test = _split(frames, test_every)
     elif (root / "transforms_train.json").is_file():
         kind, background = "blender", (1.0, 1.0, 1.0)
         train, test = read_blender(root, data_factor)
         train = sorted(train, key=lambda f: f.name)
         test = sorted(test, key=lambda f: f.name) if test_every else []
+        if test_every and not test:
+            log.info("%s: no transforms_test.json, so no held-out images", root)
     else:
         raise ClmError(
             f"{root}: not a scene folder (expected sparse/0/ or sparse/ from COLMAP, "
@@ -72,6 +81,11 @@ def load_scene(
     random_init = points is None
     if points is None:
         points, colors = _random_points(train, seed)
+        log.info(
+            "%s has no point cloud: starting from %d random Gaussians in the cameras' view",
+            root,
+            RANDOM_INIT_POINTS,
+        )
     else:
         points = to_train.to_train(points)
     return Scene(
@@ -103,7 +117,29 @@ def _read_colmap(root: Path, data_factor: int) -> tuple[list[Frame], np.ndarray,
     if not images_dir.is_dir():
         raise ClmError(f"{images_dir}: image folder not found")
     frames = _colmap_frames(model, images_dir, data_factor, sparse_dir, fmt)
-    return frames, model.points.xyz, model.points.rgb
+    points, colors = _finite_points(
+        model.points.xyz, model.points.rgb, str(sparse_dir / f"points3D.{fmt}")
+    )
+    return frames, points, colors
+
+
+def _finite_points(
+    points: np.ndarray, colors: np.ndarray, source: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Drop points with NaN or infinite coordinates, saying how many: one of them would spoil
+    the neighbour distances that size every initial Gaussian. None left is an error."""
+    keep = np.isfinite(points).all(axis=1)
+    dropped = int(len(points) - keep.sum())
+    if not keep.any():
+        raise ClmError(f"{source}: none of its {len(points)} points has finite coordinates")
+    if dropped:
+        log.warning(
+            "%s: dropped %d of %d points with NaN or infinite coordinates",
+            source,
+            dropped,
+            len(points),
+        )
+    return points[keep], colors[keep]
 
 
 def _colmap_frames(

@@ -45,7 +45,8 @@ def read_nerfstudio(
     """(frames, points float64 [P, 3], colours uint8 [P, 3]) of a nerfstudio scene.
 
     Points are None without ``ply_file_path``. Intrinsics come from the top level, each
-    overridable per frame; an OPENCV camera with non-zero k1, k2, p1, p2 is undistorted.
+    overridable per frame; an OPENCV camera with non-zero k1, k2, p1, p2 is undistorted. An
+    instant-ngp file (``camera_angle_x``, no ``fl_x``) is read the same way.
     """
     path = root / "transforms.json"
     meta = _load_json(path)
@@ -63,7 +64,8 @@ def read_nerfstudio(
         for key in ("k3", "k4"):
             if _number(settings, key, where, 0.0) != 0.0:
                 raise ClmError(f"{where}: radial term {key} is not supported (only k1, k2, p1, p2)")
-        image_path = root / _string(entry, "file_path", where)
+        name = _image_name(_string(entry, "file_path", where))
+        image_path = root / name
         if "w" in settings and "h" in settings:
             size = (int(_number(settings, "w", where)), int(_number(settings, "h", where)))
             if min(size) < 1:
@@ -74,8 +76,7 @@ def read_nerfstudio(
             image_path.parent, image_path.name, data_factor, size
         )
         width, height = size
-        fx = _number(settings, "fl_x", where)
-        fy = _number(settings, "fl_y", where, fx)
+        fx, fy = _focal_lengths(settings, where, width, height)
         cx = _number(settings, "cx", where, width / 2)
         cy = _number(settings, "cy", where, height / 2)
         sx, sy = decoded[0] / width, decoded[1] / height
@@ -91,7 +92,7 @@ def read_nerfstudio(
         camera_key = (fx, fy, cx, cy, width, height, coefficients)
         frames.append(
             Frame(
-                name=PurePosixPath(_string(entry, "file_path", where)).as_posix(),
+                name=name,
                 image_path=path_found,
                 width=out_w,
                 height=out_h,
@@ -108,6 +109,34 @@ def read_nerfstudio(
     return frames, points, colors
 
 
+def _focal_lengths(
+    settings: dict[str, Any], where: str, width: int, height: int
+) -> tuple[float, float]:
+    """``fl_x``/``fl_y``, or from ``camera_angle_x``/``_y`` as instant-ngp's files give them."""
+    if "fl_x" in settings or "camera_angle_x" not in settings:
+        fx = _number(settings, "fl_x", where)
+    else:
+        fx = _from_angle(settings, "camera_angle_x", where, width)
+    if "fl_y" in settings:
+        return fx, _number(settings, "fl_y", where)
+    if "camera_angle_y" in settings:
+        return fx, _from_angle(settings, "camera_angle_y", where, height)
+    return fx, fx
+
+
+def _from_angle(settings: dict[str, Any], key: str, where: str, pixels: int) -> float:
+    angle = _number(settings, key, where)
+    if not 0.0 < angle < math.pi:
+        raise ClmError(f"{where}: {key} {angle} is not an angle in (0, pi) radians")
+    return 0.5 * pixels / math.tan(0.5 * angle)
+
+
+def _image_name(file_path: str) -> str:
+    """The image's relative path; NeRF-synthetic style names without a suffix are PNGs."""
+    name = PurePosixPath(file_path).as_posix()
+    return name if PurePosixPath(name).suffix.lower() in _IMAGE_SUFFIXES else name + ".png"
+
+
 def _read_blender_split(path: Path, data_factor: int) -> list[Frame]:
     meta = _load_json(path)
     angle_x = _number(meta, "camera_angle_x", str(path))
@@ -116,9 +145,7 @@ def _read_blender_split(path: Path, data_factor: int) -> list[Frame]:
     frames = []
     for index, entry in enumerate(_frame_list(path, meta)):
         where = f"{path}: frame {index}"
-        name = PurePosixPath(_string(entry, "file_path", where)).as_posix()
-        if PurePosixPath(name).suffix.lower() not in _IMAGE_SUFFIXES:
-            name += ".png"
+        name = _image_name(_string(entry, "file_path", where))
         image_path = path.parent / name
         path_found, decoded, resize_from = locate_image(
             image_path.parent, image_path.name, data_factor, None
