@@ -74,18 +74,41 @@ def export_ply(
 
 
 def ply_source(path: Path, to_train: Similarity, spec: GaussianSpec) -> RowSource:
-    """A PLY's splats as raw parameters in the training frame, streamed from disk."""
+    """A PLY's splats as raw parameters in the training frame, streamed from disk.
+
+    A row holding NaN or infinity is refused where it is met (the planning sample first): the
+    row count is promised before the rows are read, so such rows cannot be dropped on the way.
+    """
     ply = open_ply(path)
     if ply.count == 0:
         raise ClmError(f"{path}: the PLY holds no Gaussians")
     bands = spec["shN"].shape[0]
     if ply.num_rest != bands:
         log.info("%s has %d SH bands beyond degree 0; the model has %d", path, ply.num_rest, bands)
-    chunks = (RowChunk(world_to_params(c, to_train, spec)) for c in ply.chunks())
+
+    def finite(splats: dict[str, np.ndarray], first_row: int | None) -> dict[str, np.ndarray]:
+        """``splats`` if every value is finite; ``first_row`` None: they are the sample."""
+        rows = np.stack([np.isfinite(v.reshape(len(v), -1)).all(1) for v in splats.values()])
+        bad = np.flatnonzero(~rows.all(0))
+        if len(bad):
+            what = (
+                f"{len(bad)} of {rows.shape[1]} sampled Gaussians hold"
+                if first_row is None
+                else f"Gaussian {first_row + bad[0]} holds"
+            )
+            raise ClmError(f"{path}: {what} NaN or infinite values; remove such rows first")
+        return splats
+
+    def chunks() -> Iterator[RowChunk]:
+        start = 0
+        for chunk in ply.chunks():
+            yield RowChunk(world_to_params(finite(chunk, start), to_train, spec))
+            start += len(chunk["means"])
+
     return RowSource(
         ply.count,
-        chunks,
-        sample=lambda: world_to_params(ply.sample(PLAN_SAMPLE_ROWS), to_train, spec),
+        chunks(),
+        sample=lambda: world_to_params(finite(ply.sample(PLAN_SAMPLE_ROWS), None), to_train, spec),
     )
 
 
