@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from clm.render import native_raster
 from clm.render.base import RenderFn, RenderOutput, View
 from clm.render.projection import project
 from clm.render.sh import sh_to_rgb
@@ -26,7 +27,8 @@ def sh_coefficients(params: Mapping[str, Tensor], sh_degree: int) -> Tensor:
 def render_torch(
     params: Mapping[str, Tensor], view: View, sh_degree: int, background: Tensor
 ) -> RenderOutput:
-    """3DGS through the pure-torch rasterizer (CPU, or as a reference on CUDA)."""
+    """3DGS on the CPU (or as a reference on CUDA): the native rasterizer where it is built and
+    takes the inputs (float32 on the CPU), else the pure-torch one; both composite the same."""
     means = params["means"]
     opacities = torch.sigmoid(params["opacities"])
     proj = project(
@@ -51,7 +53,10 @@ def render_torch(
         {"sh0": visible(params["sh0"]), "shN": visible(params["shN"])}, sh_degree
     )
     colors = sh_to_rgb(sh_degree, coeffs, visible(means) - view.camera_center)
-    image, alpha = rasterize(
+    raster = (
+        native_raster.rasterize if native_raster.usable(means2d, colors, background) else rasterize
+    )
+    image, alpha = raster(
         means2d,
         visible(proj.conics),
         colors,
