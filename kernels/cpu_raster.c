@@ -149,13 +149,15 @@ static inline int pair_alpha(const splat *s, int32_t x, int32_t y, float *alpha,
     return 1;
 }
 
-/* image [H, W, C] (background added when bg is not NULL), alpha_out [H, W], and per pixel the
- * summed log-transmittance log_t and the number of its tile's entries it went through. */
+/* image [H, W, C] (background added when bg is not NULL), alpha_out [H, W], and per pixel its
+ * final transmittance and the number of its tile's entries it went through. The stop is decided
+ * on the reference's sum of log1p(-alpha); the weights use the running product, which agrees
+ * with the reference's exp of that sum to float rounding and saves an exp per pair. */
 void clm_raster_forward(const float *means2d, const float *conics, const float *colors,
                         const float *opac, const int32_t *boxes, const int32_t *ids,
                         const int64_t *tile_offsets, int32_t channels, int32_t width,
                         int32_t height, const float *bg, float *image, float *alpha_out,
-                        double *log_t, int32_t *last, int32_t n_threads)
+                        double *trans, int32_t *last, int32_t n_threads)
 {
     const int32_t tiles_x = (width + TILE - 1) / TILE, tiles_y = (height + TILE - 1) / TILE;
     const int64_t C = channels;
@@ -165,11 +167,13 @@ void clm_raster_forward(const float *means2d, const float *conics, const float *
         const int32_t px1 = px0 + TILE < width ? px0 + TILE : width;
         const int32_t py1 = py0 + TILE < height ? py0 + TILE : height;
         const int64_t start = tile_offsets[tile], end = tile_offsets[tile + 1];
+        double log_t[TILE * TILE];
         int64_t open = 0;
         for (int32_t y = py0; y < py1; y++)
             for (int32_t x = px0; x < px1; x++) {
                 const int64_t p = (int64_t)y * width + x;
-                log_t[p] = 0.0;
+                log_t[(y - py0) * TILE + (x - px0)] = 0.0;
+                trans[p] = 1.0;
                 last[p] = -1;
                 memset(image + p * C, 0, (size_t)C * sizeof(float));
                 open++;
@@ -186,17 +190,19 @@ void clm_raster_forward(const float *means2d, const float *conics, const float *
                     float al, raw, decay, dx, dy;
                     if (last[p] >= 0 || !pair_alpha(&s, x, y, &al, &raw, &decay, &dx, &dy))
                         continue;
-                    const double next = log_t[p] + (double)log1pf(-al);
+                    const int32_t l = (y - py0) * TILE + (x - px0);
+                    const double next = log_t[l] + (double)log1pf(-al);
                     if (!(next > LOG_T_MIN)) {
                         last[p] = (int32_t)(e - start);
                         open--;
                         continue;
                     }
-                    const float w = al * (float)exp(log_t[p]);
+                    const float w = al * (float)trans[p];
                     float *out = image + p * C;
                     for (int64_t k = 0; k < C; k++)
                         out[k] += w * col[k];
-                    log_t[p] = next;
+                    log_t[l] = next;
+                    trans[p] *= 1.0 - (double)al;
                 }
         }
         for (int32_t y = py0; y < py1; y++)
@@ -204,7 +210,7 @@ void clm_raster_forward(const float *means2d, const float *conics, const float *
                 const int64_t p = (int64_t)y * width + x;
                 if (last[p] < 0)
                     last[p] = (int32_t)(end - start);
-                const float t = (float)exp(log_t[p]);
+                const float t = (float)trans[p];
                 alpha_out[p] = 1.0f - t;
                 if (bg)
                     for (int64_t k = 0; k < C; k++)
@@ -214,11 +220,11 @@ void clm_raster_forward(const float *means2d, const float *conics, const float *
 }
 
 /* Gradient rows [n_entries, 6 + C] of each tile-list entry, back to front per pixel from the
- * forward's log_t and last: (mean x, mean y, conic a, b, c, opacity, colour 0..C-1). */
+ * forward's trans and last: (mean x, mean y, conic a, b, c, opacity, colour 0..C-1). */
 void clm_raster_backward(const float *means2d, const float *conics, const float *colors,
                          const float *opac, const int32_t *boxes, const int32_t *ids,
                          const int64_t *tile_offsets, int32_t channels, int32_t width,
-                         int32_t height, const float *bg, const double *log_t,
+                         int32_t height, const float *bg, const double *trans,
                          const int32_t *last, const float *grad_image, const float *grad_alpha,
                          float *entry_grads, int32_t n_threads)
 {
@@ -230,19 +236,19 @@ void clm_raster_backward(const float *means2d, const float *conics, const float 
         const int32_t px1 = px0 + TILE < width ? px0 + TILE : width;
         const int32_t py1 = py0 + TILE < height ? py0 + TILE : height;
         const int64_t start = tile_offsets[tile], end = tile_offsets[tile + 1];
-        double acc[TILE * TILE]; /* log-transmittance after the current entry */
+        double acc[TILE * TILE]; /* transmittance after the current entry */
         float rest[TILE * TILE]; /* behind the entry: sum w_j c_j.G + T_final (bg.G - G_alpha) */
         int32_t depth_max = 0;
         for (int32_t y = py0; y < py1; y++)
             for (int32_t x = px0; x < px1; x++) {
                 const int64_t p = (int64_t)y * width + x;
                 const int32_t l = (y - py0) * TILE + (x - px0);
-                const float t = (float)exp(log_t[p]);
+                const float t = (float)trans[p];
                 float dot = 0.0f;
                 if (bg)
                     for (int64_t k = 0; k < C; k++)
                         dot += bg[k] * grad_image[p * C + k];
-                acc[l] = log_t[p];
+                acc[l] = trans[p];
                 rest[l] = t * (dot - grad_alpha[p]);
                 if (last[p] > depth_max)
                     depth_max = last[p];
@@ -266,8 +272,8 @@ void clm_raster_backward(const float *means2d, const float *conics, const float 
                     float cg = 0.0f;
                     for (int64_t k = 0; k < C; k++)
                         cg += col[k] * gi[k];
-                    acc[l] -= (double)log1pf(-al);
-                    const float t = (float)exp(acc[l]);
+                    acc[l] /= 1.0 - (double)al;
+                    const float t = (float)acc[l];
                     const float w = al * t;
                     for (int64_t k = 0; k < C; k++)
                         out[GRAD_FIXED + k] += w * gi[k];

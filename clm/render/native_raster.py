@@ -107,16 +107,16 @@ class _Rasterize(torch.autograd.Function):
 
         image = torch.empty(height, width, channels, dtype=torch.float32)
         alpha = torch.empty(height, width, 1, dtype=torch.float32)
-        log_t = torch.empty(height, width, dtype=torch.float64)
+        trans = torch.empty(height, width, dtype=torch.float64)
         last = torch.empty(height, width, dtype=torch.int32)
         lib.clm_raster_forward(
             _ptr(means2d), _ptr(conics), _ptr(colors), _ptr(opacities), _ptr(boxes), _ptr(ids),
             _ptr(tile_offsets), channels, width, height, _ptr(bg), _ptr(image), _ptr(alpha),
-            _ptr(log_t), _ptr(last), threads,
+            _ptr(trans), _ptr(last), threads,
         )  # fmt: skip
         ctx.save_for_backward(means2d, conics, colors, opacities, bg, boxes, ids, tile_offsets)
-        ctx.state = (log_t, last, width, height, threads)
-        last_workspace_bytes = binning + _bytes(boxes, ids, tile_offsets, image, alpha, log_t, last)
+        ctx.state = (trans, last, width, height, threads)
+        last_workspace_bytes = binning + _bytes(boxes, ids, tile_offsets, image, alpha, trans, last)
         return image, alpha
 
     @staticmethod
@@ -125,7 +125,7 @@ class _Rasterize(torch.autograd.Function):
         lib = _kernel()
         assert lib is not None
         means2d, conics, colors, opacities, bg, boxes, ids, tile_offsets = ctx.saved_tensors
-        log_t, last, width, height, threads = ctx.state
+        trans, last, width, height, threads = ctx.state
         n, channels = colors.shape
         stride = _GRAD_FIXED + channels
         grad_image = grad_image.to(torch.float32).contiguous()
@@ -133,7 +133,7 @@ class _Rasterize(torch.autograd.Function):
         entry_grads = torch.empty(ids.numel(), stride, dtype=torch.float32)
         lib.clm_raster_backward(
             _ptr(means2d), _ptr(conics), _ptr(colors), _ptr(opacities), _ptr(boxes), _ptr(ids),
-            _ptr(tile_offsets), channels, width, height, _ptr(bg), _ptr(log_t), _ptr(last),
+            _ptr(tile_offsets), channels, width, height, _ptr(bg), _ptr(trans), _ptr(last),
             _ptr(grad_image), _ptr(grad_alpha), _ptr(entry_grads), threads,
         )  # fmt: skip
         grads = torch.zeros(n, stride, dtype=torch.float32)
@@ -143,7 +143,7 @@ class _Rasterize(torch.autograd.Function):
         last_workspace_bytes += _bytes(entry_grads, grads)
         grad_bg = None
         if bg is not None and ctx.needs_input_grad[8]:
-            final_t = torch.exp(log_t).to(torch.float32)[..., None]
+            final_t = trans.to(torch.float32)[..., None]
             grad_bg = (final_t * grad_image).sum((0, 1))
         return (
             grads[:, 0:2],
