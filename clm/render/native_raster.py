@@ -24,6 +24,7 @@ _GRAD_FIXED = 6  # per-Gaussian gradient columns before the colours: mean x, y, 
 last_workspace_bytes = 0
 
 _SIGNATURES = {
+    "clm_raster_order": ["p", "q", "p", "p", "p"],
     "clm_raster_boxes": ["p", "p", "q", "i", "i", "p", "i"],
     "clm_raster_count": ["p", "p", "q", "i", "q", "p", "i"],
     "clm_raster_fill": ["p", "p", "q", "i", "q", "p", "p", "i"],
@@ -89,7 +90,11 @@ class _Rasterize(torch.autograd.Function):
         n_tiles = tiles_x * tiles_y
 
         # Bin to tiles in depth order (stable: ties by index), one chunk of that order per thread.
-        order = torch.argsort(depths.detach(), stable=True)
+        depths = depths.detach().to(torch.float32).contiguous()
+        keys = torch.empty(2 * n, dtype=torch.int32)
+        order = torch.empty(n, dtype=torch.int32)
+        scratch = torch.empty(n, dtype=torch.int32)
+        lib.clm_raster_order(_ptr(depths), n, _ptr(keys), _ptr(order), _ptr(scratch))
         boxes = torch.empty(n, 4, dtype=torch.int32)
         lib.clm_raster_boxes(_ptr(means2d), _ptr(radii), n, width, height, _ptr(boxes), threads)
         counts = torch.zeros(threads, n_tiles, dtype=torch.int64)
@@ -102,8 +107,8 @@ class _Rasterize(torch.autograd.Function):
         lib.clm_raster_fill(
             _ptr(boxes), _ptr(order), n, tiles_x, n_tiles, _ptr(cursor), _ptr(ids), threads
         )
-        binning = _bytes(order, counts, cursor)
-        del order, counts, cursor, per_tile
+        binning = _bytes(keys, order, scratch, counts, cursor)
+        del keys, order, scratch, counts, cursor, per_tile
 
         image = torch.empty(height, width, channels, dtype=torch.float32)
         alpha = torch.empty(height, width, 1, dtype=torch.float32)
