@@ -188,15 +188,16 @@ static inline int pair_alpha(const splat *s, int32_t x, int32_t y, float *alpha,
     return 1;
 }
 
-/* image [H, W, C] (background added when bg is not NULL), alpha_out [H, W], and per pixel its
- * final transmittance and the number of its tile's entries it went through. The stop is decided
+/* image [H, W, C] (background added when bg is not NULL), alpha_out [H, W], per pixel its final
+ * transmittance and `last`, one past the tile entry that contributed to it last, and per tile
+ * `used`, the largest `last` of its pixels: the entries the backward pass visits. The stop is decided
  * on the reference's sum of log1p(-alpha); the weights use the running product, which agrees
  * with the reference's exp of that sum to float rounding and saves an exp per pair. */
 void clm_raster_forward(const float *means2d, const float *conics, const float *colors,
                         const float *opac, const int32_t *boxes, const int32_t *ids,
                         const int64_t *tile_offsets, int32_t channels, int32_t width,
                         int32_t height, const float *bg, float *image, float *alpha_out,
-                        double *trans, int32_t *last, int32_t n_threads)
+                        double *trans, int32_t *last, int64_t *used, int32_t n_threads)
 {
     const int32_t tiles_x = (width + TILE - 1) / TILE, tiles_y = (height + TILE - 1) / TILE;
     const int64_t C = channels;
@@ -207,13 +208,15 @@ void clm_raster_forward(const float *means2d, const float *conics, const float *
         const int32_t py1 = py0 + TILE < height ? py0 + TILE : height;
         const int64_t start = tile_offsets[tile], end = tile_offsets[tile + 1];
         double log_t[TILE * TILE];
+        unsigned char done[TILE * TILE];
         int64_t open = 0;
         for (int32_t y = py0; y < py1; y++)
             for (int32_t x = px0; x < px1; x++) {
                 const int64_t p = (int64_t)y * width + x;
                 log_t[(y - py0) * TILE + (x - px0)] = 0.0;
+                done[(y - py0) * TILE + (x - px0)] = 0;
                 trans[p] = 1.0;
-                last[p] = -1;
+                last[p] = 0;
                 memset(image + p * C, 0, (size_t)C * sizeof(float));
                 open++;
             }
@@ -226,13 +229,13 @@ void clm_raster_forward(const float *means2d, const float *conics, const float *
             for (int32_t y = s.y0; y < s.y1; y++)
                 for (int32_t x = s.x0; x < s.x1; x++) {
                     const int64_t p = (int64_t)y * width + x;
-                    float al, raw, decay, dx, dy;
-                    if (last[p] >= 0 || !pair_alpha(&s, x, y, &al, &raw, &decay, &dx, &dy))
-                        continue;
                     const int32_t l = (y - py0) * TILE + (x - px0);
+                    float al, raw, decay, dx, dy;
+                    if (done[l] || !pair_alpha(&s, x, y, &al, &raw, &decay, &dx, &dy))
+                        continue;
                     const double next = log_t[l] + (double)log1pf(-al);
                     if (!(next > LOG_T_MIN)) {
-                        last[p] = (int32_t)(e - start);
+                        done[l] = 1;
                         open--;
                         continue;
                     }
@@ -242,13 +245,15 @@ void clm_raster_forward(const float *means2d, const float *conics, const float *
                         out[k] += w * col[k];
                     log_t[l] = next;
                     trans[p] *= 1.0 - (double)al;
+                    last[p] = (int32_t)(e - start + 1);
                 }
         }
+        used[tile] = 0;
         for (int32_t y = py0; y < py1; y++)
             for (int32_t x = px0; x < px1; x++) {
                 const int64_t p = (int64_t)y * width + x;
-                if (last[p] < 0)
-                    last[p] = (int32_t)(end - start);
+                if (last[p] > used[tile])
+                    used[tile] = last[p];
                 const float t = (float)trans[p];
                 alpha_out[p] = 1.0f - t;
                 if (bg)
@@ -258,14 +263,16 @@ void clm_raster_forward(const float *means2d, const float *conics, const float *
     }
 }
 
-/* Gradient rows [n_entries, 6 + C] of each tile-list entry, back to front per pixel from the
- * forward's trans and last: (mean x, mean y, conic a, b, c, opacity, colour 0..C-1). */
+/* Gradient rows (mean x, mean y, conic a, b, c, opacity, colour 0..C-1) of the entries the
+ * pixels used, back to front per pixel from the forward's trans and last: the first used[t]
+ * entries of tile t have rows used_offsets[t] onwards. */
 void clm_raster_backward(const float *means2d, const float *conics, const float *colors,
                          const float *opac, const int32_t *boxes, const int32_t *ids,
                          const int64_t *tile_offsets, int32_t channels, int32_t width,
                          int32_t height, const float *bg, const double *trans,
-                         const int32_t *last, const float *grad_image, const float *grad_alpha,
-                         float *entry_grads, int32_t n_threads)
+                         const int32_t *last, const int64_t *used_offsets,
+                         const float *grad_image, const float *grad_alpha, float *entry_grads,
+                         int32_t n_threads)
 {
     const int32_t tiles_x = (width + TILE - 1) / TILE, tiles_y = (height + TILE - 1) / TILE;
     const int64_t C = channels, stride = GRAD_FIXED + C;
@@ -274,10 +281,10 @@ void clm_raster_backward(const float *means2d, const float *conics, const float 
         const int32_t px0 = (int32_t)(tile % tiles_x) * TILE, py0 = (int32_t)(tile / tiles_x) * TILE;
         const int32_t px1 = px0 + TILE < width ? px0 + TILE : width;
         const int32_t py1 = py0 + TILE < height ? py0 + TILE : height;
-        const int64_t start = tile_offsets[tile], end = tile_offsets[tile + 1];
+        const int64_t start = tile_offsets[tile], row0 = used_offsets[tile];
+        const int64_t n_used = used_offsets[tile + 1] - row0;
         double acc[TILE * TILE]; /* transmittance after the current entry */
         float rest[TILE * TILE]; /* behind the entry: sum w_j c_j.G + T_final (bg.G - G_alpha) */
-        int32_t depth_max = 0;
         for (int32_t y = py0; y < py1; y++)
             for (int32_t x = px0; x < px1; x++) {
                 const int64_t p = (int64_t)y * width + x;
@@ -289,17 +296,15 @@ void clm_raster_backward(const float *means2d, const float *conics, const float 
                         dot += bg[k] * grad_image[p * C + k];
                 acc[l] = trans[p];
                 rest[l] = t * (dot - grad_alpha[p]);
-                if (last[p] > depth_max)
-                    depth_max = last[p];
             }
-        memset(entry_grads + start * stride, 0, (size_t)((end - start) * stride) * sizeof(float));
-        for (int64_t e = start + depth_max - 1; e >= start; e--) {
+        memset(entry_grads + row0 * stride, 0, (size_t)(n_used * stride) * sizeof(float));
+        for (int64_t e = start + n_used - 1; e >= start; e--) {
             const int64_t g = ids[e];
             splat s;
             if (!load_splat(&s, g, means2d, conics, opac, boxes, px0, px1, py0, py1))
                 continue;
             const float *col = colors + g * C;
-            float *out = entry_grads + e * stride;
+            float *out = entry_grads + (row0 + e - start) * stride;
             for (int32_t y = s.y0; y < s.y1; y++)
                 for (int32_t x = s.x0; x < s.x1; x++) {
                     const int64_t p = (int64_t)y * width + x;
@@ -332,8 +337,9 @@ void clm_raster_backward(const float *means2d, const float *conics, const float 
     }
 }
 
-/* grads[g] += every entry row of Gaussian g, in list order; each thread owns a range of g. */
-void clm_raster_reduce(const int32_t *ids, const float *entry_grads, int64_t n_entries,
+/* grads[g] += the backward rows of Gaussian g, in tile order; each thread owns a range of g. */
+void clm_raster_reduce(const int32_t *ids, const int64_t *tile_offsets,
+                       const int64_t *used_offsets, int64_t n_tiles, const float *entry_grads,
                        int64_t stride, float *grads, int64_t n, int32_t n_threads)
 {
 #pragma omp parallel num_threads(n_threads)
@@ -344,14 +350,17 @@ void clm_raster_reduce(const int32_t *ids, const float *entry_grads, int64_t n_e
         const int64_t part = 0, parts = 1;
 #endif
         const int64_t lo = n * part / parts, hi = n * (part + 1) / parts;
-        for (int64_t e = 0; e < n_entries; e++) {
-            const int64_t g = ids[e];
-            if (g < lo || g >= hi)
-                continue;
-            const float *src = entry_grads + e * stride;
-            float *dst = grads + g * stride;
-            for (int64_t k = 0; k < stride; k++)
-                dst[k] += src[k];
+        for (int64_t tile = 0; tile < n_tiles; tile++) {
+            const int64_t start = tile_offsets[tile], row0 = used_offsets[tile];
+            for (int64_t row = row0; row < used_offsets[tile + 1]; row++) {
+                const int64_t g = ids[start + row - row0];
+                if (g < lo || g >= hi)
+                    continue;
+                const float *src = entry_grads + row * stride;
+                float *dst = grads + g * stride;
+                for (int64_t k = 0; k < stride; k++)
+                    dst[k] += src[k];
+            }
         }
     }
 }

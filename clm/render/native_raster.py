@@ -28,9 +28,9 @@ _SIGNATURES = {
     "clm_raster_boxes": ["p", "p", "q", "i", "i", "p", "i"],
     "clm_raster_count": ["p", "p", "q", "i", "q", "p", "i"],
     "clm_raster_fill": ["p", "p", "q", "i", "q", "p", "p", "i"],
-    "clm_raster_forward": [*"ppppppp", *"iii", *"ppppp", "i"],
-    "clm_raster_backward": [*"ppppppp", *"iii", *"pppppp", "i"],
-    "clm_raster_reduce": ["p", "p", "q", "q", "p", "q", "i"],
+    "clm_raster_forward": [*"ppppppp", *"iii", *"pppppp", "i"],
+    "clm_raster_backward": [*"ppppppp", *"iii", *"ppppppp", "i"],
+    "clm_raster_reduce": ["p", "p", "p", "q", "p", "q", "p", "q", "i"],
 }
 _CTYPES = {"p": ctypes.c_void_p, "q": ctypes.c_int64, "i": ctypes.c_int32}
 
@@ -114,14 +114,19 @@ class _Rasterize(torch.autograd.Function):
         alpha = torch.empty(height, width, 1, dtype=torch.float32)
         trans = torch.empty(height, width, dtype=torch.float64)
         last = torch.empty(height, width, dtype=torch.int32)
+        used = torch.empty(n_tiles, dtype=torch.int64)
         lib.clm_raster_forward(
             _ptr(means2d), _ptr(conics), _ptr(colors), _ptr(opacities), _ptr(boxes), _ptr(ids),
             _ptr(tile_offsets), channels, width, height, _ptr(bg), _ptr(image), _ptr(alpha),
-            _ptr(trans), _ptr(last), threads,
+            _ptr(trans), _ptr(last), _ptr(used), threads,
         )  # fmt: skip
         ctx.save_for_backward(means2d, conics, colors, opacities, bg, boxes, ids, tile_offsets)
-        ctx.state = (trans, last, width, height, threads)
-        last_workspace_bytes = binning + _bytes(boxes, ids, tile_offsets, image, alpha, trans, last)
+        used_offsets = torch.zeros(n_tiles + 1, dtype=torch.int64)
+        torch.cumsum(used, 0, out=used_offsets[1:])
+        ctx.state = (trans, last, used_offsets, width, height, threads)
+        last_workspace_bytes = binning + _bytes(
+            boxes, ids, tile_offsets, image, alpha, trans, last, used, used_offsets
+        )
         return image, alpha
 
     @staticmethod
@@ -130,21 +135,23 @@ class _Rasterize(torch.autograd.Function):
         lib = _kernel()
         assert lib is not None
         means2d, conics, colors, opacities, bg, boxes, ids, tile_offsets = ctx.saved_tensors
-        trans, last, width, height, threads = ctx.state
+        trans, last, used_offsets, width, height, threads = ctx.state
         n, channels = colors.shape
         stride = _GRAD_FIXED + channels
         grad_image = grad_image.to(torch.float32).contiguous()
         grad_alpha = grad_alpha.to(torch.float32).contiguous()
-        entry_grads = torch.empty(ids.numel(), stride, dtype=torch.float32)
+        # One row per tile entry that some pixel used (usually far fewer than all entries).
+        entry_grads = torch.empty(int(used_offsets[-1]), stride, dtype=torch.float32)
         lib.clm_raster_backward(
             _ptr(means2d), _ptr(conics), _ptr(colors), _ptr(opacities), _ptr(boxes), _ptr(ids),
             _ptr(tile_offsets), channels, width, height, _ptr(bg), _ptr(trans), _ptr(last),
-            _ptr(grad_image), _ptr(grad_alpha), _ptr(entry_grads), threads,
+            _ptr(used_offsets), _ptr(grad_image), _ptr(grad_alpha), _ptr(entry_grads), threads,
         )  # fmt: skip
         grads = torch.zeros(n, stride, dtype=torch.float32)
         lib.clm_raster_reduce(
-            _ptr(ids), _ptr(entry_grads), ids.numel(), stride, _ptr(grads), n, threads
-        )
+            _ptr(ids), _ptr(tile_offsets), _ptr(used_offsets), tile_offsets.numel() - 1,
+            _ptr(entry_grads), stride, _ptr(grads), n, threads,
+        )  # fmt: skip
         last_workspace_bytes += _bytes(entry_grads, grads)
         grad_bg = None
         if bg is not None and ctx.needs_input_grad[8]:
