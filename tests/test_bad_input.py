@@ -14,6 +14,7 @@ from test_scene_loading import blender_scene, nerfstudio_scene
 from clm.cli.train import main as train_main
 from clm.data.colmap import read_model, write_model
 from clm.data.scene import load_scene
+from clm.errors import ClmError
 from clm.model.ply import property_names
 from clm.synthetic.generate import generate_scene
 
@@ -175,6 +176,22 @@ def test_resume_accepts_the_same_options_and_the_scene_moved(base, tmp_path, cap
     assert train_main([*args, "--sh-degree", "3", "--batch-size", "1"]) == 0
     assert "at a new path" in capsys.readouterr().err
     assert json.loads((out / "metrics.json").read_text())["step"] == 3
+
+
+def test_non_finite_points_of_a_nerfstudio_ply(tmp_path, caplog):
+    nerfstudio_scene(tmp_path)
+
+    def points(xyz):
+        vertex = np.array([tuple(p) for p in xyz], dtype=[(c, "f4") for c in "xyz"])
+        PlyData([PlyElement.describe(vertex, "vertex")]).write(str(tmp_path / "points.ply"))
+
+    points([[np.nan, 0, 0], [-1, 0.5, 0]])
+    scene = load_scene(tmp_path, test_every=0, normalize=False)
+    np.testing.assert_array_equal(scene.points, [[-1, 0.5, 0]])
+    assert "dropped 1 of 2 points" in caplog.text
+    points([[np.nan, 0, 0], [-1, np.inf, 0]])
+    with pytest.raises(ClmError, match=r"\(ply_file_path\): none of its 2 points has finite"):
+        load_scene(tmp_path)
 
 
 def ngp_scene(root: Path) -> float:
