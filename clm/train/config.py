@@ -178,11 +178,11 @@ def _converter(kind: str) -> Any:
 
 def _help(f: dataclasses.Field, preset: tuple[str, dict[str, Any]] | None) -> str:
     """The field's help with its default once (unless the text already states it or there is
-    none to state) and the chosen preset's value where it sets one."""
+    none to state) and the chosen preset's value where it sets another."""
     text = f.metadata["help"]
     if f.default is not None and "default" not in text:
         text += f" (default: {f.default})"
-    if preset is not None and f.name in preset[1]:
+    if preset is not None and preset[1].get(f.name, f.default) != f.default:
         text += f" (preset {preset[0]}: {preset[1][f.name]})"
     return text
 
@@ -224,6 +224,10 @@ def config_from_dict(values: dict[str, Any]) -> dict[str, Any]:
     return {k: _coerce(k, v) for k, v in values.items() if k in known}
 
 
+# Intervals the trainer divides by, so 0 (which would mean "never") is refused for now.
+_NEVER_ZERO = ("checkpoint_every", "log_every")
+
+
 def validate(cfg: TrainConfig) -> None:
     _check_finite(cfg)
     if cfg.scene is None and not cfg.resume:
@@ -260,12 +264,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ClmError(f"--device must be auto, cuda or cpu, got {cfg.device!r}")
 
 
-# Intervals the trainer divides by, so 0 (which would mean "never") is refused for now.
-_NEVER_ZERO = ("checkpoint_every", "log_every")
-
-
 def _check_finite(cfg: TrainConfig) -> None:
-    """NaN passes every comparison-based check below, so float options are checked first."""
+    """NaN passes every comparison in :func:`validate`, so float options are checked first."""
     for f in dataclasses.fields(TrainConfig):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
