@@ -11,6 +11,8 @@ import pytest
 from plyfile import PlyData, PlyElement
 from test_scene_loading import blender_scene, nerfstudio_scene
 
+from clm.cli.evaluate import main as eval_main
+from clm.cli.render import main as render_main
 from clm.cli.train import main as train_main
 from clm.data.colmap import read_model, write_model
 from clm.data.scene import load_scene
@@ -149,6 +151,16 @@ def test_refused_in_one_line(base, tmp_path, capsys, make_argv, message):
     assert errors == [err[-1]] and message in err[-1], err
     assert not any("Traceback" in line for line in err)
     assert resuming or not out.exists()  # a failed fresh run leaves no folder behind
+
+
+@pytest.mark.parametrize("command", [render_main, eval_main], ids=["render", "eval"])
+def test_render_and_eval_refuse_an_all_nan_ply(base, tmp_path, capsys, command):
+    scene, _ = base
+    ply = splat_ply(tmp_path / "nan.ply", nan_rows(10))
+    args = [str(ply), "--scene", str(scene), "--output", str(tmp_path / "o"), "--device", "cpu"]
+    assert command(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and "Gaussian 0 holds NaN" in err[-1], err
 
 
 def test_non_finite_points_are_dropped_with_a_count(base, tmp_path, capsys):
