@@ -160,9 +160,10 @@ def test_a_million_gaussians_in_bounded_memory():
     )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["grad"] > 0
-    # Tile lists: each 11x11 box covers 1-4 of the 48 tiles; ~2.2M entries of 4 + 36 bytes.
-    assert result["workspace"] < 250e6
-    assert result["delta"] < 400e6, result
+    # 121M pairs (11x11 boxes) would take gigabytes; the tile lists hold ~2.2M entries (each box
+    # covers 1-4 of the 48 tiles), and 80 MB in all was measured, 75 MB of RSS with the grads.
+    assert result["workspace"] < 150e6
+    assert result["delta"] < 250e6, result
 
 
 def test_render_torch_picks_native_and_falls_back(monkeypatch):
