@@ -5,6 +5,7 @@ render_torch with the torch fallback."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -166,7 +167,7 @@ def test_a_million_gaussians_in_bounded_memory():
     assert result["delta"] < 250e6, result
 
 
-def test_render_torch_picks_native_and_falls_back(monkeypatch):
+def test_render_torch_picks_native_and_falls_back(monkeypatch, tmp_path, caplog):
     params = random_scene(300, seed=8)
     view: View = camera(45, 27)
     bg = torch.tensor([0.3, 0.2, 0.1])
@@ -179,8 +180,9 @@ def test_render_torch_picks_native_and_falls_back(monkeypatch):
 
     def render(use_native: bool):
         monkeypatch.setattr(native_raster, "rasterize", counting)
-        if not use_native:
-            monkeypatch.setattr(native_raster, "_kernel", lambda: None)
+        if not use_native:  # no compiler and nothing cached: the kernel cannot be built
+            monkeypatch.setenv("CLM_CACHE_DIR", str(tmp_path))
+            monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
         leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
         out = render_torch(leaves, view, 3, bg)
         (out.image * torch.linspace(-1, 1, out.image.numel()).view_as(out.image)).sum().backward()
@@ -189,14 +191,17 @@ def test_render_torch_picks_native_and_falls_back(monkeypatch):
     fast, fast_grads = render(True)
     assert len(calls) == 1 and calls[0] == fast.means2d.shape[0] > 100
     assert fast.means2d.grad is not None  # densification reads it
-    slow, slow_grads = render(False)
+    with caplog.at_level(logging.WARNING, logger="clm.optim.native"):
+        slow, slow_grads = render(False)
     assert len(calls) == 1  # the torch rasterizer, without a kernel
+    assert "native cpu_raster kernel unavailable" in caplog.text
     torch.testing.assert_close(fast.image, slow.image, rtol=1e-5, atol=2e-6)
     assert_grads_close([fast.means2d.grad], [slow.means2d.grad])
     for name in params:
         scale = slow_grads[name].abs().max().clamp_min(1e-6)
         assert (fast_grads[name] - slow_grads[name]).abs().max() / scale < 1e-4, name
 
+    assert not native_raster.usable()
     monkeypatch.undo()
     assert not native_raster.usable(torch.zeros(2, dtype=torch.float64))
     assert splats.native_raster.usable(torch.zeros(2))
