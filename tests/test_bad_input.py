@@ -19,6 +19,7 @@ from clm.data.scene import load_scene
 from clm.errors import ClmError
 from clm.model.ply import property_names
 from clm.synthetic.generate import generate_scene
+from clm.train.checkpoint import list_checkpoints
 
 FAST = ["--device", "cpu", "--no-progress", "--eval-every", "0"]
 
@@ -116,9 +117,6 @@ REFUSED = [
     pytest.param(init_ply(nan_rows), "Gaussian 0 holds NaN", id="init-ply-all-nan"),
     pytest.param(init_ply(one_inf_row), "Gaussian 7 holds NaN", id="init-ply-one-inf"),
     pytest.param(init_ply(lambda n: unit_rows(0)), "holds no Gaussians", id="init-ply-empty"),
-    # 0 would mean "never"; refused until the trainer reads it so.
-    pytest.param(fresh(["--checkpoint-every", "0"]), "at least 1", id="checkpoint-every-0"),
-    pytest.param(fresh(["--log-every", "0"]), "at least 1", id="log-every-0"),
     pytest.param(fresh(["--cpu-threads", "0"]), "--cpu-threads must be", id="cpu-threads-0"),
     pytest.param(fresh(["--max-gpu-gb", "nan"]), "--max-gpu-gb must be a finite", id="gpu-nan"),
     pytest.param(fresh(["--max-gpu-gb", "inf"]), "--max-gpu-gb must be a finite", id="gpu-inf"),
@@ -252,3 +250,13 @@ def test_help_shows_each_default_once_and_the_presets_values(capsys):
     assert "30000 / batch size) (preset tiny: 1500)" in text
     assert "(default: 1000) (preset tiny: 500)" in text  # --checkpoint-every
     assert text.count("(default: 10)") == 1 and "(preset tiny: 10)" not in text  # --log-every
+
+
+def test_zero_intervals_mean_never(base, tmp_path):
+    scene, _ = base
+    out = tmp_path / "out"
+    args = [str(scene), "--output", str(out), "--steps", "4", *FAST]
+    assert train_main([*args, "--checkpoint-every", "0", "--log-every", "0"]) == 0
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000004.ckpt"]  # the final one
+    rows = (out / "train_log.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("4,")  # the header and the last step only

@@ -93,17 +93,9 @@ def _check_same_scene(scene: Path, stored: dict[str, Any], frame: dict[str, Any]
 
 def _remove_unfinished(output: Path) -> None:
     """Remove an output folder this command created when it failed before any checkpoint, so an
-    error leaves nothing to clean up (and no stale file log writing into it)."""
-    if list_checkpoints(output):
-        return
-    root = logging.getLogger("clm")
-    for handler in list(root.handlers):
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(
-            output.resolve()
-        ):
-            root.removeHandler(handler)
-            handler.close()
-    shutil.rmtree(output, ignore_errors=True)
+    error leaves nothing to clean up (the trainer has closed its file log by then)."""
+    if not list_checkpoints(output):
+        shutil.rmtree(output, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

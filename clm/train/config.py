@@ -59,12 +59,14 @@ class TrainConfig:
     max_host_gb: float | None = _opt(None, "cap on pinned host memory for offloaded rows, GiB")
     cpu_threads: int | None = _opt(None, "threads for the CPU Adam (default: all cores)")
     # outputs
-    checkpoint_every: int = _opt(1000, "save a checkpoint every this many steps (and on Ctrl-C)")
+    checkpoint_every: int = _opt(
+        1000, "save a checkpoint every this many steps (and on Ctrl-C, and at the end); 0: never"
+    )
     keep_checkpoints: int = _opt(
         2, "checkpoints kept; an older one is deleted only once a newer one is complete"
     )
     eval_every: int = _opt(0, "evaluate on held-out views every this many steps (0: at the end)")
-    log_every: int = _opt(10, "append to the training log every this many steps")
+    log_every: int = _opt(10, "append to the training log every this many steps; 0: at the end")
     cache_dir: Path | None = _opt(None, "where decoded images are cached (default: output/cache)")
     progress: bool = _opt(True, "show a progress bar")
 
@@ -225,9 +227,6 @@ def config_from_dict(values: dict[str, Any]) -> dict[str, Any]:
 
 
 # Intervals the trainer divides by, so 0 (which would mean "never") is refused for now.
-_NEVER_ZERO = ("checkpoint_every", "log_every")
-
-
 def validate(cfg: TrainConfig) -> None:
     _check_finite(cfg)
     if cfg.scene is None and not cfg.resume:
@@ -254,10 +253,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ClmError(
             f"--cpu-threads must be at least 1, got {cfg.cpu_threads} (omit it for all cores)"
         )
-    for name in _NEVER_ZERO:
-        if getattr(cfg, name) < 1:
-            flag = "--" + name.replace("_", "-")
-            raise ClmError(f"{flag} must be at least 1, got {getattr(cfg, name)}")
     if cfg.offload not in ("none", "naive", "clm"):
         raise ClmError(f"--offload must be none, naive or clm, got {cfg.offload!r}")
     if cfg.device not in ("auto", "cuda", "cpu"):

@@ -98,6 +98,11 @@ def attach_file_log(output: Path) -> logging.Handler:
     return handler
 
 
+def detach_file_log(handler: logging.Handler) -> None:
+    logging.getLogger("clm").removeHandler(handler)
+    handler.close()
+
+
 def format_count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
@@ -108,6 +113,15 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         prepare_output(cfg.output, resuming=checkpoint is not None)
         self._log_handler = attach_file_log(cfg.output)
+        try:
+            self._setup(checkpoint)
+        except BaseException:  # the file log must not outlive a trainer that never started
+            detach_file_log(self._log_handler)
+            raise
+
+    def _setup(self, checkpoint: Checkpoint | None) -> None:
+        """Scene, images, model and engine, density control, sampler, log; a resumed run's state."""
+        cfg = self.cfg
         seed_everything(cfg.seed, self.device)
         if cfg.scene is None:
             raise ClmError("no scene given")
@@ -340,7 +354,11 @@ class Trainer:
                 window_images += len(batch)
                 self.elapsed += time.perf_counter() - t0
                 bar.update(1)
-                if step % cfg.log_every == 0 or step == self.total_steps or self._out_of_time():
+                if (
+                    (cfg.log_every and step % cfg.log_every == 0)
+                    or step == self.total_steps
+                    or self._out_of_time()
+                ):
                     self._log_window(
                         step, bar, window_loss, window_mse, window_images, window_start
                     )
@@ -355,7 +373,11 @@ class Trainer:
                         metrics["psnr"],
                         metrics["ssim"],
                     )
-                if step % cfg.checkpoint_every == 0 and step < self.total_steps:
+                if (
+                    cfg.checkpoint_every
+                    and step % cfg.checkpoint_every == 0
+                    and step < self.total_steps
+                ):
                     self.save_checkpoint()
                     self.log.plot()
         finally:
@@ -430,7 +452,7 @@ class Trainer:
             self.log.add_eval(self.engine.step, result)
             metrics.update(result)
         else:
-            metrics["note"] = "no held-out images (--test-every 0)"
+            metrics["note"] = "no held-out images"
         metrics["train_seconds"] = round(self.elapsed, 2)
         write_json(cfg.output / "metrics.json", metrics)
         self.log.plot()
@@ -447,5 +469,4 @@ class Trainer:
         self.engine.close()
         self.targets.close()
         self.images.close()
-        logging.getLogger("clm").removeHandler(self._log_handler)
-        self._log_handler.close()
+        detach_file_log(self._log_handler)
