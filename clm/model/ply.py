@@ -266,8 +266,9 @@ def read_ply(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _empty(n: int, num_rest: int) -> dict[str, np.ndarray]:
-    shapes = {
+def _shapes(n: int, num_rest: int) -> dict[str, tuple[int, ...]]:
+    """The shape of each splat array for ``n`` rows with ``num_rest`` SH coefficients a channel."""
+    return {
         "means": (n, 3),
         "scales": (n, 3),
         "quats": (n, 4),
@@ -275,7 +276,10 @@ def _empty(n: int, num_rest: int) -> dict[str, np.ndarray]:
         "sh0": (n, 1, 3),
         "shN": (n, num_rest, 3),
     }
-    return {key: np.empty(shape, np.float32) for key, shape in shapes.items()}
+
+
+def _empty(n: int, num_rest: int) -> dict[str, np.ndarray]:
+    return {key: np.empty(shape, np.float32) for key, shape in _shapes(n, num_rest).items()}
 
 
 def _unpack_rows(rows: np.ndarray, num_rest: int) -> dict[str, np.ndarray]:
@@ -319,15 +323,7 @@ def _check_shapes(path: Path, splats: dict[str, np.ndarray | torch.Tensor]) -> t
     shapes = {key: tuple(np.shape(splats[key])) for key in SPLAT_KEYS}
     n = shapes["means"][0] if len(shapes["means"]) == 2 else -1
     num_rest = shapes["shN"][1] if len(shapes["shN"]) == 3 else -1
-    expected = {
-        "means": (n, 3),
-        "scales": (n, 3),
-        "quats": (n, 4),
-        "opacities": (n,),
-        "sh0": (n, 1, 3),
-        "shN": (n, num_rest, 3),
-    }
-    for key, shape in expected.items():
+    for key, shape in _shapes(n, num_rest).items():
         if shapes[key] != shape:
             raise ValueError(f"{path}: splats[{key!r}] has shape {shapes[key]}, want {shape}")
     try:
