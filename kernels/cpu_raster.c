@@ -9,8 +9,9 @@
  * Gaussians are binned to 16x16 tiles in depth order, so each tile's list is already sorted;
  * tiles are independent and run in parallel. Memory is the tile lists plus per-pixel and
  * per-Gaussian arrays, all allocated by the caller; nothing grows with (pixel, Gaussian) pairs.
- * The backward pass writes one gradient row per tile-list entry, which are then summed per
- * Gaussian in a fixed order: results do not depend on the number of threads. */
+ * The backward pass writes one gradient row per tile-list entry that some pixel used, then sums
+ * them per Gaussian in a fixed order: results do not depend on the number of threads. Without
+ * OpenMP the same source builds a serial kernel. */
 
 #include <math.h>
 #include <stddef.h>
@@ -197,9 +198,9 @@ static inline int pair_alpha(const splat *s, int32_t x, int32_t y, float *alpha,
 
 /* image [H, W, C] (background added when bg is not NULL), alpha_out [H, W], per pixel its final
  * transmittance and `last`, one past the tile entry that contributed to it last, and per tile
- * `used`, the largest `last` of its pixels: the entries the backward pass visits. The stop is decided
- * on the reference's sum of log1p(-alpha); the weights use the running product, which agrees
- * with the reference's exp of that sum to float rounding and saves an exp per pair. */
+ * `used`, the largest `last` of its pixels: the entries the backward pass visits. The stop is
+ * decided on the reference's sum of log1p(-alpha); the weights use the running product, which
+ * agrees with the reference's exp of that sum to float rounding and saves an exp per pair. */
 void clm_raster_forward(const float *means2d, const float *conics, const float *colors,
                         const float *opac, const int32_t *boxes, const int32_t *ids,
                         const int64_t *tile_offsets, int32_t channels, int32_t width,
@@ -210,7 +211,8 @@ void clm_raster_forward(const float *means2d, const float *conics, const float *
     const int64_t C = channels;
 #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
     for (int64_t tile = 0; tile < (int64_t)tiles_x * tiles_y; tile++) {
-        const int32_t px0 = (int32_t)(tile % tiles_x) * TILE, py0 = (int32_t)(tile / tiles_x) * TILE;
+        const int32_t px0 = (int32_t)(tile % tiles_x) * TILE;
+        const int32_t py0 = (int32_t)(tile / tiles_x) * TILE;
         const int32_t px1 = px0 + TILE < width ? px0 + TILE : width;
         const int32_t py1 = py0 + TILE < height ? py0 + TILE : height;
         const int64_t start = tile_offsets[tile], end = tile_offsets[tile + 1];
@@ -285,7 +287,8 @@ void clm_raster_backward(const float *means2d, const float *conics, const float 
     const int64_t C = channels, stride = GRAD_FIXED + C;
 #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
     for (int64_t tile = 0; tile < (int64_t)tiles_x * tiles_y; tile++) {
-        const int32_t px0 = (int32_t)(tile % tiles_x) * TILE, py0 = (int32_t)(tile / tiles_x) * TILE;
+        const int32_t px0 = (int32_t)(tile % tiles_x) * TILE;
+        const int32_t py0 = (int32_t)(tile / tiles_x) * TILE;
         const int32_t px1 = px0 + TILE < width ? px0 + TILE : width;
         const int32_t py1 = py0 + TILE < height ? py0 + TILE : height;
         const int64_t start = tile_offsets[tile], row0 = used_offsets[tile];
