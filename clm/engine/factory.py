@@ -96,9 +96,10 @@ def make_engine(
     if cfg.max_gaussians is not None:
         max_gaussians = min(max_gaussians, cfg.max_gaussians)
     engine.max_gaussians = max_gaussians
-    # A hard budget is taken before loading, so neither loading nor growth ever reallocates
+    # A hard GPU budget is taken before loading, so neither loading nor growth ever reallocates
     # (a copy would briefly need old and new memory, past the budget).
-    engine.reserve(max(max_gaussians, num) if cfg.max_gpu_gb is not None else num)
+    hard = plan is not None and cfg.max_gpu_gb is not None
+    engine.reserve(max(max_gaussians, num) if hard else num)
     engine.load_rows(source)
     return engine
 

@@ -267,23 +267,13 @@ class Checkpoint:
         return out
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint file, or the latest checkpoint of a run folder."""
-    if path.is_dir():
-        found = list_checkpoints(path)
-        if not found:
-            raise ClmError(f"{path}: no checkpoints in {checkpoint_dir(path)}")
-        return found[-1]
-    if not path.exists():
-        raise ClmError(f"{path}: no such checkpoint or run folder")
-    return path
-
-
 def open_checkpoint(path: Path) -> Checkpoint:
     """Open a checkpoint file, or the newest readable checkpoint of a run folder: an unreadable
     newest one (a crash mid-copy, a damaged disk) falls back to the one before, with a warning."""
     if not path.is_dir():
-        return Checkpoint(resolve_checkpoint(path))
+        if not path.exists():
+            raise ClmError(f"{path}: no such checkpoint or run folder")
+        return Checkpoint(path)
     found = list_checkpoints(path)
     if not found:
         raise ClmError(f"{path}: no checkpoints in {checkpoint_dir(path)}")
