@@ -62,10 +62,13 @@ def test_host_store_compaction_fills_holes_from_the_tail_and_frees_chunks():
 def test_host_store_budget_refuses_before_changing_anything():
     store = HostStore(48, chunk_shift=10, max_bytes=3 * (1 << 10) * (3 * 48 * 4 + 4))
     store.append(torch.ones(2048, 48), step=0)
-    assert store.max_rows() == 3 * 1024
     with pytest.raises(ClmError, match="max-host-gb"):
         store.append(torch.ones(2000, 48), step=0)
     assert len(store) == 2048 and len(store.param_chunks) == 2
+    store.append(torch.ones(1024, 48), step=0)  # the budget holds exactly 3 x 1024 rows
+    with pytest.raises(ClmError, match="max-host-gb"):
+        store.append(torch.ones(1, 48), step=0)
+    assert len(store) == 3 * 1024
 
 
 def test_host_store_refuses_when_the_os_is_out_of_memory(monkeypatch):

@@ -129,12 +129,6 @@ class HostStore:
     def capacity(self) -> int:
         return len(self.param_chunks) * self.chunk_rows
 
-    def max_rows(self) -> int | None:
-        """Rows the budget allows (whole chunks), or None when unbounded."""
-        if self.max_bytes is None:
-            return None
-        return (self.max_bytes // self.chunk_bytes) * self.chunk_rows
-
     def _new_chunk(self) -> None:
         need = self.chunk_bytes
         if self.max_bytes is not None and self.allocated_bytes + need > self.max_bytes:
