@@ -110,8 +110,9 @@ def scene_for(args: argparse.Namespace) -> tuple[Scene, Model]:
     return scene, model
 
 
-def render_engine(model: Model, device_name: str, max_pixels: int) -> Engine:
-    """An engine holding the model, for rendering only (offloaded on CUDA, as in training)."""
+def render_engine(model: Model, device_name: str, max_pixels: int, depth: bool = False) -> Engine:
+    """An engine holding the model, for rendering only (offloaded on CUDA, as in training);
+    with ``depth`` its renders carry the expected depth as a fourth channel."""
     device = resolve_device(device_name)
     spec = gaussian_splatting_spec(model.sh_degree)
     values = {k: v for k, v in model.config.items() if k in TrainConfig.__dataclass_fields__}
@@ -121,7 +122,7 @@ def render_engine(model: Model, device_name: str, max_pixels: int) -> Engine:
         cfg,
         spec,
         model.rows(spec),
-        default_renderer(device),
+        default_renderer(device, depth),
         LearningRates(spec, 1),
         AdamSettings(),
         device,

@@ -2,10 +2,16 @@
 
 Both take the raw parameters of :func:`clm.model.spec.gaussian_splatting_spec` and apply the
 activations themselves, so engines hand over exactly the tensors they optimise.
+
+With ``depth=True`` (rendering only, never training) the image gets a fourth channel: the expected
+camera-space z, sum(w_i z_i) / alpha with alpha = sum(w_i), 0 where alpha is 0 (gsplat's "ED").
+It travels as a colour channel, so every engine, and the stitching of views rendered in pieces,
+carries it without knowing about it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -24,11 +30,26 @@ def sh_coefficients(params: Mapping[str, Tensor], sh_degree: int) -> Tensor:
     return torch.cat([params["sh0"], params["shN"][:, :bands]], dim=1)
 
 
+def split_depth(image: Tensor) -> tuple[Tensor, Tensor]:
+    """RGB ``[H, W, 3]`` and expected depth ``[H, W]`` of an image rendered with ``depth=True``."""
+    return image[..., :3], image[..., 3]
+
+
+def _expected_depth(image: Tensor, alpha: Tensor) -> Tensor:
+    """The last channel (alpha-weighted z, background 0) divided by alpha, as gsplat does."""
+    return torch.cat([image[..., :-1], image[..., -1:] / alpha.clamp_min(1e-10)], dim=-1)
+
+
 def render_torch(
-    params: Mapping[str, Tensor], view: View, sh_degree: int, background: Tensor
+    params: Mapping[str, Tensor],
+    view: View,
+    sh_degree: int,
+    background: Tensor,
+    depth: bool = False,
 ) -> RenderOutput:
     """3DGS on the CPU (or as a reference on CUDA): the native rasterizer where it is built and
-    takes the inputs (float32 on the CPU), else the pure-torch one; both composite the same."""
+    takes the inputs (float32 on the CPU), else the pure-torch one; both composite the same.
+    Both take any number of channels, so depth is z rasterized next to the colours."""
     means = params["means"]
     opacities = torch.sigmoid(params["opacities"])
     proj = project(
@@ -53,6 +74,9 @@ def render_torch(
         {"sh0": visible(params["sh0"]), "shN": visible(params["shN"])}, sh_degree
     )
     colors = sh_to_rgb(sh_degree, coeffs, visible(means) - view.camera_center)
+    if depth:
+        colors = torch.cat([colors, visible(proj.depths)[:, None]], dim=1)
+        background = torch.cat([background, background.new_zeros(1)])
     raster = (
         native_raster.rasterize if native_raster.usable(means2d, colors, background) else rasterize
     )
@@ -67,11 +91,17 @@ def render_torch(
         view.height,
         background,
     )
+    if depth:
+        image = _expected_depth(image, alpha)
     return RenderOutput(image, alpha, means2d, visible(proj.radii), ids)
 
 
 def render_gsplat(
-    params: Mapping[str, Tensor], view: View, sh_degree: int, background: Tensor
+    params: Mapping[str, Tensor],
+    view: View,
+    sh_degree: int,
+    background: Tensor,
+    depth: bool = False,
 ) -> RenderOutput:
     """3DGS through gsplat 1.5.3's CUDA rasterizer (packed mode: memory scales with visibility)."""
     from gsplat import rasterization
@@ -88,15 +118,19 @@ def render_gsplat(
         height=view.height,
         sh_degree=sh_degree,
         packed=True,
+        render_mode="RGB+ED" if depth else "RGB",
     )
     means2d = info["means2d"]
     if means2d.requires_grad:
         means2d.retain_grad()
     # gsplat 1.5.3's packed mode rejects a per-camera background: composite it here (same sum).
+    if depth:  # (its depth channel is already divided by alpha, and has no background)
+        background = torch.cat([background, background.new_zeros(1)])
     image = image[0] + (1.0 - alpha[0]) * background
     return RenderOutput(image, alpha[0], means2d, info["radii"], info["gaussian_ids"].long())
 
 
-def default_renderer(device: torch.device) -> RenderFn:
-    """gsplat on CUDA, the torch rasterizer elsewhere."""
-    return render_gsplat if device.type == "cuda" else render_torch
+def default_renderer(device: torch.device, depth: bool = False) -> RenderFn:
+    """gsplat on CUDA, the torch rasterizer elsewhere; ``depth`` adds the depth channel."""
+    render = render_gsplat if device.type == "cuda" else render_torch
+    return functools.partial(render, depth=True) if depth else render
