@@ -122,24 +122,42 @@ static inline void adam_row(float *restrict p, float *restrict m, float *restric
     }
 }
 
+static inline int all_zero(const float *g, int64_t width)
+{
+    for (int64_t c = 0; c < width; c++)
+        if (g[c] != 0.0f)
+            return 0;
+    return 1;
+}
+
 /* Adam step `step` for rows[0..n) (unique) with gradients grads[i * grad_stride + c]:
  * catch up the steps skipped since each row's `last`, apply the step, set last = step.
- * decay1[k] = b1^k, decay2[k] = b2^k; segment skip tables cover steps up to step - 1. */
-void clm_adam_step_rows(const clm_store *store, int64_t width, const int64_t *rows, int64_t n,
-                        const float *grads, int64_t grad_stride, int32_t step,
-                        const clm_step *st, const clm_segment *segs, int32_t n_segs,
-                        const double *decay1, const double *decay2, int32_t n_threads)
+ * With skip_zero, a row whose gradient is zero in every column is not touched: its step is a
+ * skipped step, applied in closed form at its next catch-up, so only its gradient row is read.
+ * decay1[k] = b1^k, decay2[k] = b2^k; segment skip tables cover steps up to step - 1.
+ * Returns the number of rows stepped. */
+int64_t clm_adam_step_rows(const clm_store *store, int64_t width, const int64_t *rows, int64_t n,
+                           const float *grads, int64_t grad_stride, int32_t step,
+                           const clm_step *st, const clm_segment *segs, int32_t n_segs,
+                           const double *decay1, const double *decay2, int32_t skip_zero,
+                           int32_t n_threads)
 {
-#pragma omp parallel for num_threads(n_threads) schedule(static)
+    int64_t stepped = 0;
+#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(+ : stepped)
     for (int64_t i = 0; i < n; i++) {
-        if (i + PREFETCH_DISTANCE < n)
-            prefetch_row(store, rows[i + PREFETCH_DISTANCE], width);
+        const int64_t ahead = i + PREFETCH_DISTANCE;
+        if (ahead < n && !(skip_zero && all_zero(grads + ahead * grad_stride, width)))
+            prefetch_row(store, rows[ahead], width);
+        if (skip_zero && all_zero(grads + i * grad_stride, width))
+            continue;
+        stepped++;
         const row_ref ref = locate(store, rows[i]);
         catch_up_row(ref.p, ref.m, ref.v, width, *ref.last, step - 1, segs, n_segs, decay1,
                      decay2);
         adam_row(ref.p, ref.m, ref.v, grads + i * grad_stride, width, st, segs, n_segs);
         *ref.last = step;
     }
+    return stepped;
 }
 
 /* Apply every pending zero-gradient step up to and including `upto` to rows[0..n), or to rows

@@ -65,8 +65,33 @@ def make_engine(kind: str, params, batch: int, steps: int, **extra):
     return OffloadEngine(params, chunk_shift=6, **common, **extra)
 
 
-def train(engine, views, targets, batches, sh_degrees, densify_at=None, hints=None):
-    """``hints``: tell the engine the next batch ("right"), or another one ("wrong")."""
+class Observed:
+    """What ``observe`` is given, per step and view: the rows rendered and their screen-space
+    gradient norms, by row (densification's statistics)."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[int, float]] = []
+
+    def __call__(self, ids, out, view) -> None:
+        g = out.means2d.grad
+        norms = torch.hypot(g[:, 0] * view.width, g[:, 1] * view.height)
+        seen = self.steps[-1]
+        for i, x in zip(ids.tolist(), norms.tolist(), strict=True):
+            seen[i] = seen.get(i, 0.0) + x
+
+    def assert_same(self, other: "Observed") -> None:
+        assert len(self.steps) == len(other.steps)
+        for mine, theirs in zip(self.steps, other.steps, strict=True):
+            assert mine.keys() == theirs.keys()
+            rows = sorted(mine)
+            a = torch.tensor([mine[i] for i in rows], dtype=torch.float64)
+            b = torch.tensor([theirs[i] for i in rows], dtype=torch.float64)
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-9)
+
+
+def train(engine, views, targets, batches, sh_degrees, densify_at=None, hints=None, observe=None):
+    """``hints``: tell the engine the next batch ("right"), or another one ("wrong");
+    ``observe``: an :class:`Observed` to record the density statistics in."""
     bg = torch.zeros(3)
     for step, (batch, degree) in enumerate(zip(batches, sh_degrees, strict=True), start=1):
         chosen = [views[i] for i in batch]
@@ -77,7 +102,10 @@ def train(engine, views, targets, batches, sh_degrees, densify_at=None, hints=No
         def loss_fn(i, out, batch=batch):
             return photometric_loss(out.image, targets[batch[i]]) / len(batch)
 
-        engine.train_step(chosen, loss_fn, lambda ids, out, view: None, degree, bg)
+        if observe is not None:
+            observe.steps.append({})
+        sink = observe if observe is not None else (lambda ids, out, view: None)
+        engine.train_step(chosen, loss_fn, sink, degree, bg)
         if densify_at == step:
             n = engine.num_gaussians
             src = torch.arange(0, n, 7)
@@ -114,18 +142,35 @@ def assert_same(a, b, rtol=2e-4, atol=2e-6):
         ("naive", {}),
         ("clm", {"cache_rows": None}),
         ("clm", {"cache_rows": 200, "staging_rows": 64}),  # forces segments and deferred rows
+        ("clm", {"cache_rows": None, "resident": 150}),  # the most seen rows on the "GPU"
+        ("clm", {"cache_rows": 120, "staging_rows": 64, "resident": 150}),  # and segments
+        ("clm", {"cache_rows": None, "resident": 10**6}),  # every row: the cache goes unused
     ],
 )
 def test_offload_modes_match_gpu_resident(setup, kind, extra):
     views, targets, batches, degrees = setup
     params = make_params(400)
-    ref = train(make_engine("none", params, 3, 6), views, targets, batches, degrees, densify_at=3)
+    want, seen = Observed(), Observed()
+    ref = make_engine("none", params, 3, 6)
+    ref = train(ref, views, targets, batches, degrees, densify_at=3, observe=want)
+    if "resident" in extra:
+        extra = {**extra, "views": views}
     engine = make_engine(kind, params, 3, 6, **extra)
-    got = train(engine, views, targets, batches, degrees, densify_at=3)
+    got = train(engine, views, targets, batches, degrees, densify_at=3, observe=seen)
+    stats = engine.last_stats
     engine.close()
     assert ref.params["means"].shape[0] != 400  # densification ran
     assert ref.exp_avg["shN"].abs().max() > 0  # higher SH bands were trained
     assert_same(got, ref)
+    seen.assert_same(want)
+    if kind == "clm" and extra.get("resident", 0) < 400:  # some rows took the host path
+        # Culled-in rows without gradient were skipped, and the result is still dense Adam's.
+        assert 0 < engine.flusher.rows_stepped < engine.flusher.rows_flushed
+    if "resident" in extra:  # the last batch took rows from both sets (or all from one)
+        resident = min(extra["resident"], engine.num_gaussians)
+        assert engine.resident.capacity == resident
+        assert stats.host_rows < stats.visible_rows
+        assert (stats.host_rows == 0) == (resident == engine.num_gaussians)
 
 
 @pytest.mark.parametrize("hints", ["right", "wrong"])

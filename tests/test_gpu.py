@@ -12,8 +12,8 @@ from clm.engine.offloaded import OffloadEngine
 from clm.engine.resident import ResidentEngine
 from clm.model.spec import gaussian_splatting_spec
 from clm.offload.culling import Culler, cull_bits_torch, pack_cameras
+from clm.offload.gather import RowGather
 from clm.offload.host_store import HostStore
-from clm.offload.transfer import RowGather
 from clm.render.base import View
 from clm.render.splats import render_gsplat, render_torch
 from clm.train.loss import photometric_loss

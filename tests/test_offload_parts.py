@@ -11,8 +11,8 @@ from clm.errors import ClmError
 from clm.model.table import Compaction
 from clm.offload import host_store as host_store_module
 from clm.offload.culling import Culler
+from clm.offload.gather import RowGather
 from clm.offload.host_store import HostStore
-from clm.offload.transfer import RowGather
 from clm.offload.worker import BackgroundQueue, StagingRing
 from clm.render.projection import project
 

@@ -170,7 +170,7 @@ def count_cuts(monkeypatch) -> list[int]:
         made.extend(len(c) for c in out)
         return out
 
-    monkeypatch.setattr("clm.engine.offloaded.cut_views", spy)
+    monkeypatch.setattr("clm.engine.offloaded_pieces.cut_views", spy)
     return made
 
 

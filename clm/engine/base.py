@@ -88,6 +88,7 @@ class StepStats:
     """Figures of one step for the progress bar and benchmarks (engines fill what applies)."""
 
     visible_rows: int = 0
+    host_rows: int = 0  # of those, rows the host path served (the rest were resident)
     bytes_to_gpu: int = 0
     bytes_to_host: int = 0
     cache_hits: int = 0

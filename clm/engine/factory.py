@@ -22,6 +22,7 @@ from clm.offload.budget import (
     plan_gpu,
 )
 from clm.offload.host_budget import plan_host
+from clm.offload.resident_rows import ResidentBudget
 from clm.render.base import RenderFn, View
 from clm.train.config import TrainConfig
 from clm.train.schedule import LearningRates
@@ -59,6 +60,7 @@ def make_engine(
     host.check(num)
     max_gaussians = host.max_gaussians
     plan = None
+    hard = device.type == "cuda" and cfg.max_gpu_gb is not None
     if device.type == "cuda":
         if cfg.max_gpu_gb is not None:
             budget = apply_gpu_cap(device, cfg.max_gpu_gb)
@@ -86,20 +88,26 @@ def make_engine(
             empty, max_host_bytes=store_bytes, cpu_threads=cfg.cpu_threads, **common
         )
     else:
+        # What the budget leaves after the key rows, the cache and the render workspace holds
+        # resident rows. The key table grows through host memory under a hard budget, so its
+        # room for growth is not taken ahead from them.
         engine = OffloadEngine(
             empty,
             cache_rows=plan.cache_rows if plan else None,
             max_host_bytes=store_bytes,
             cpu_threads=cfg.cpu_threads,
+            resident=ResidentBudget(budget, plan.workspace, plan.per_gaussian) if plan else 0,
+            views=views,
+            grow_through_host=hard,
             **common,
         )
     if cfg.max_gaussians is not None:
         max_gaussians = min(max_gaussians, cfg.max_gaussians)
     engine.max_gaussians = max_gaussians
-    # A hard GPU budget is taken before loading, so neither loading nor growth ever reallocates
-    # (a copy would briefly need old and new memory, past the budget).
-    hard = plan is not None and cfg.max_gpu_gb is not None
-    engine.reserve(max(max_gaussians, num) if hard else num)
+    # The other engines take a hard GPU budget before loading, so neither loading nor growth
+    # ever reallocates (a copy would briefly need old and new memory, past the budget).
+    ahead = hard and cfg.offload != "clm"
+    engine.reserve(max(max_gaussians, num) if ahead else num)
     engine.load_rows(source)
     return engine
 

@@ -81,7 +81,7 @@ class NaiveEngine(Engine):
             self._grads = torch.empty(n, width, pin_memory=self.device.type == "cuda")
         grads = self._grads[:n]
         grads.copy_(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
-        self.host.step_rows(torch.arange(n), grads, width, step)
+        self.host.step_rows(torch.arange(n), grads, width, step, skip_zero=False)  # dense Adam
         self.step = step
         moved = n * width * 4
         self.last_stats = StepStats(visible_rows=n, bytes_to_gpu=moved, bytes_to_host=moved)

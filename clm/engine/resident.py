@@ -1,7 +1,10 @@
 """``--offload none``: every attribute and its Adam state on the compute device, dense Adam.
 
-The GPU-only baseline (what gsplat's trainer does) and the reference the offloading engines must
-match number for number. On the CPU it is simply the whole model in RAM.
+The GPU-only baseline and the reference the offloading engines must match number for number.
+Each view is culled against the batch before rendering (the pre-render frustum culling of the
+offloaded engine, no more), so the renderer only projects the Gaussians that can reach the
+image: the best GPU-only baseline, not gsplat's trainer as it ships. On the CPU it is simply the
+whole model in RAM.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from torch import Tensor
 
 from clm.engine.base import STREAM_ROWS, Engine, LossFn, ObserveFn, RowChunk, RowSource, StepStats
 from clm.model.table import Compaction, RowTable
+from clm.offload.culling import Culler, CullResult
 from clm.optim.lazy_adam import AdamConfig, adam_step
 from clm.render.base import RenderOutput, View
 
@@ -24,6 +28,7 @@ class ResidentEngine(Engine):
         self.params = RowTable(on_device)
         self.exp_avg = RowTable({n: torch.zeros_like(t) for n, t in on_device.items()})
         self.exp_avg_sq = RowTable({n: torch.zeros_like(t) for n, t in on_device.items()})
+        self.culler = Culler(self.device)
 
     @property
     def num_gaussians(self) -> int:
@@ -44,12 +49,14 @@ class ResidentEngine(Engine):
         background: Tensor,
     ) -> None:
         leaves = {n: t.detach().requires_grad_() for n, t in self.params.items()}
-        all_rows = None
+        culled = self._cull(views)
         for i, view in enumerate(views):
-            out = self.render_fn(leaves, view, sh_degree, background)
+            rows = culled.ids[culled.vis[i]]
+            out = self.render_fn(
+                {n: t[rows] for n, t in leaves.items()}, view, sh_degree, background
+            )
             loss_fn(i, out).backward()
-            observe(out.ids, out, view)
-            all_rows = out.ids
+            observe(rows[out.ids], out, view)
         step = self.step + 1
         config = AdamConfig(self.adam.betas, self.adam.eps)
         with torch.no_grad():
@@ -59,12 +66,20 @@ class ResidentEngine(Engine):
                 p, m, v = self.params[name], self.exp_avg[name], self.exp_avg_sq[name]
                 adam_step(p, grad, m, v, step, lr, config)
         self.step = step
-        visible = 0 if all_rows is None else int(all_rows.numel())
-        self.last_stats = StepStats(visible_rows=visible)
+        self.last_stats = StepStats(visible_rows=int(culled.ids.numel()))
+
+    def _cull(self, views: Sequence[View]) -> CullResult:
+        p = self.params
+        return self.culler.cull(p["means"], p["scales"], p["opacities"], views)
 
     @torch.no_grad()
     def render(self, view: View, sh_degree: int, background: Tensor) -> RenderOutput:
-        return self.render_fn(dict(self.params.items()), view, sh_degree, background)
+        rows = self._cull([view]).ids
+        out = self.render_fn(
+            {n: t[rows] for n, t in self.params.items()}, view, sh_degree, background
+        )
+        out.ids = rows[out.ids]
+        return out
 
     def append(self, src: Tensor, overrides: Mapping[str, Tensor]) -> None:
         src = src.to(self.device)

@@ -7,11 +7,11 @@ Costs per Gaussian on the GPU (float32):
   per Gaussian, 59 for 3DGS at SH degree 3), plus density statistics;
 * ``naive``: a parameter and a gradient row for every Gaussian each step, ``8·W``;
 * ``clm``: only the key attributes (7 floats for 3DGS: position, log-scale, opacity) with their
-  Adam moments, ``12·K``, plus density statistics; the host rows visit the GPU through the row
-  cache, whose slots (a parameter and a gradient row of the non-key width) are sized from what
-  is left. Each row a
-  view renders also costs its gathered copies and their gradients (about 2 KB in all for
-  3DGS, measured at 10M Gaussians on the H200).
+  Adam moments, ``12·K``, plus density statistics and residency bookkeeping; the host rows
+  visit the GPU through the row cache, whose slots (a parameter and a gradient row of the
+  non-key width) are sized from what is left. Each row a view renders also costs its gathered
+  copies and their gradients. Whatever the plan leaves unused while the model is smaller than
+  its limit holds resident rows (:mod:`clm.offload.resident_rows`).
 
 Rendering needs workspace in proportion to the pixels and to the Gaussians one view sees; the
 plan reserves it from the image size and the cache size (a view never sees more rows than the
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 GIB = 1 << 30
 DENSITY_STATS_BYTES = 8  # accumulated screen-space gradient and visit count
+RESIDENCY_BYTES = 8  # clm: a row's resident slot number and visit count
 RENDER_BYTES_PER_PIXEL = 1024  # images, alpha, loss and SSIM intermediates, their gradients
 # Per row a view renders: gathered key and host values and their gradients, gsplat's projected
 # and intersection data and their gradients.
@@ -126,7 +127,7 @@ def plan_gpu(
         )
     cache_rows, most, pieces = 0, None, 1
     if offload == "clm":
-        per_gaussian = 12 * key_width + DENSITY_STATS_BYTES
+        per_gaussian = 12 * key_width + DENSITY_STATS_BYTES + RESIDENCY_BYTES
         per_cache_row = (
             8 * host_width  # the cached row and its gradient
             + 4 * key_width  # the batch's key gradients

@@ -233,6 +233,18 @@ class HostStore:
         """``[n, width]`` copy of the parameter rows (the CPU twin of the GPU gather kernel)."""
         return self._gather(self.param_chunks, rows)
 
+    def read_rows(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Copies of the parameters and both moments of ``rows``."""
+        return tuple(self._gather(chunks, rows) for chunks in self._arrays()[:3])
+
+    def write_rows(
+        self, rows: Tensor, param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int
+    ) -> None:
+        """Overwrite ``rows`` with a state that is up to date at ``step``."""
+        for chunks, values in zip(self._arrays()[:3], (param, exp_avg, exp_avg_sq), strict=True):
+            self._scatter(chunks, rows, values)
+        self._scatter(self.last_chunks, rows, torch.full((rows.numel(),), step, dtype=torch.int32))
+
     def compact(self, plan: Compaction) -> None:
         """Fill holes from the tail (O(removed) moves), then free chunks no longer needed."""
         if plan.holes.numel():

@@ -82,10 +82,13 @@ class HostRows(_Schedule):
     def __len__(self) -> int:
         return len(self.store)
 
-    def step_rows(self, rows: Tensor, grads: Tensor, width: int, step: int) -> None:
-        """Adam step ``step`` for ``rows`` (their first update at this step)."""
+    def step_rows(
+        self, rows: Tensor, grads: Tensor, width: int, step: int, skip_zero: bool = True
+    ) -> int:
+        """Adam step ``step`` for ``rows`` (their first update at this step); returns how many
+        were stepped (with ``skip_zero``, a row without gradient is left for its catch-up)."""
         self.advance_to(step - 1)
-        self.adam.step_rows(rows, grads, width, step, self.segments(step))
+        return self.adam.step_rows(rows, grads, width, step, self.segments(step), skip_zero)
 
     def catch_up(
         self,
@@ -164,8 +167,10 @@ class DeviceRows:
         config: AdamConfig,
         device: torch.device,
         chunk_rows: int = 1 << 22,
+        grow_through_host: bool = False,
     ) -> None:
         self.layout, self.width = row_layout(attrs)
+        self.grow_through_host = grow_through_host
         self.lrs = lrs
         self.config = config
         self.device = device
@@ -208,9 +213,30 @@ class DeviceRows:
             grad.index_put_((local,), grads)
             adam_step_columns(p[a:b], grad[: b - a], m[a:b], v[a:b], step, lrs, self.config)
 
+    def room_for(self, count: int) -> int:
+        """The capacity appending ``count`` rows grows the table to (its own when it fits)."""
+        needed = len(self.table) + count
+        if needed <= self.table.capacity:
+            return self.table.capacity
+        return max(needed, int(self.table.capacity * 1.5) + 1)
+
+    def reserve(self, rows: int) -> None:
+        """Room for ``rows`` rows. With ``grow_through_host`` (a hard GPU budget) the live rows
+        wait in host memory while the table is reallocated, so old and new never coexist."""
+        if rows <= self.table.capacity:
+            return
+        if not self.grow_through_host:
+            self.table.reserve(rows)
+            return
+        held = {name: t.cpu() for name, t in self.table.items()}
+        self.table = RowTable({name: t[:0].to(self.device) for name, t in held.items()})
+        self.table.reserve(rows)
+        self.table.append({name: t.to(self.device) for name, t in held.items()})
+
     def append(self, params: Mapping[str, Tensor]) -> None:
         packed = pack_rows(dict(params), self.layout).to(self.device)
         zeros = torch.zeros_like(packed)
+        self.reserve(self.room_for(packed.shape[0]))
         self.table.append({"param": packed, "exp_avg": zeros, "exp_avg_sq": zeros})
 
     def compact(self, plan: Compaction) -> None:
@@ -241,6 +267,7 @@ class DeviceRows:
         exp_avg_sq: Mapping[str, Tensor],
     ) -> None:
         pack = lambda d: pack_rows(dict(d), self.layout).to(self.device)  # noqa: E731
+        self.reserve(self.room_for(next(iter(params.values())).shape[0]))
         self.table.append(
             {"param": pack(params), "exp_avg": pack(exp_avg), "exp_avg_sq": pack(exp_avg_sq)}
         )

@@ -25,7 +25,8 @@ class Source:
     """Rows ``table[index]`` to render; their gradients go to ``sink[sink_index]``.
 
     Only the leading ``sink.shape[1]`` columns are read: the active attributes fill them in
-    layout order.
+    layout order. Several sources of one layout (the row cache and the resident rows) give one
+    set of attribute rows, in order.
     """
 
     table: Tensor
@@ -46,11 +47,12 @@ class _Gather(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, anchor, sources, spans):
+    def forward(ctx, anchor, groups, spans):
         outputs = []
-        ctx.sources, ctx.spans = sources, spans
-        for src, layout in zip(sources, spans, strict=True):
-            rows = src.table[:, : src.sink.shape[1]].index_select(0, src.index)
+        ctx.groups, ctx.spans = groups, spans
+        for group, layout in zip(groups, spans, strict=True):
+            parts = [src.table[:, : src.sink.shape[1]].index_select(0, src.index) for src in group]
+            rows = parts[0] if len(parts) == 1 else torch.cat(parts)
             n = rows.shape[0]
             outputs += [rows[:, a : a + w].view(n, *shape) for a, w, shape in layout]
         return tuple(outputs)
@@ -58,14 +60,19 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         k = 0
-        for src, layout in zip(ctx.sources, ctx.spans, strict=True):
-            n = src.index.shape[0]
+        for group, layout in zip(ctx.groups, ctx.spans, strict=True):
+            n = sum(src.index.shape[0] for src in group)
             parts = []
             for _, w, _ in layout:
                 g = grads[k]
-                parts.append(g.reshape(n, w) if g is not None else src.sink.new_zeros(n, w))
+                parts.append(g.reshape(n, w) if g is not None else group[0].sink.new_zeros(n, w))
                 k += 1
-            src.sink.index_add_(0, src.sink_index, torch.cat(parts, dim=1))
+            packed = torch.cat(parts, dim=1)
+            start = 0
+            for src in group:
+                stop = start + src.index.shape[0]
+                src.sink.index_add_(0, src.sink_index, packed[start:stop])
+                start = stop
         return None, None, None
 
 
@@ -84,10 +91,14 @@ class RowInputs:
             ]
         return self._spans[sh_degree]
 
-    def gather(self, sources: Sequence[Source], sh_degree: int | None) -> dict[str, Tensor]:
-        """Attributes by name, from ``sources`` (one per layout, in order)."""
+    def gather(
+        self, sources: Sequence[Source | Sequence[Source]], sh_degree: int | None
+    ) -> dict[str, Tensor]:
+        """Attributes by name, from ``sources`` (per layout, in order: a source, or sources
+        whose rows follow one another)."""
         spans = self.spans(sh_degree)
-        anchor = torch.empty(0, device=sources[0].table.device, requires_grad=True)
-        outputs = _Gather.apply(anchor, tuple(sources), spans)
+        groups = tuple((s,) if isinstance(s, Source) else tuple(s) for s in sources)
+        anchor = torch.empty(0, device=groups[0][0].table.device, requires_grad=True)
+        outputs = _Gather.apply(anchor, groups, spans)
         names = [seg.attr.name for layout in self.layouts for seg in layout]
         return dict(zip(names, outputs, strict=True))

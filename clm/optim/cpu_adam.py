@@ -77,8 +77,9 @@ def _load_kernel() -> ctypes.CDLL | None:
         head = [ctypes.POINTER(_Store), i64, ptr, i64]
         tail = [ctypes.POINTER(_Segment), i32, ptr, ptr, i32]
         step_args = [ptr, i64, i32, ctypes.POINTER(_Step)]  # grads, grad_stride, step, scalars
-        lib.clm_adam_step_rows.argtypes = [*head, *step_args, *tail]
-        lib.clm_adam_step_rows.restype = None
+        # ... decay1, decay2, skip_zero, n_threads
+        lib.clm_adam_step_rows.argtypes = [*head, *step_args, *tail[:-1], i32, i32]
+        lib.clm_adam_step_rows.restype = ctypes.c_int64
         lib.clm_adam_catch_up.argtypes = [*head, i32, *tail]  # i32: upto
         lib.clm_adam_catch_up.restype = None
     return lib
@@ -118,13 +119,22 @@ class CpuRowAdam:
         return self._lib is not None
 
     def step_rows(
-        self, rows: Tensor, grads: Tensor, width: int, step: int, segments: Sequence[Segment]
-    ) -> None:
+        self,
+        rows: Tensor,
+        grads: Tensor,
+        width: int,
+        step: int,
+        segments: Sequence[Segment],
+        skip_zero: bool = True,
+    ) -> int:
         """Adam step ``step`` (from 1) for ``rows`` ([n] int64, unique, and not yet updated at
-        this step) with gradients ``grads[:, :width]`` ([n, >= width] float32, rows contiguous).
+        this step) with gradients ``grads[:, :width]`` ([n, >= width] float32, rows contiguous);
+        returns the number of rows stepped.
 
-        Pending skipped steps are applied first; only columns ``< width`` are touched. Segment
-        tables must be at ``step - 1`` (advance them after the last call of a step).
+        Pending skipped steps are applied first; only columns ``< width`` are touched. With
+        ``skip_zero``, a row whose gradient is all zero is left alone: its step is a skipped
+        step like any other (exact but for the catch-up's one approximation, see lazy_adam).
+        Segment tables must be at ``step - 1`` (advance them after the last call of a step).
         """
         n_cols = self._check_store()
         self._check_segments(segments, n_cols, step - 1)
@@ -137,12 +147,15 @@ class CpuRowAdam:
                 f"grads must be [{n}, >= {width}] with contiguous rows, got {tuple(grads.shape)}"
             )
         if n == 0:
-            return
+            return 0
         if self._lib is None:
-            self._per_chunk(
-                rows, grads, lambda c, r, g: lazy_step_rows(*c, r, g, step, segments, width)
-            )
-            return
+            stepped = [0]
+
+            def update(chunk, r, g) -> None:
+                stepped[0] += lazy_step_rows(*chunk, r, g, step, segments, width, skip_zero)
+
+            self._per_chunk(rows, grads, update)
+            return stepped[0]
         b1, b2 = self.config.betas
         bc1, bc2_sqrt = bias_corrections(self.config, step)
         scalars = _Step(1 - b1, b2, 1 - b2, bc2_sqrt, self.config.eps)
@@ -151,7 +164,7 @@ class CpuRowAdam:
         )
         decay = segments[0].table.decay
         view = self._pointers()
-        self._lib.clm_adam_step_rows(
+        return self._lib.clm_adam_step_rows(
             ctypes.byref(view),
             width,
             rows.data_ptr(),
@@ -164,6 +177,7 @@ class CpuRowAdam:
             len(segments),
             decay[0].data_ptr(),
             decay[1].data_ptr(),
+            int(skip_zero),
             self.threads,
         )
 

@@ -248,18 +248,26 @@ def lazy_step_rows(
     step: int,
     segments: Sequence[Segment],
     width: int | None = None,
-) -> None:
-    """Lazy Adam step ``step`` for ``rows`` (unique int64) with gradients ``grads[:, :width]``.
+    skip_zero: bool = True,
+) -> int:
+    """Lazy Adam step ``step`` for ``rows`` (unique int64) with gradients ``grads[:, :width]``;
+    returns the number of rows stepped.
 
     ``param``, ``exp_avg``, ``exp_avg_sq`` are ``[N, W]`` float32, ``last`` is ``[N]`` int32.
-    Only the first ``width`` columns (default W) are read or written. The segment tables must be
-    at ``step - 1``.
+    Only the first ``width`` columns (default W) are read or written. With ``skip_zero``, a row
+    whose gradient is all zero is not touched: that step is a skipped step, applied at its next
+    catch-up. The segment tables must be at ``step - 1``.
     """
     width = active_width(width, param.shape[1])
     config = check_segments(segments, param.shape[1], step - 1)
+    stepped = 0
     for lo in range(0, rows.numel(), _ROW_BLOCK):
-        r = rows[lo : lo + _ROW_BLOCK]
         g = grads[lo : lo + _ROW_BLOCK, :width]
+        r = rows[lo : lo + _ROW_BLOCK]
+        if skip_zero:
+            live = g.ne(0).any(1)
+            r, g = r[live], g[live]
+        stepped += r.numel()
         p, m, v = param[r, :width], exp_avg[r, :width], exp_avg_sq[r, :width]
         _catch_up_block(p, m, v, last[r], step - 1, segments, width)
         for seg in segments:
@@ -270,6 +278,7 @@ def lazy_step_rows(
         exp_avg[r, :width] = m
         exp_avg_sq[r, :width] = v
         last.index_fill_(0, r, step)  # not last[r] = step: that copies the scalar to the device
+    return stepped
 
 
 def lazy_catch_up(

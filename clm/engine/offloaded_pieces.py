@@ -1,0 +1,128 @@
+"""The offload engine's views larger than its row cache: rendered in pieces, each planned
+like a view, with the same gradients as the whole image (:mod:`clm.offload.pieces`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from clm.offload.culling import CullResult
+from clm.offload.pieces import Canvas, ImageGrad, Piece, cut_views, group_units
+from clm.render.base import RenderOutput, View
+
+if TYPE_CHECKING:
+    from clm.engine.offloaded import _Batch
+
+
+class InPieces:
+    """Mixed into :class:`clm.engine.offloaded.OffloadEngine`: a batch with views larger than
+    the cache, trained in two passes (see :meth:`_train_in_pieces`)."""
+
+    def _train_in_pieces(
+        self, batch: _Batch, per_view: Sequence[int], big: Sequence[int], capacity: int
+    ) -> None:
+        """The batch with views ``big`` (too large for the cache) cut into pieces.
+
+        Pass 1 stitches each such view from its pieces, without gradients, and backpropagates
+        its loss to the image (:mod:`clm.offload.pieces`). Pass 2 plans pieces and whole views
+        through the cache like views, in groups of bounded size; rows used by several groups
+        have their gradients deferred, so Adam still sees each row's batch gradient once.
+        """
+        wanted = [batch.views[i] for i in big]
+        cuts = dict(
+            zip(big, cut_views(self.culler, self.key.views(), wanted, capacity), strict=True)
+        )
+        units: list[View] = []
+        owner: list[int] = []
+        counts: list[int] = []
+        for i, view in enumerate(batch.views):
+            parts = cuts.get(i, [(view, per_view[i])])
+            units += [unit for unit, _ in parts]
+            owner += [i] * len(parts)
+            counts += [n for _, n in parts]
+        groups = group_units(counts)
+        canvases = {i: Canvas() for i in big}
+        rows: list[Tensor] = []  # each group's
+        for group in groups:
+            part = self._cull([units[k] for k in group])
+            rows.append(part.ids)
+            batch.stats.bytes_to_gpu += self._paint(
+                canvases, units, owner, group, part, batch.sh_degree, batch.background, batch.width
+            )
+        for i, canvas in canvases.items():
+            batch.in_pieces[i] = ImageGrad(canvas, lambda out, i=i: batch.loss_fn(i, out))
+        if len(groups) == 1:
+            batch.rows = part.ids
+            batch.key_grads = torch.zeros(batch.rows.numel(), self.key.width, device=self.device)
+            self._train_group(batch, units, owner, part, capacity)
+        else:
+            del part  # culled again, group by group: all their visibility at once could be large
+            self._train_groups(batch, units, owner, groups, rows, capacity)
+        for i, image_grad in batch.in_pieces.items():
+            batch.observe(*image_grad.observed(), batch.views[i])
+
+    def _train_groups(
+        self,
+        batch: _Batch,
+        units: Sequence[View],
+        owner: Sequence[int],
+        groups: Sequence[Sequence[int]],
+        rows: Sequence[Tensor],
+        capacity: int,
+    ) -> None:
+        """Train ``groups`` of ``units`` one after the other (``rows``: what each culls to)."""
+        batch.rows = torch.unique(torch.cat(list(rows)))
+        batch.key_grads = torch.zeros(batch.rows.numel(), self.key.width, device=self.device)
+        at = [torch.searchsorted(batch.rows, ids) for ids in rows]
+        uses = torch.zeros(batch.rows.numel(), dtype=torch.int32, device=self.device)
+        for a in at:
+            uses.index_add_(0, a, torch.ones_like(a, dtype=torch.int32))
+        for group, a in zip(groups, at, strict=True):
+            part = self._cull([units[k] for k in group])
+            members, owners = [units[k] for k in group], [owner[k] for k in group]
+            self._train_group(batch, members, owners, part, capacity, keep=uses[a] > 1, to_batch=a)
+
+    def _paint(
+        self,
+        canvases: Mapping[int, Canvas],
+        units: Sequence[View],
+        owner: Sequence[int],
+        group: Sequence[int],
+        culled: CullResult,
+        sh_degree: int,
+        background: Tensor,
+        width: int,
+    ) -> int:
+        """Render the pieces among ``units[group]`` (``culled`` together) without gradients
+        onto their views' canvases; returns the bytes gathered."""
+        moved = 0
+        for j, k in enumerate(group):
+            piece = units[k]
+            if isinstance(piece, Piece):
+                rows = culled.ids[culled.vis[j]]
+                out = self._render_rows(rows, piece.full, sh_degree, background, width)
+                canvases[owner[k]].paint(piece, out, rows)
+                moved += rows.numel() * width * 4
+        return moved
+
+    def _render_in_pieces(self, view: View, sh_degree: int, background: Tensor) -> RenderOutput:
+        """Evaluation of a view larger than the cache: its pieces rendered and stitched."""
+        pieces = cut_views(self.culler, self.key.views(), [view], self.capacity)[0]
+        units = [piece for piece, _ in pieces]
+        canvas = Canvas()
+        for group in group_units([n for _, n in pieces]):
+            culled = self._cull([units[k] for k in group])
+            self._paint(
+                {0: canvas},
+                units,
+                [0] * len(units),
+                group,
+                culled,
+                sh_degree,
+                background,
+                self.host.width,
+            )
+        return canvas.output()

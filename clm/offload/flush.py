@@ -1,0 +1,125 @@
+"""Final gradients back to the host: rows whose last use in a batch is done are copied into a
+pinned staging ring on their own CUDA stream, and the CPU Adam thread updates them while the
+GPU renders the next views.
+
+A row whose batch gradient is zero in every column (it was culled in but occluded, or under
+the alpha threshold everywhere) is read from the staging ring and left alone: its step is a
+skipped step, applied in closed form when the row is next caught up, which is exact. Rows used
+in several segments of a batch have partial gradients; they are *deferred*, summed on the host
+and stepped once at the end of the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from clm.offload.lazy_rows import HostRows
+from clm.offload.worker import BackgroundQueue, StagingRing, wait_for
+
+STAGING_ROWS = 1 << 20  # gradient rows the pinned staging ring holds
+
+
+@contextlib.contextmanager
+def on_stream(stream: torch.cuda.Stream | None) -> Iterator[None]:
+    """Work queued inside goes to ``stream`` (nothing changes without one)."""
+    if stream is None:
+        yield
+    else:
+        with torch.cuda.stream(stream):
+            yield
+
+
+def record_event(device: torch.device, stream: torch.cuda.Stream | None = None):
+    """An event recorded on ``stream`` (the current one by default); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
+
+
+class GradientFlush:
+    """Sends gradient rows to the host rows' CPU Adam (see the module docstring)."""
+
+    def __init__(self, host: HostRows, device: torch.device, staging_rows: int) -> None:
+        self.host = host
+        self.device = device
+        cuda = device.type == "cuda"
+        self.staging = StagingRing(staging_rows, host.width, pinned=cuda)
+        self.worker = BackgroundQueue("clm-cpu-adam")
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self._deferred: list[tuple[Tensor, Tensor]] = []
+        self.rows_flushed = 0  # over the run, rows whose gradient reached the host
+        self.rows_stepped = 0  # of those, rows the CPU Adam updated (the rest had no gradient)
+
+    def _download(self, grads: Tensor, rows: Tensor) -> tuple[int, torch.cuda.Event | None]:
+        """Copy gradient rows into the staging ring on the D2H stream."""
+        n = rows.numel()
+        start = self.staging.acquire(n)
+        ready = record_event(self.device)
+        with on_stream(self.stream):
+            if self.stream is not None and ready is not None:
+                self.stream.wait_event(ready)
+                # Made on the compute stream, read on this one: not to be reused before.
+                grads.record_stream(self.stream)
+                rows.record_stream(self.stream)
+            self.staging.grads_view(start, n, grads.shape[1]).copy_(grads, non_blocking=True)
+            self.staging.rows[start : start + n].copy_(rows, non_blocking=True)
+            done = record_event(self.device, self.stream)
+        return start, done
+
+    def flush(self, cache_grad: Tensor, ids: Tensor, slots: Tensor, width: int, step: int) -> int:
+        """Final gradients of rows ``ids`` (in ``cache_grad[slots]``): to the host, then the
+        CPU Adam, in the background; returns the bytes sent."""
+        total = 0
+        part = self.staging.capacity // 2
+        for lo in range(0, ids.numel(), part):
+            rows, s = ids[lo : lo + part], slots[lo : lo + part]
+            start, done = self._download(cache_grad[s, :width], rows)
+            n = rows.numel()
+
+            def job(start=start, n=n, done=done) -> None:
+                wait_for(done)
+                rows = self.staging.rows[start : start + n]
+                grads = self.staging.grads_view(start, n, width)
+                self._stepped(n, self.host.step_rows(rows, grads, width, step))
+                self.staging.release()
+
+            self.worker.submit(job)
+            total += n * width * 4
+        return total
+
+    def _stepped(self, flushed: int, stepped: int) -> None:
+        self.rows_flushed += flushed
+        self.rows_stepped += stepped
+
+    def defer(self, cache_grad: Tensor, ids: Tensor, slots: Tensor, width: int) -> int:
+        """Partial gradients of rows used in several segments: kept until the batch ends."""
+        if ids.numel() == 0:
+            return 0
+        self._deferred.append((ids.cpu(), cache_grad[slots, :width].cpu()))
+        return ids.numel() * width * 4
+
+    def flush_deferred(self, width: int, step: int) -> None:
+        """Step the deferred rows once, with their summed gradients."""
+        if not self._deferred:
+            return
+        rows = torch.cat([r for r, _ in self._deferred])
+        grads = torch.cat([g for _, g in self._deferred])
+        self._deferred.clear()
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        summed = torch.zeros(unique.numel(), width).index_add_(0, inverse, grads)
+        n = unique.numel()
+        self.worker.submit(
+            lambda: self._stepped(n, self.host.step_rows(unique, summed, width, step))
+        )
+
+    def drain(self) -> None:
+        self.worker.drain()
+
+    def close(self) -> None:
+        self.worker.close()

@@ -1,0 +1,230 @@
+"""Adaptive residency: the offloaded rows that fit the GPU budget stay there.
+
+Under the budget, the host rows that the training views see most often live on the GPU with
+their Adam moments and take a dense GPU Adam step every step, the arithmetic of
+``--offload none``; the other rows take the host path (gather, flush, lazy CPU Adam). A row is
+in one set at a time. While it is resident, its host copy is stale; when it leaves, its
+parameters, moments and step are written back, so either side's state is exact.
+
+The set is chosen from visit counts: every training view culled once (:meth:`ResidentRows.
+count_views`), then each batch's culls; a densified row inherits its source's count. It is
+chosen again after density control and whenever the budget changes, moving only the rows that
+change sides, a bounded chunk at a time (no transient copy of the set on either side).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from clm.model.spec import ColumnSegment
+from clm.model.table import Compaction
+from clm.offload.culling import MAX_CAMERAS, Culler
+from clm.offload.lazy_rows import HostRows
+from clm.optim.lazy_adam import AdamConfig, adam_step_columns
+from clm.render.base import View
+from clm.train.schedule import LearningRates
+
+log = logging.getLogger("clm")
+
+MOVE_ROWS = 1 << 20  # rows moved between the sets at a time
+STEP_ROWS = 1 << 21  # rows per launch of the dense Adam (its temporaries are this size)
+SLOT_BYTES_PER_COLUMN = 16  # a slot's parameter, two moments and gradient, float32
+ROW_BYTES = 8  # every model row's slot number and visit count
+
+
+@dataclass(frozen=True)
+class ResidentBudget:
+    """GPU bytes left to resident rows: ``budget`` less the render workspace and row cache
+    (``workspace``), and ``per_gaussian`` bytes for each row the key table has room for."""
+
+    budget: int
+    workspace: int
+    per_gaussian: int
+    margin: float = 0.05  # of the budget, for the allocator's rounding and fragmentation
+
+    def slots(self, key_rows: int, width: int) -> int:
+        free = self.budget * (1 - self.margin) - self.workspace - key_rows * self.per_gaussian
+        return max(0, int(free) // (SLOT_BYTES_PER_COLUMN * width))
+
+
+class ResidentRows:
+    """Host-layout rows kept on the device in ``capacity`` slots, with per-row bookkeeping
+    (``slot_of``: the slot of each model row or -1; ``seen``: its visit count)."""
+
+    def __init__(
+        self,
+        layout: Sequence[ColumnSegment],
+        width: int,
+        lrs: LearningRates,
+        config: AdamConfig,
+        device: torch.device,
+    ) -> None:
+        self.layout, self.width = list(layout), width
+        self.lrs, self.config, self.device = lrs, config, device
+        self.slot_of = torch.zeros(0, dtype=torch.int32, device=device)
+        self.seen = torch.zeros(0, dtype=torch.int32, device=device)
+        self.views_counted = 0  # views whose visits ``seen`` holds
+        self._empty(0)
+        self.stale = True  # the set should be chosen again before the next step
+
+    def _empty(self, capacity: int) -> None:
+        zeros = lambda: torch.zeros(capacity, self.width, device=self.device)  # noqa: E731
+        self.param, self.exp_avg, self.exp_avg_sq, self.grad = (zeros() for _ in range(4))
+        self.members = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
+
+    @property
+    def capacity(self) -> int:
+        return self.param.shape[0]
+
+    # ---- following the model's rows -------------------------------------------------------
+
+    def grow(self, src: Tensor) -> None:
+        """Rows appended as copies of ``src``: on the host, with their sources' counts."""
+        src = src.to(self.device)
+        self.slot_of = torch.cat([self.slot_of, torch.full_like(src, -1, dtype=torch.int32)])
+        self.seen = torch.cat([self.seen, self.seen[src]])
+        self.stale = True
+
+    def extend(self, count: int) -> None:
+        """``count`` new rows, on the host and never seen."""
+        pad = torch.full((count,), -1, dtype=torch.int32, device=self.device)
+        self.slot_of = torch.cat([self.slot_of, pad])
+        self.seen = torch.cat([self.seen, torch.zeros_like(pad)])
+        self.stale = True
+
+    def compact(self, plan: Compaction) -> None:
+        """Follow the model's compaction; the slots of removed rows become free."""
+        self.slot_of = plan.apply_(self.slot_of).clone()
+        self.seen = plan.apply_(self.seen).clone()
+        self.members.fill_(-1)
+        live = torch.nonzero(self.slot_of >= 0).squeeze(1)
+        self.members[self.slot_of[live].long()] = live
+        self.stale = True
+
+    def reset(self, rows: int) -> None:
+        """``rows`` rows, none resident and none seen (a model was loaded)."""
+        self.slot_of = torch.full((rows,), -1, dtype=torch.int32, device=self.device)
+        self.seen = torch.zeros(rows, dtype=torch.int32, device=self.device)
+        self._empty(0)
+        self.stale = True
+
+    # ---- visits ---------------------------------------------------------------------------
+
+    def count_views(self, culler: Culler, keys: dict[str, Tensor], views: Sequence[View]) -> None:
+        """Add every view's visits (the training views, once at the start)."""
+        for first in range(0, len(views), MAX_CAMERAS):
+            group = views[first : first + MAX_CAMERAS]
+            culled = culler.cull(keys["means"], keys["scales"], keys["opacities"], group)
+            self.count_visits(culled.ids, culled.vis)
+
+    def count_visits(self, ids: Tensor, vis: Tensor) -> None:
+        """Add a batch's culls: ``vis[b, j]`` says view b sees row ``ids[j]``."""
+        self.views_counted += vis.shape[0]
+        if ids.numel():
+            self.seen.index_add_(0, ids, vis.sum(0, dtype=torch.int32))
+
+    # ---- the set --------------------------------------------------------------------------
+
+    def slots(self, ids: Tensor) -> Tensor:
+        """The slot of each of ``ids`` (int64), or -1 where the row is on the host."""
+        return self.slot_of[ids].long()
+
+    def choose(self, host: HostRows, step: int, capacity: int) -> None:
+        """Make the ``capacity`` most-seen rows resident (all rows when they fit), moving only
+        the rows that change sides; both sets are up to date at ``step``."""
+        rows = self.slot_of.numel()
+        capacity = max(0, min(capacity, rows))
+        if capacity != self.capacity:
+            self.release(host, step)
+            self._empty(capacity)
+        self.stale = False
+        if capacity == 0:
+            return
+        now = self.slot_of >= 0
+        if capacity == rows:
+            want = torch.ones(rows, dtype=torch.bool, device=self.device)
+        else:  # ties keep the rows already resident
+            score = self.seen.long() * 2 + now
+            want = torch.zeros(rows, dtype=torch.bool, device=self.device)
+            want[torch.topk(score, capacity, sorted=False).indices] = True
+        leaving = torch.nonzero(now & ~want).squeeze(1)
+        self._write_back(leaving, host, step)
+        self.members[self.slots(leaving)] = -1
+        self.slot_of[leaving] = -1
+        entering = torch.nonzero(want & ~now).squeeze(1)
+        free = torch.nonzero(self.members < 0).squeeze(1)
+        for lo in range(0, entering.numel(), MOVE_ROWS):
+            ids, slots = entering[lo : lo + MOVE_ROWS], free[lo : lo + MOVE_ROWS]
+            on_host = ids.cpu()
+            host.catch_up(on_host, step)
+            state = host.store.read_rows(on_host)
+            for table, values in zip(
+                (self.param, self.exp_avg, self.exp_avg_sq), state, strict=True
+            ):
+                table[slots] = values.to(self.device)
+            self.members[slots] = ids
+            self.slot_of[ids] = slots.to(torch.int32)
+        visits = self.seen.sum(dtype=torch.float64)
+        away = self.seen[self.slot_of < 0].sum(dtype=torch.float64)
+        share = float(away / visits) if visits > 0 else 1.0 - capacity / rows
+        per_view = float(away) / max(self.views_counted, 1)
+        log.info(
+            "resident on the GPU: %.2fM of %.2fM rows (%.0f%%); the host path serves %.0f%% of "
+            "the views' row visits, about %.1f MB per view each way at degree 3",
+            capacity / 1e6,
+            rows / 1e6,
+            100 * capacity / rows,
+            100 * share,
+            per_view * self.width * 4 / 1e6,
+        )
+
+    def release(self, host: HostRows, step: int) -> None:
+        """Write every resident row back to the host and free the slots' memory."""
+        self._write_back(torch.nonzero(self.slot_of >= 0).squeeze(1), host, step)
+        self.slot_of.fill_(-1)
+        self._empty(0)
+        self.stale = True
+
+    def _write_back(self, ids: Tensor, host: HostRows, step: int) -> None:
+        for lo in range(0, ids.numel(), MOVE_ROWS):
+            part = ids[lo : lo + MOVE_ROWS]
+            slots = self.slots(part)
+            state = (t[slots].cpu() for t in (self.param, self.exp_avg, self.exp_avg_sq))
+            host.store.write_rows(part.cpu(), *state, step)
+
+    def write_range(self, host: HostRows, start: int, stop: int, step: int) -> None:
+        """Bring the host copies of the resident rows among ``[start, stop)`` up to date (for a
+        checkpoint that reads the host store); they stay resident."""
+        ids = torch.nonzero(self.slot_of[start:stop] >= 0).squeeze(1) + start
+        self._write_back(ids, host, step)
+
+    # ---- values and updates ---------------------------------------------------------------
+
+    def patch(self, ids: Tensor, values: Tensor, width: int) -> None:
+        """Overwrite the rows of ``values`` (``[len(ids), >= width]``, on the device) whose
+        model row is resident with the resident values."""
+        slots = self.slots(ids)
+        at = torch.nonzero(slots >= 0).squeeze(1)
+        values[at, :width] = self.param[slots[at], :width]
+
+    def step(self, step: int, width: int) -> None:
+        """Dense Adam step ``step`` over every slot (unseen rows take their zero-gradient step,
+        as in ``--offload none``); only the active ``width`` columns, whose rest has zero state."""
+        if self.capacity == 0:
+            return
+        lrs = [
+            (s.start, min(s.end, width), self.lrs.at(s.attr.name, step))
+            for s in self.layout
+            if s.start < width
+        ]
+        for a in range(0, self.capacity, STEP_ROWS):
+            rows = slice(a, a + STEP_ROWS)
+            p, g = self.param[rows, :width], self.grad[rows, :width]
+            m, v = self.exp_avg[rows, :width], self.exp_avg_sq[rows, :width]
+            adam_step_columns(p, g, m, v, step, lrs, self.config)
+            g.zero_()
