@@ -117,3 +117,15 @@ def test_busiest_view_share_is_the_largest_culled_fraction():
     per_view = culled.vis.sum(dim=1)
     assert busiest_view_share(params, views) == int(per_view.max()) / 3000
     assert 0 < busiest_view_share(params, views[:1]) <= busiest_view_share(params, views)
+
+
+def test_resident_rows_fit_beside_a_measured_step():
+    """The rows of 52 floats (16 bytes a float: parameter, two moments, gradient) that fit a
+    budget beside a measured peak, less what the key table grew by since."""
+    from clm.offload.resident_rows import ResidentBudget
+
+    budget = ResidentBudget(budget=10 * 2**30, per_gaussian=200, margin=0.05)
+    free = 10 * 2**30 * 0.95 - 3 * 2**30
+    assert budget.slots(52, 3 * 2**30, 1000, 1000) == int(free) // (16 * 52)
+    assert budget.slots(52, 3 * 2**30, 1000, 2000) == int(free - 1000 * 200) // (16 * 52)
+    assert budget.slots(52, 10 * 2**30, 1000, 1000) == 0  # nothing left

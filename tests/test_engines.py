@@ -145,6 +145,8 @@ def assert_same(a, b, rtol=2e-4, atol=2e-6):
         ("clm", {"cache_rows": None, "resident": 150}),  # the most seen rows on the "GPU"
         ("clm", {"cache_rows": 120, "staging_rows": 64, "resident": 150}),  # and segments
         ("clm", {"cache_rows": None, "resident": 10**6}),  # every row: the cache goes unused
+        # a hard budget: growth sends the resident rows back to the host, then chooses again
+        ("clm", {"cache_rows": None, "resident": 150, "grow_through_host": True}),
     ],
 )
 def test_offload_modes_match_gpu_resident(setup, kind, extra):
@@ -168,7 +170,7 @@ def test_offload_modes_match_gpu_resident(setup, kind, extra):
         assert 0 < engine.flusher.rows_stepped < engine.flusher.rows_flushed
     if "resident" in extra:  # the last batch took rows from both sets (or all from one)
         resident = min(extra["resident"], engine.num_gaussians)
-        assert engine.resident.capacity == resident
+        assert engine.resident.count == resident
         assert stats.host_rows < stats.visible_rows
         assert (stats.host_rows == 0) == (resident == engine.num_gaussians)
 

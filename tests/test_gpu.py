@@ -175,10 +175,14 @@ def assert_same_training(got, ref) -> None:
             assert (a - b).abs().max() <= 0.05 * b.abs().max() + 1e-5, name
 
 
-@pytest.mark.parametrize("cache_rows", [None, 9000])
-def test_stream_ordering_under_stress(cache_rows):
+@pytest.mark.parametrize(
+    ("cache_rows", "resident"),
+    [(None, 0), (9000, 0), (9000, 8000), (None, 10**6)],
+)
+def test_stream_ordering_under_stress(cache_rows, resident):
     """Many small micro-batches through a cache that must reuse slots (and, when small, split
-    batches): the CUDA pipeline gives what the GPU-resident engine gives."""
+    batches), with some, none or all rows resident: the CUDA pipeline gives what the
+    GPU-resident engine gives."""
     spec = gaussian_splatting_spec(3)
     params = random_params(20_000, seed=5)
     views = ring_views(32, 96, 72, device=CUDA)
@@ -199,10 +203,18 @@ def test_stream_ordering_under_stress(cache_rows):
 
     ref = _train(ResidentEngine(params, **common()), views, targets, batches, degrees)
     engine = OffloadEngine(
-        params, cache_rows=cache_rows, staging_rows=4096, chunk_shift=12, **common()
+        params,
+        cache_rows=cache_rows,
+        staging_rows=4096,
+        chunk_shift=12,
+        resident=resident,
+        views=views,
+        **common(),
     )
     got = _train(engine, views, targets, batches, degrees)
     engine.close()
+    assert engine.resident.count == min(resident, 20_000)
+    assert (engine.last_stats.host_rows < engine.last_stats.visible_rows) == (resident > 0)
     assert_same_training(got, ref)
 
 

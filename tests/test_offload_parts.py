@@ -104,6 +104,22 @@ def test_culling_is_a_conservative_superset_of_what_the_rasterizer_draws():
         assert len(kept) < 5000 * 0.6  # and most of the scene is culled for each view
 
 
+def test_visit_counts_over_many_views_match_the_cull_of_each():
+    """Counts over more views than one culling pass takes (64), in several row chunks, against
+    each view culled alone."""
+    params = make_params(3000, seed=6)
+    views = ring_views(70)
+    culler = Culler(torch.device("cpu"), chunk=1 << 10)
+    args = (params["means"], params["scales"], params["opacities"])
+    alone = [culler.cull(*args, [view]) for view in views]
+    per_row = torch.zeros(3000, dtype=torch.int32)
+    for culled in alone:
+        per_row[culled.ids] += 1
+    assert torch.equal(culler.visit_counts(*args, views), per_row)
+    assert culler.visible_counts(*args, views) == [c.ids.numel() for c in alone]
+    assert int(per_row.min()) < int(per_row.max()) and int(per_row.max()) > 1
+
+
 def test_culling_sees_a_view_moved_in_place():
     params = make_params(2000, seed=5)
     views = ring_views(3)

@@ -4,12 +4,13 @@
       one full training run (densification on): steps/s, peak GPU memory, held-out PSNR/SSIM.
   python tools/bench.py compare --scene S --steps 300 --batch-size 8 [--modes none,naive,clm]
       the three offload modes on the same scene and steps, side by side in one process.
-  python tools/bench.py largest --scene S --counts 50e6,100e6 --max-gpu-gb 24 --steps 12
-      [--offload clm]
-      the largest Gaussian count (initialised on the scene's surfaces) that trains under the
-      GPU budget, with its throughput; without --max-gpu-gb (nothing reserved ahead), the peak
-      GPU memory per Gaussian of a mode at the given counts. --max-view-share 0.05 keeps only
-      the views that each see at most 5% of the Gaussians (the street-level views of a city).
+  python tools/bench.py largest --scene S --counts 10e6,40e6 --modes none,clm@24 --steps 12
+      Gaussians initialised on the scene's surfaces, trained by each mode in turn with the
+      same seed and batches (``MODE@GB``: under ``--max-gpu-gb GB``, else uncapped): whether
+      the count fits, throughput, peak GPU memory, the host traffic per step and its share of
+      the host's memory bandwidth, rows resident and rows without gradient, and the PSNR of
+      the trained views. --max-view-share 0.05 keeps only the views that each see at most 5%
+      of the Gaussians (the street-level views of a city).
 
 A scene folder is made with ``clm-synth`` (``--size medium`` or ``city``).
 """
@@ -17,14 +18,17 @@ A scene folder is made with ``clm-synth`` (``--size medium`` or ``city``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from clm.engine.base import AdamSettings, Engine
 from clm.engine.factory import make_engine
@@ -39,6 +43,8 @@ from clm.train.schedule import LearningRates, adam_betas
 from clm.train.trainer import Trainer, format_count
 
 GIB = 2**30
+# Host memory bandwidth of the GPU machine (torch copy, 16 threads; DESIGN.md), bytes/s.
+HOST_BANDWIDTH = 59e9
 
 
 def table(rows: list[dict[str, object]]) -> str:
@@ -57,6 +63,7 @@ def header(args: argparse.Namespace) -> str:
 def reset_gpu() -> None:
     gc.collect()
     if torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(1.0)  # a cap a previous run set goes
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -68,15 +75,17 @@ class StepMeter:
     def __init__(self, engine: Engine, warmup: int) -> None:
         self.engine, self.warmup = engine, warmup
         self.steps = self.images = self.up = self.down = self.hits = self.lookups = 0
-        self.visible = 0
+        self.visible = self.host_rows = 0
         self.start: float | None = None
         self.elapsed = 0.0
+        self.flushed = self.stepped = 0  # host rows sent back, and stepped by the CPU Adam
         inner = engine.train_step
 
         def timed(views, *rest, **kw):
             if self.engine.step == self.warmup:
                 synchronize()
                 self.start = time.perf_counter()
+                self._counted = self._flush_counts()
             inner(views, *rest, **kw)
             if self.engine.step > self.warmup:
                 s = self.engine.last_stats
@@ -87,13 +96,33 @@ class StepMeter:
                 self.hits += s.cache_hits
                 self.lookups += s.cache_lookups
                 self.visible += s.visible_rows
+                self.host_rows += s.host_rows
 
         engine.train_step = timed  # type: ignore[method-assign]
+
+    def _flush_counts(self) -> tuple[int, int]:
+        flusher = getattr(self.engine, "flusher", None)
+        if flusher is None:
+            return 0, 0
+        flusher.drain()
+        return flusher.rows_flushed, flusher.rows_stepped
 
     def stop(self) -> None:
         synchronize()
         if self.start is not None:
             self.elapsed = time.perf_counter() - self.start
+            flushed, stepped = self._flush_counts()
+            self.flushed = flushed - self._counted[0]
+            self.stepped = stepped - self._counted[1]
+
+    def host_bytes(self, row_bytes: int) -> float:
+        """Host memory traffic per step: every byte over PCIe crosses host memory once, and the
+        CPU Adam reads a gradient row and reads and writes a stepped row's parameters and
+        moments (the catch-ups of skipped steps are left out)."""
+        if not self.steps:
+            return 0.0
+        adam = self.stepped * 7 * row_bytes + (self.flushed - self.stepped) * row_bytes
+        return (self.up + self.down + adam) / self.steps
 
 
 def synchronize() -> None:
@@ -180,8 +209,9 @@ def run_mode(args: argparse.Namespace, mode: str, tmp: Path) -> dict[str, object
         meter.stop()
         engine = trainer.engine
         host_bytes = engine.host.store.allocated_bytes if hasattr(engine, "host") else 0
-        busy = getattr(getattr(engine, "worker", None), "busy_seconds", 0.0)
-        busy += getattr(getattr(engine, "prefetch", None), "busy_seconds", 0.0)
+        busy = 0.0
+        if hasattr(engine, "flusher"):
+            busy = engine.flusher.worker.busy_seconds + engine.catch.queue.busy_seconds
         exposed = getattr(engine, "exposed_seconds", 0.0)
         trainer.close()
     peak = torch.cuda.max_memory_reserved() / GIB if torch.cuda.is_available() else 0.0
@@ -230,6 +260,130 @@ def pick_views(params, views: list, max_share: float | None) -> tuple[list[int],
     return frames, [views[i] for i in frames]
 
 
+@contextlib.contextmanager
+def host_timers(engine: Engine):
+    """The engine's phases timed on the host (tools/profile_step.py's labels), as a clock
+    whose ``seconds`` sum each phase while ``active``."""
+    from profile_step import CLOCK, phase_labels
+
+    CLOCK.seconds, CLOCK.active = {}, False
+    with phase_labels(engine):
+        yield CLOCK
+    CLOCK.active = False
+
+
+def parse_modes(text: str) -> list[tuple[str, float | None]]:
+    """``none,clm@24`` -> [("none", None), ("clm", 24.0)]."""
+    modes = []
+    for item in text.split(","):
+        mode, _, cap = item.partition("@")
+        modes.append((mode, float(cap) if cap else None))
+    return modes
+
+
+@torch.no_grad()
+def view_psnr(engine: Engine, views: list, targets: list, background: Tensor) -> float:
+    """Mean PSNR of ``views`` against their images."""
+    scores = []
+    for view, target in zip(views, targets, strict=True):
+        image = engine.render(view, 3, background).image.clamp(0, 1)
+        mse = torch.mean((image - target) ** 2).item()
+        scores.append(10 * np.log10(1 / max(mse, 1e-12)))
+    return float(np.mean(scores))
+
+
+def run_largest(args, scene, images, all_views, count, mode, cap) -> dict:
+    """Train ``count`` surface Gaussians with ``mode`` under ``cap`` GiB (None: uncapped)."""
+    device = torch.device(args.device)
+    spec = gaussian_splatting_spec(3)
+    label = mode if cap is None else f"{mode} @ {cap:g} GiB"
+    reset_gpu()
+    given = {"scene": args.scene, "offload": mode, "batch_size": args.batch_size}
+    given.update(progress=False, device=args.device)
+    if cap is not None:
+        given["max_gpu_gb"] = cap
+    cfg = make_config(given)
+    chunks = surface_params(
+        load_geometry(args.scene),
+        count,
+        chunk=4_000_000,
+        num_rest=15,
+        to_train=scene.to_train,
+        device=device,
+    )
+    engine = None
+    lrs = LearningRates(spec, 1000, scene.extent, args.batch_size)
+    try:
+        adam = AdamSettings(betas=adam_betas(args.batch_size))
+        pixels = max(f.width * f.height for f in scene.train)
+        first = next(chunks)
+        frames, views = pick_views(first, all_views, args.max_view_share)
+        engine = make_engine(
+            cfg, spec, first, default_renderer(device), lrs, adam, device, pixels, views
+        )
+        if engine.max_gaussians is not None and count > engine.max_gaussians:
+            raise ClmError(f"the plan allows {engine.max_gaussians} Gaussians")
+        for params in chunks:
+            engine.extend(params)
+        meter = StepMeter(engine, warmup=2)
+        rng = np.random.default_rng(0)
+        bg = torch.tensor(scene.background, device=device)
+
+        def target(i: int) -> Tensor:
+            return torch.from_numpy(np.array(images.get(frames[i]))).to(device).float() / 255
+
+        timers = host_timers(engine) if args.host_timers else contextlib.nullcontext()
+        with timers as clock:
+            for k in range(args.steps):
+                if clock is not None:
+                    clock.active = k >= meter.warmup
+                batch = rng.choice(len(views), args.batch_size, replace=False).tolist()
+                targets = [target(i) for i in batch]
+
+                def loss_fn(i, out, targets=targets):
+                    return photometric_loss(out.image, targets[i]) / len(targets)
+
+                engine.train_step([views[i] for i in batch], loss_fn, lambda *a: None, 3, bg)
+            meter.stop()
+        if clock is not None:
+            done = max(meter.steps, 1)
+            phases = sorted(clock.seconds.items(), key=lambda kv: -kv[1])
+            print(f"host ms/step, {label}, {format_count(count)}, after {meter.warmup} steps:")
+            print(table([{"phase": n, "ms/step": f"{t / done * 1e3:.1f}"} for n, t in phases]))
+        peak = torch.cuda.max_memory_reserved() if device.type == "cuda" else 0
+        scored = list(range(0, len(views), max(1, len(views) // 8)))[:8]
+        psnr = view_psnr(engine, [views[i] for i in scored], [target(i) for i in scored], bg)
+        resident = getattr(engine, "resident", None)
+        row_bytes = 4 * sum(a.width for a in spec.host)
+        host = meter.host_bytes(row_bytes)
+        steps_per_s = meter.steps / max(meter.elapsed, 1e-9)
+        result = {
+            "mode": label,
+            "views": len(views),
+            "Gaussians": format_count(count),
+            "images/s": f"{meter.images / max(meter.elapsed, 1e-9):.1f}",
+            "visible rows/step": f"{meter.visible / max(meter.steps, 1) / 1e6:.2f}M",
+            "resident": f"{resident.count / count:.0%}" if resident is not None else "all",
+            "host rows/step": f"{meter.host_rows / max(meter.steps, 1) / 1e6:.2f}M"
+            if resident is not None
+            else "-",
+            "no-gradient rows": f"{1 - meter.stepped / meter.flushed:.0%}"
+            if meter.flushed
+            else "-",
+            "host GB/step": f"{host / 1e9:.2f}",
+            "host bandwidth": f"{host * steps_per_s / HOST_BANDWIDTH:.0%}",
+            "peak GPU reserved": f"{peak / GIB:.2f} GiB",
+            "PSNR (trained views)": f"{psnr:.2f}",
+        }
+        engine.close()
+        return result
+    except (ClmError, ValueError, torch.cuda.OutOfMemoryError) as exc:
+        traceback.print_exc()
+        if engine is not None:
+            engine.close()
+        return {"mode": label, "Gaussians": format_count(count), "refused": str(exc)[:120]}
+
+
 def bench_largest(args: argparse.Namespace) -> None:
     from clm.data.images import ImageCache
     from clm.data.scene import load_scene
@@ -237,100 +391,22 @@ def bench_largest(args: argparse.Namespace) -> None:
 
     device = torch.device(args.device)
     scene = load_scene(Path(args.scene), 1, 8)
-    spec = gaussian_splatting_spec(3)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         images = ImageCache(scene.train, Path(tmp) / "cache", scene.background)
         all_views = [frame_to_view(f, device) for f in scene.train]
         for count in (int(float(c)) for c in args.counts.split(",")):
-            reset_gpu()
-            cfg = make_config(
-                {
-                    "scene": args.scene,
-                    "offload": args.offload,
-                    "max_gpu_gb": args.max_gpu_gb,
-                    "batch_size": args.batch_size,
-                    "progress": False,
-                    "device": args.device,
-                }
-            )
-            chunks = surface_params(
-                load_geometry(args.scene),
-                count,
-                chunk=4_000_000,
-                num_rest=15,
-                to_train=scene.to_train,
-                device=device,
-            )
-            engine = meter = None
-            lrs = LearningRates(spec, 1000, scene.extent, args.batch_size)
-            try:
-                adam = AdamSettings(betas=adam_betas(args.batch_size))
-                pixels = max(f.width * f.height for f in scene.train)
-                first = next(chunks)
-                frames, views = pick_views(first, all_views, args.max_view_share)
-                engine = make_engine(
-                    cfg, spec, first, default_renderer(device), lrs, adam, device, pixels, views
-                )
-                if engine.max_gaussians is not None and count > engine.max_gaussians:
-                    raise ClmError(f"the plan allows {engine.max_gaussians} Gaussians")
-                for params in chunks:
-                    engine.extend(params)
-                meter = StepMeter(engine, warmup=2)
-                rng = np.random.default_rng(0)
-                bg = torch.tensor(scene.background, device=device)
-                for _ in range(args.steps):
-                    batch = rng.choice(len(views), args.batch_size, replace=False).tolist()
-                    targets = [
-                        torch.from_numpy(np.array(images.get(frames[i]))).to(device).float() / 255
-                        for i in batch
-                    ]
-
-                    def loss_fn(i, out, targets=targets):
-                        return photometric_loss(out.image, targets[i]) / len(targets)
-
-                    engine.train_step([views[i] for i in batch], loss_fn, lambda *a: None, 3, bg)
-                meter.stop()
-                peak = torch.cuda.max_memory_reserved() if device.type == "cuda" else 0
-                host = engine.host.store.allocated_bytes / GIB if hasattr(engine, "host") else 0
-                plan = engine.max_gaussians
-                result = {
-                    "offload": args.offload,
-                    "views": len(views),
-                    "Gaussians": format_count(count),
-                    "planned max": f"{plan / 1e6:.0f}M" if plan else "-",
-                    "steps/s": f"{meter.steps / max(meter.elapsed, 1e-9):.2f}",
-                    "images/s": f"{meter.images / max(meter.elapsed, 1e-9):.1f}",
-                    "visible rows/step": f"{meter.visible / max(meter.steps, 1) / 1e6:.1f}M",
-                    "peak GPU reserved": f"{peak / GIB:.2f} GiB",
-                    "GPU B/Gaussian": f"{peak / count:.0f}",
-                    "host pinned": f"{host:.1f} GiB",
-                    "status": "trains",
-                }
-                engine.close()
-                engine = meter = None  # free the pinned rows before the next count
-            except (ClmError, ValueError, torch.cuda.OutOfMemoryError) as exc:
-                result = {
-                    "offload": args.offload,
-                    "views": "-",
-                    "Gaussians": format_count(count),
-                    "planned max": "-",
-                    "steps/s": "-",
-                    "images/s": "-",
-                    "visible rows/step": "-",
-                    "peak GPU reserved": "-",
-                    "GPU B/Gaussian": "-",
-                    "host pinned": "-",
-                    "status": f"refused: {str(exc).splitlines()[0][:90]}",
-                }
-                if engine is not None:
-                    engine.close()
-                engine = meter = None
-            rows.append(result)
-            print(result, flush=True)
+            for mode, cap in parse_modes(args.modes):
+                rows.append(run_largest(args, scene, images, all_views, count, mode, cap))
+                print(rows[-1], flush=True)
         images.close()
     print(header(args))
-    print(table(rows))
+    for row in rows:  # refusals have fewer columns: print them apart
+        if "refused" in row:
+            print(f"- {row['mode']}, {row['Gaussians']}: {row['refused']}")
+    ok = [row for row in rows if "refused" not in row]
+    if ok:
+        print(table(ok))
 
 
 def main() -> None:
@@ -345,10 +421,11 @@ def main() -> None:
     p2.add_argument("--steps", type=int, default=300)
     p2.add_argument("--warmup", type=int, default=20)
     p3 = sub.add_parser("largest")
-    p3.add_argument("--counts", default="50e6,100e6")
+    p3.add_argument("--counts", default="10e6")
     p3.add_argument("--steps", type=int, default=12)
     p3.add_argument("--device", default="cuda")
-    p3.add_argument("--offload", default="clm")
+    p3.add_argument("--modes", default="none,clm", help="MODE or MODE@GB, comma-separated")
+    p3.add_argument("--host-timers", action="store_true", help="time the engine's phases")
     p3.add_argument(
         "--max-view-share",
         type=float,

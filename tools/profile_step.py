@@ -61,11 +61,18 @@ def labelled(fn, name: str):
 
 
 @contextlib.contextmanager
-def phase_labels(trainer: Trainer) -> Iterator[None]:
+def phase_labels(engine) -> Iterator[None]:
     """Wrap the engine's phases in profiler ranges and host timers; the engine's code is left
-    unchanged."""
-    engine = trainer.engine
-    engine.render_fn = labelled(engine.render_fn, "render")
+    unchanged. Phases named after the pipeline's modules (cull, plan, catch-up, gather, flush,
+    resident rows), the pieces path's, and the rest of a step."""
+    patched: list[tuple[object, str, object]] = []
+
+    def wrap(owner, attr: str, name: str) -> None:
+        original = getattr(owner, attr)
+        patched.append((owner, attr, original))
+        setattr(owner, attr, labelled(original, name))
+
+    wrap(engine, "render_fn", "render")
     step = engine.train_step
 
     def train_step(views, loss_fn, observe, *rest):
@@ -74,16 +81,25 @@ def phase_labels(trainer: Trainer) -> Iterator[None]:
 
     engine.train_step = train_step
     if isinstance(engine, offloaded.OffloadEngine):
-        engine.culler.cull = labelled(engine.culler.cull, "cull")
-        engine._drain = labelled(engine._drain, "drain")
-        engine._catch_up_loads = labelled(engine._catch_up_loads, "queue catch-up")
-        engine._load = labelled(engine._load, "load")
-        engine._flush = labelled(engine._flush, "flush")
-        engine._defer = labelled(engine._defer, "defer")
-        engine.key.step_sparse = labelled(engine.key.step_sparse, "key adam")
-        engine._catch_up_ahead = labelled(engine._catch_up_ahead, "catch-up ahead")
-        engine._after_ahead_reads = labelled(engine._after_ahead_reads, "ahead reads")
-        engine.inputs.gather = labelled(engine.inputs.gather, "gather inputs")
+        for owner, attr, name in [
+            (engine.culler, "cull", "cull"),
+            (engine, "_split", "split by residency"),
+            (engine, "_drain", "drain"),
+            (engine.catch, "loads", "queue catch-up"),
+            (engine.catch, "ahead", "catch-up ahead"),
+            (engine.catch, "after_reads", "ahead reads"),
+            (engine, "_load", "load"),
+            (engine.flusher, "flush", "flush"),
+            (engine.flusher, "defer", "defer"),
+            (engine.flusher, "flush_deferred", "flush deferred"),
+            (engine.key, "step_sparse", "key adam"),
+            (engine.resident, "step", "resident adam"),
+            (engine.resident, "choose", "choose resident"),
+            (engine.inputs, "gather", "gather inputs"),
+            (engine, "_paint", "pieces: paint"),
+            (engine, "_train_in_pieces", "pieces: all"),
+        ]:
+            wrap(owner, attr, name)
     plan_batch, backward = offloaded.plan_batch, torch.Tensor.backward
     offloaded.plan_batch = labelled(plan_batch, "plan")
     torch.Tensor.backward = labelled(backward, "backward")  # type: ignore[method-assign]
@@ -93,6 +109,8 @@ def phase_labels(trainer: Trainer) -> Iterator[None]:
         offloaded.plan_batch = plan_batch
         engine.train_step = step
         torch.Tensor.backward = backward  # type: ignore[method-assign]
+        for owner, attr, original in reversed(patched):
+            setattr(owner, attr, original)
 
 
 def union_length(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -195,7 +213,7 @@ def profile_mode(args: argparse.Namespace, mode: str, tmp: Path) -> list[dict[st
 
     engine.train_step = step
     try:
-        with phase_labels(trainer):
+        with phase_labels(engine):
             trainer.run()
     finally:
         trainer.close()

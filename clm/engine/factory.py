@@ -15,6 +15,7 @@ from clm.engine.resident import ResidentEngine
 from clm.errors import ClmError
 from clm.model.spec import GaussianSpec
 from clm.offload.budget import (
+    BATCH_ROW_BYTES,
     DENSITY_STATS_BYTES,
     GIB,
     apply_gpu_cap,
@@ -88,15 +89,18 @@ def make_engine(
             empty, max_host_bytes=store_bytes, cpu_threads=cfg.cpu_threads, **common
         )
     else:
-        # What the budget leaves after the key rows, the cache and the render workspace holds
-        # resident rows. The key table grows through host memory under a hard budget, so its
-        # room for growth is not taken ahead from them.
+        resident_budget = 0
+        if plan is not None:
+            resident_budget = ResidentBudget(budget, plan.per_gaussian + BATCH_ROW_BYTES)
+        # What the budget leaves beside a step's measured peak holds resident rows. The key
+        # table grows through host memory under a hard budget, so its room for growth is not
+        # taken ahead from them.
         engine = OffloadEngine(
             empty,
             cache_rows=plan.cache_rows if plan else None,
             max_host_bytes=store_bytes,
             cpu_threads=cfg.cpu_threads,
-            resident=ResidentBudget(budget, plan.workspace, plan.per_gaussian) if plan else 0,
+            resident=resident_budget,
             views=views,
             grow_through_host=hard,
             **common,

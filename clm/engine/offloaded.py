@@ -103,8 +103,8 @@ class OffloadEngine(InPieces, Engine):
         **kwargs,
     ) -> None:
         """``resident``: how many rows may stay on the GPU (a count, or a byte budget that
-        sets it from the key rows' room); ``views``: the training views, whose visits choose
-        them first. ``grow_through_host``: a hard GPU budget is in force (see DeviceRows)."""
+        sets it from a measured step); ``views``: the training views, whose visits choose them
+        first. ``grow_through_host``: a hard GPU budget is in force (see DeviceRows)."""
         super().__init__(**kwargs)
         config = AdamConfig(self.adam.betas, self.adam.eps)
         cuda = self.device.type == "cuda"
@@ -131,6 +131,7 @@ class OffloadEngine(InPieces, Engine):
         )
         self.resident.reset(len(self.host))
         self.resident_limit = resident
+        self._measured: tuple[int, int] | None = None  # a step's peak bytes, key rows then
         self._training_views = list(views)
         self.gather = RowGather(self.host.store, self.device)
         self.culler = PieceCuller(self.device)
@@ -184,17 +185,28 @@ class OffloadEngine(InPieces, Engine):
     # ---- residency ------------------------------------------------------------------------
 
     def _choose_resident(self) -> None:
-        """Choose the resident rows again (at the start, and after density control)."""
+        """Choose the resident rows again (at the start, and after density control). Under a
+        byte budget, the first step runs with none resident and measures what it needs."""
         limit = self.resident_limit
         if isinstance(limit, ResidentBudget):
-            limit = limit.slots(self.key.table.capacity, self.host.width)
+            if self._measured is None:
+                return
+            peak, key_rows = self._measured
+            limit = limit.slots(self.host.width, peak, key_rows, self.key.table.capacity)
         if limit > 0 and self._training_views:
             self.resident.count_views(self.culler, self.key.views(), self._training_views)
             self._training_views = []
-        self.resident.choose(self.host, self.step, limit)
+        self.resident.choose(self.host, self.step, limit, fixed=self.key.grow_through_host)
+
+    def _measure(self) -> None:
+        """After the first step (none resident): its peak GPU memory, to size the rest by."""
+        budget = isinstance(self.resident_limit, ResidentBudget)
+        if self._measured is None and budget and self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self._measured = (peak, self.key.table.capacity)
 
     def _split(self, culled: CullResult) -> _Split:
-        if self.resident.capacity == 0:
+        if self.resident.count == 0:
             return _Split(culled)
         on_host = self.resident.slots(culled.ids) < 0
         at = torch.nonzero(on_host).squeeze(1)
@@ -206,7 +218,7 @@ class OffloadEngine(InPieces, Engine):
 
     def _on_host(self, rows: Tensor) -> Tensor:
         """Those of ``rows`` the host path serves."""
-        if self.resident.capacity == 0:
+        if self.resident.count == 0:
             return rows
         return rows[self.resident.slots(rows) < 0]
 
@@ -222,19 +234,24 @@ class OffloadEngine(InPieces, Engine):
     ) -> None:
         step = self.step + 1
         width = active_row_width(self.spec.host, sh_degree)
-        # Rows of this batch must have their previous update before being caught up, gathered.
-        self._drain()
-        self.host.advance_to(step - 1)
-        if self.resident.stale:
+        if self.resident.stale:  # (moving rows between the sets needs the host rows settled)
+            self._drain()
             self._choose_resident()
+        # No drain: the CPU Adam of the last batch goes on while this one is culled and
+        # planned; the catch-up thread waits for it before its first catch-up of this step,
+        # and a load waits only for its own rows' catch-up.
+        self.catch.after(self.flusher.worker)
         culled = self._cull(views)
         self.resident.count_visits(culled.ids, culled.vis)
-        split = self._split(culled)
-        capacity = max(self.capacity if self.capacity is not None else split.host.ids.numel(), 1)
-        survey = overlap_and_uses(split.host.vis)  # the plan's one sync: who needs pieces
-        big = [i for i, rows in enumerate(survey[1]) if rows > capacity]
         stats = StepStats(visible_rows=int(culled.ids.numel()))
-        stats.host_rows = int(split.host.ids.numel())
+        everything = self.resident.count == len(self.key)  # no host path this step
+        if not everything:
+            split = self._split(culled)
+            host_rows = split.host.ids.numel()
+            capacity = max(self.capacity if self.capacity is not None else host_rows, 1)
+            survey = overlap_and_uses(split.host.vis)  # the plan's one sync: who needs pieces
+            big = [i for i, rows in enumerate(survey[1]) if rows > capacity]
+            stats.host_rows = host_rows
         batch = _Batch(
             views,
             loss_fn,
@@ -247,7 +264,9 @@ class OffloadEngine(InPieces, Engine):
             culled.ids,
             torch.zeros(culled.ids.numel(), self.key.width, device=self.device),
         )
-        if big:
+        if everything:
+            self._train_resident(batch, culled)
+        elif big:
             self._train_in_pieces(batch, survey[1], big, capacity)
         else:
             self._train_group(batch, views, range(len(views)), culled, capacity, survey, split)
@@ -255,6 +274,7 @@ class OffloadEngine(InPieces, Engine):
         self.catch.after_reads()
         self.key.step_sparse(batch.rows, batch.key_grads, step)
         self.resident.step(step, width)
+        self._measure()
         self.step = step  # the CPU Adam of this batch finishes while the next batch culls
         self.last_stats = batch.stats
 
@@ -332,6 +352,23 @@ class OffloadEngine(InPieces, Engine):
             stats.bytes_to_host += sent
             flushed.append(self._event())
 
+    def _train_resident(self, batch: _Batch, culled: CullResult) -> None:
+        """The batch when every row is resident: each view renders its culled rows straight
+        from the key table and the resident rows, as ``--offload none`` does."""
+        grads = self.resident.grad[:, : batch.width]
+        for i, view in enumerate(batch.views):
+            pos = torch.nonzero(culled.vis[i]).squeeze(1)
+            ids = culled.ids[pos]
+            slots = self.resident.slots(ids)
+            params = self.inputs.gather(
+                (
+                    Source(self.key.param, ids, batch.key_grads, pos),
+                    Source(self.resident.param, slots, grads, slots),
+                ),
+                batch.sh_degree,
+            )
+            self._render_unit(batch, view, i, params, ids)
+
     def _render_unit(
         self, batch: _Batch, unit: View, i: int, params: Mapping[str, Tensor], rows: Tensor
     ) -> None:
@@ -362,7 +399,7 @@ class OffloadEngine(InPieces, Engine):
         ``self.step`` (their leading ``width`` columns)."""
         values = torch.empty(rows.numel(), width, device=self.device)
         at = torch.arange(rows.numel(), device=self.device)
-        if self.resident.capacity:
+        if self.resident.count:
             at = at[self.resident.slots(rows) < 0]
         self.host.catch_up(rows[at].cpu(), self.step, width)
         self.gather.gather(rows[at], at, width, values)
@@ -427,14 +464,16 @@ class OffloadEngine(InPieces, Engine):
     # ---- density control ------------------------------------------------------------------
 
     def _make_room(self, count: int) -> None:
-        """Room for ``count`` more key rows. When the key table must grow, the resident rows
-        go back to the host and the cache is freed first, so the growth has their memory."""
+        """Room for ``count`` more key rows. When the key table must grow under a hard budget,
+        the resident rows go back to the host and the cache is freed first, so the growth has
+        their memory (they are chosen again at the next step)."""
         needed = len(self.key) + count
         if needed <= self.key.table.capacity:
             return
-        self.resident.release(self.host, self.step)
-        self.cache_param = torch.empty(0, self.host.width, device=self.device)
-        self.cache_grad = torch.empty(0, self.host.width, device=self.device)
+        if self.key.grow_through_host:  # a hard budget: old and new tables never coexist
+            self.resident.release(self.host, self.step)
+            self.cache_param = torch.empty(0, self.host.width, device=self.device)
+            self.cache_grad = torch.empty(0, self.host.width, device=self.device)
         room = self.key.room_for(count)
         if self.max_gaussians is not None:
             room = min(room, max(self.max_gaussians, needed))

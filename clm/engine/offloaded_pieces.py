@@ -31,6 +31,7 @@ class InPieces:
         through the cache like views, in groups of bounded size; rows used by several groups
         have their gradients deferred, so Adam still sees each row's batch gradient once.
         """
+        self._drain()  # pass 1 renders from host rows caught up here, on this thread
         wanted = [batch.views[i] for i in big]
         cuts = dict(
             zip(big, cut_views(self.culler, self.key.views(), wanted, capacity), strict=True)

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 GIB = 1 << 30
 DENSITY_STATS_BYTES = 8  # accumulated screen-space gradient and visit count
 RESIDENCY_BYTES = 8  # clm: a row's resident slot number and visit count
+# clm, per row a batch sees (at most every row): its id, visibility bits and their unpacked
+# words, its key gradient, where the split puts it. Growth takes this much more per row.
+BATCH_ROW_BYTES = 160
 RENDER_BYTES_PER_PIXEL = 1024  # images, alpha, loss and SSIM intermediates, their gradients
 # Per row a view renders: gathered key and host values and their gradients, gsplat's projected
 # and intersection data and their gradients.

@@ -39,6 +39,11 @@ class CatchUp:
         self._upcoming: list[View] = []
         self._read: tuple[threading.Event, list[torch.cuda.Event]] | None = None
 
+    def after(self, worker: BackgroundQueue) -> None:
+        """Start nothing queued from now on before ``worker`` (the CPU Adam) is idle: rows are
+        caught up from their last update, and tables advance in step order."""
+        self.queue.submit(worker.drain)
+
     def expect(self, views: Sequence[View]) -> None:
         """The views of the next batch, when known."""
         self._upcoming = list(views)
@@ -89,10 +94,13 @@ class CatchUp:
         if not upcoming or len(upcoming) + len(views) > MAX_CAMERAS:
             return
         args = (keys["means"], keys["scales"], keys["opacities"], upcoming, views)
-        segments = self.host.segments_ahead(step)
+
+        def ahead(rows: Tensor) -> None:  # on the catch-up thread, after the updates it follows
+            self.host.catch_up(rows, step, width, self.host.segments_ahead(step))
+
         if self.stream is None:  # on the CPU: cull here, deterministically
             rows = on_host(self.culler.cull_new(*args))
-            self.queue.submit(lambda: self.host.catch_up(rows, step, width, segments))
+            self.queue.submit(lambda: ahead(rows))
             return
         # On the GPU the culling runs on its own stream, from the catch-up thread; the key Adam
         # of this step waits until it has read the key attributes (see after_reads).
@@ -108,7 +116,7 @@ class CatchUp:
                 finally:
                     launched.set()
                 rows = fresh.cpu()
-            self.host.catch_up(rows, step, width, segments)
+            ahead(rows)
 
         self.queue.submit(job)
 

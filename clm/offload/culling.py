@@ -174,12 +174,32 @@ class Culler:
         self, means: Tensor, log_scales: Tensor, opacity_logits: Tensor, views: Sequence[View]
     ) -> list[int]:
         """Rows each of ``views`` (any number of them) may see."""
-        counts: list[int] = []
+        counts = torch.zeros(len(views), dtype=torch.int64, device=means.device)
+        for first, _, bits in self._groups(means, log_scales, opacity_logits, views):
+            for b in range(min(MAX_CAMERAS, len(views) - first)):
+                counts[first + b] += (torch.bitwise_right_shift(bits, b) & 1).sum()
+        return counts.tolist()
+
+    def visit_counts(
+        self, means: Tensor, log_scales: Tensor, opacity_logits: Tensor, views: Sequence[View]
+    ) -> Tensor:
+        """``[N]`` int32: how many of ``views`` (any number of them) may see each row."""
+        counts = torch.zeros(means.shape[0], dtype=torch.int32, device=means.device)
+        for first, start, bits in self._groups(means, log_scales, opacity_logits, views):
+            part = counts[start : start + bits.shape[0]]
+            for b in range(min(MAX_CAMERAS, len(views) - first)):
+                part += (torch.bitwise_right_shift(bits, b) & 1).int()
+        return counts
+
+    def _groups(
+        self, means: Tensor, log_scales: Tensor, opacity_logits: Tensor, views: Sequence[View]
+    ) -> Iterator[tuple[int, int, Tensor]]:
+        """``(first view, first row, bit words)`` for groups of at most MAX_CAMERAS views and
+        chunks of rows: never a ``[views, rows]`` tensor."""
         for first in range(0, len(views), MAX_CAMERAS):
             group = views[first : first + MAX_CAMERAS]
-            culled = self.cull(means, log_scales, opacity_logits, group)
-            counts += culled.vis.sum(dim=1).tolist()
-        return counts
+            for start, bits in self._chunk_bits(means, log_scales, opacity_logits, group):
+                yield first, start, bits
 
     def cull(
         self, means: Tensor, log_scales: Tensor, opacity_logits: Tensor, views: Sequence[View]

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from clm.model.spec import ColumnSegment
 from clm.model.table import Compaction
-from clm.offload.culling import MAX_CAMERAS, Culler
+from clm.offload.culling import Culler
 from clm.offload.lazy_rows import HostRows
 from clm.optim.lazy_adam import AdamConfig, adam_step_columns
 from clm.render.base import View
@@ -32,6 +32,7 @@ from clm.train.schedule import LearningRates
 log = logging.getLogger("clm")
 
 MOVE_ROWS = 1 << 20  # rows moved between the sets at a time
+MIN_SLOTS = 1 << 16  # slots allocated at least (when the budget allows)
 STEP_ROWS = 1 << 21  # rows per launch of the dense Adam (its temporaries are this size)
 SLOT_BYTES_PER_COLUMN = 16  # a slot's parameter, two moments and gradient, float32
 ROW_BYTES = 8  # every model row's slot number and visit count
@@ -39,16 +40,19 @@ ROW_BYTES = 8  # every model row's slot number and visit count
 
 @dataclass(frozen=True)
 class ResidentBudget:
-    """GPU bytes left to resident rows: ``budget`` less the render workspace and row cache
-    (``workspace``), and ``per_gaussian`` bytes for each row the key table has room for."""
+    """How many rows a GPU budget of ``budget`` bytes leaves room for, from the peak memory a
+    step measured with none resident. A key row the table grows by later costs
+    ``per_gaussian`` more (its key attributes and moments, and its share of a batch)."""
 
     budget: int
-    workspace: int
     per_gaussian: int
     margin: float = 0.05  # of the budget, for the allocator's rounding and fragmentation
 
-    def slots(self, key_rows: int, width: int) -> int:
-        free = self.budget * (1 - self.margin) - self.workspace - key_rows * self.per_gaussian
+    def slots(self, width: int, peak: int, key_rows_then: int, key_rows_now: int) -> int:
+        """Resident rows of ``width`` floats that fit beside a measured ``peak`` (bytes, taken
+        while the key table had room for ``key_rows_then`` rows; it has ``key_rows_now``)."""
+        grown = max(0, key_rows_now - key_rows_then) * self.per_gaussian
+        free = self.budget * (1 - self.margin) - peak - grown
         return max(0, int(free) // (SLOT_BYTES_PER_COLUMN * width))
 
 
@@ -76,6 +80,18 @@ class ResidentRows:
         zeros = lambda: torch.zeros(capacity, self.width, device=self.device)  # noqa: E731
         self.param, self.exp_avg, self.exp_avg_sq, self.grad = (zeros() for _ in range(4))
         self.members = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
+        self.used = 0  # slots below this may hold a row (the dense Adam's range)
+        self.count = 0  # rows resident
+
+    def _grow_slots(self, capacity: int) -> None:
+        """More slots, the resident rows staying where they are."""
+        old = self.capacity
+        for name in ("param", "exp_avg", "exp_avg_sq", "grad"):
+            grown = torch.zeros(capacity, self.width, device=self.device)
+            grown[:old] = getattr(self, name)
+            setattr(self, name, grown)
+        spare = torch.full((capacity - old,), -1, dtype=torch.int64, device=self.device)
+        self.members = torch.cat([self.members, spare])
 
     @property
     def capacity(self) -> int:
@@ -104,6 +120,7 @@ class ResidentRows:
         self.members.fill_(-1)
         live = torch.nonzero(self.slot_of >= 0).squeeze(1)
         self.members[self.slot_of[live].long()] = live
+        self.count = live.numel()
         self.stale = True
 
     def reset(self, rows: int) -> None:
@@ -117,10 +134,8 @@ class ResidentRows:
 
     def count_views(self, culler: Culler, keys: dict[str, Tensor], views: Sequence[View]) -> None:
         """Add every view's visits (the training views, once at the start)."""
-        for first in range(0, len(views), MAX_CAMERAS):
-            group = views[first : first + MAX_CAMERAS]
-            culled = culler.cull(keys["means"], keys["scales"], keys["opacities"], group)
-            self.count_visits(culled.ids, culled.vis)
+        self.seen += culler.visit_counts(keys["means"], keys["scales"], keys["opacities"], views)
+        self.views_counted += len(views)
 
     def count_visits(self, ids: Tensor, vis: Tensor) -> None:
         """Add a batch's culls: ``vis[b, j]`` says view b sees row ``ids[j]``."""
@@ -134,30 +149,42 @@ class ResidentRows:
         """The slot of each of ``ids`` (int64), or -1 where the row is on the host."""
         return self.slot_of[ids].long()
 
-    def choose(self, host: HostRows, step: int, capacity: int) -> None:
-        """Make the ``capacity`` most-seen rows resident (all rows when they fit), moving only
-        the rows that change sides; both sets are up to date at ``step``."""
+    def choose(self, host: HostRows, step: int, limit: int, fixed: bool) -> None:
+        """Make the ``limit`` most-seen rows resident (all rows when they fit), moving only the
+        rows that change sides; both sets are up to date at ``step``.
+
+        ``fixed`` (a hard budget): the slots are allocated for ``limit`` rows at once, so the
+        model's growth never reallocates them. Otherwise they are allocated for a quarter more
+        rows than there are (at most ``limit``) and grown in place when the model outgrows them.
+        """
         rows = self.slot_of.numel()
-        capacity = max(0, min(capacity, rows))
-        if capacity != self.capacity:
+        keep = max(0, min(limit, rows))
+        room = max(rows + rows // 4, MIN_SLOTS)
+        capacity = max(0, limit) if fixed else min(max(limit, 0), room)
+        if capacity < self.capacity or (fixed and capacity != self.capacity):
             self.release(host, step)
             self._empty(capacity)
+        elif capacity > self.capacity:
+            self._grow_slots(capacity)
         self.stale = False
-        if capacity == 0:
+        self.count = keep
+        if keep == 0:
             return
         now = self.slot_of >= 0
-        if capacity == rows:
+        if keep == rows:
             want = torch.ones(rows, dtype=torch.bool, device=self.device)
         else:  # ties keep the rows already resident
             score = self.seen.long() * 2 + now
             want = torch.zeros(rows, dtype=torch.bool, device=self.device)
-            want[torch.topk(score, capacity, sorted=False).indices] = True
+            want[torch.topk(score, keep, sorted=False).indices] = True
         leaving = torch.nonzero(now & ~want).squeeze(1)
         self._write_back(leaving, host, step)
         self.members[self.slots(leaving)] = -1
         self.slot_of[leaving] = -1
         entering = torch.nonzero(want & ~now).squeeze(1)
-        free = torch.nonzero(self.members < 0).squeeze(1)
+        free = torch.nonzero(self.members < 0).squeeze(1)[: entering.numel()]
+        if free.numel():
+            self.used = max(self.used, int(free[-1]) + 1)
         for lo in range(0, entering.numel(), MOVE_ROWS):
             ids, slots = entering[lo : lo + MOVE_ROWS], free[lo : lo + MOVE_ROWS]
             on_host = ids.cpu()
@@ -171,14 +198,14 @@ class ResidentRows:
             self.slot_of[ids] = slots.to(torch.int32)
         visits = self.seen.sum(dtype=torch.float64)
         away = self.seen[self.slot_of < 0].sum(dtype=torch.float64)
-        share = float(away / visits) if visits > 0 else 1.0 - capacity / rows
+        share = float(away / visits) if visits > 0 else 1.0 - keep / rows
         per_view = float(away) / max(self.views_counted, 1)
         log.info(
             "resident on the GPU: %.2fM of %.2fM rows (%.0f%%); the host path serves %.0f%% of "
             "the views' row visits, about %.1f MB per view each way at degree 3",
-            capacity / 1e6,
+            keep / 1e6,
             rows / 1e6,
-            100 * capacity / rows,
+            100 * keep / rows,
             100 * share,
             per_view * self.width * 4 / 1e6,
         )
@@ -215,15 +242,15 @@ class ResidentRows:
     def step(self, step: int, width: int) -> None:
         """Dense Adam step ``step`` over every slot (unseen rows take their zero-gradient step,
         as in ``--offload none``); only the active ``width`` columns, whose rest has zero state."""
-        if self.capacity == 0:
+        if self.used == 0:
             return
         lrs = [
             (s.start, min(s.end, width), self.lrs.at(s.attr.name, step))
             for s in self.layout
             if s.start < width
         ]
-        for a in range(0, self.capacity, STEP_ROWS):
-            rows = slice(a, a + STEP_ROWS)
+        for a in range(0, self.used, STEP_ROWS):
+            rows = slice(a, min(a + STEP_ROWS, self.used))
             p, g = self.param[rows, :width], self.grad[rows, :width]
             m, v = self.exp_avg[rows, :width], self.exp_avg_sq[rows, :width]
             adam_step_columns(p, g, m, v, step, lrs, self.config)

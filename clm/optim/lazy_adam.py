@@ -255,8 +255,8 @@ def lazy_step_rows(
 
     ``param``, ``exp_avg``, ``exp_avg_sq`` are ``[N, W]`` float32, ``last`` is ``[N]`` int32.
     Only the first ``width`` columns (default W) are read or written. With ``skip_zero``, a row
-    whose gradient is all zero is not touched: that step is a skipped step, applied at its next
-    catch-up. The segment tables must be at ``step - 1``.
+    on the CPU whose gradient is all zero is not touched: that step is a skipped step, applied
+    at its next catch-up. The segment tables must be at ``step - 1``.
     """
     width = active_width(width, param.shape[1])
     config = check_segments(segments, param.shape[1], step - 1)
@@ -264,7 +264,7 @@ def lazy_step_rows(
     for lo in range(0, rows.numel(), _ROW_BLOCK):
         g = grads[lo : lo + _ROW_BLOCK, :width]
         r = rows[lo : lo + _ROW_BLOCK]
-        if skip_zero:
+        if skip_zero and r.device.type == "cpu":  # (elsewhere this would wait for the device)
             live = g.ne(0).any(1)
             r, g = r[live], g[live]
         stepped += r.numel()
