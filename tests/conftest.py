@@ -1,13 +1,19 @@
-"""Shared test setup: GPU tests are skipped where CUDA is absent."""
+"""Shared test setup: GPU tests are skipped where CUDA is absent, browser tests where no headless
+Chromium is on PATH."""
+
+import shutil
 
 import pytest
 import torch
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs CUDA")
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        skips["browser"] = pytest.mark.skip(reason="needs chromium or chromium-browser on PATH")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)

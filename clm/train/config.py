@@ -69,12 +69,30 @@ class TrainConfig:
     log_every: int = _opt(10, "append to the training log every this many steps; 0: at the end")
     cache_dir: Path | None = _opt(None, "where decoded images are cached (default: output/cache)")
     progress: bool = _opt(True, "show a progress bar")
+    tensorboard: bool = _opt(
+        False,
+        "write TensorBoard scalars and held-out renders to OUTPUT/tensorboard (clm[tensorboard])",
+    )
+    # watching this session (not kept for --resume)
+    viewer: bool = _opt(
+        False,
+        "serve a live web viewer of the model as it trains, open until Ctrl-C after training "
+        "(clm[viewer])",
+    )
+    viewer_port: int = _opt(8080, "port of the viewer (the next free one when taken)")
+    viewer_fps: float = _opt(
+        10.0,
+        "most frames a second the viewer renders, on the training thread between steps; frames "
+        "never take more than a fifth of its time",
+    )
 
     def total_steps(self) -> int:
         return self.steps if self.steps is not None else max(1, 30_000 // self.batch_size)
 
 
-_BOOLEAN_FLAGS = {"resume", "progress"}
+_BOOLEAN_FLAGS = {"resume", "progress", "tensorboard", "viewer"}
+# How this session is watched, not part of the run: --resume does not take them from it.
+_SESSION_ONLY = ("viewer", "viewer_port", "viewer_fps")
 
 
 def preset_path(name: str) -> Path:
@@ -208,7 +226,10 @@ def parse_flags(argv: list[str] | None = None) -> dict[str, Any]:
 
 def make_config(given: dict[str, Any], base: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then ``base`` (a resumed run's own config) or the preset, then explicit flags."""
-    values = dict(base) if base is not None else load_preset(given.get("preset") or "default")
+    if base is not None:
+        values = {k: v for k, v in base.items() if k not in _SESSION_ONLY}
+    else:
+        values = load_preset(given.get("preset") or "default")
     values.update(given)
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     validate(cfg)
@@ -255,6 +276,10 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.offload not in ("none", "naive", "clm"):
         raise ClmError(f"--offload must be none, naive or clm, got {cfg.offload!r}")
+    if cfg.viewer_port > 65535:
+        raise ClmError(f"--viewer-port must be at most 65535, got {cfg.viewer_port}")
+    if cfg.viewer_fps <= 0:
+        raise ClmError(f"--viewer-fps must be positive, got {cfg.viewer_fps}")
     if cfg.device not in ("auto", "cuda", "cpu"):
         raise ClmError(f"--device must be auto, cuda or cpu, got {cfg.device!r}")
 

@@ -37,6 +37,7 @@ from clm.train.config import TrainConfig, config_to_dict
 from clm.train.densify import DensifyConfig, DensityController
 from clm.train.evaluate import evaluate
 from clm.train.export import checkpoint_source, export_ply, ply_source
+from clm.train.hooks import TrainerHook, make_hooks
 from clm.train.log import TrainLog
 from clm.train.loss import photometric_loss
 from clm.train.schedule import LearningRates, adam_betas, sh_degree_at
@@ -113,9 +114,13 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         prepare_output(cfg.output, resuming=checkpoint is not None)
         self._log_handler = attach_file_log(cfg.output)
+        self.hooks: list[TrainerHook] = []
         try:
+            self.hooks = make_hooks(cfg, 0 if checkpoint is None else checkpoint.step, self.device)
             self._setup(checkpoint)
-        except BaseException:  # the file log must not outlive a trainer that never started
+        except BaseException:  # no file log or hook may outlive a trainer that never started
+            for hook in self.hooks:
+                hook.close()
             detach_file_log(self._log_handler)
             raise
 
@@ -279,22 +284,28 @@ class Trainer:
         self._stop_requested = True
         tqdm.write("stopping after this step and saving a checkpoint (press Ctrl-C again to abort)")
 
+    def sh_degree_now(self) -> int:
+        """The SH degree the model has reached (what evaluation and previews render with)."""
+        return sh_degree_at(
+            max(self.engine.step, 1), self.batch_size, self.cfg.sh_degree, self.cfg.sh_degree_every
+        )
+
     def _evaluate(self, render_dir: Path | None, with_lpips: bool) -> dict[str, Any]:
         offset = len(self.scene.train)
         ids = [offset + i for i in range(len(self.scene.test))]
-        degree = sh_degree_at(
-            max(self.engine.step, 1), self.batch_size, self.cfg.sh_degree, self.cfg.sh_degree_every
-        )
-        return evaluate(
+        metrics = evaluate(
             self.engine,
             self.scene.test,
             self.images,
             ids,
-            degree,
+            self.sh_degree_now(),
             self.background,
             render_dir=render_dir,
             with_lpips=with_lpips,
         )
+        for hook in self.hooks:
+            hook.after_eval(self, metrics)
+        return metrics
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -380,6 +391,8 @@ class Trainer:
                 ):
                     self.save_checkpoint()
                     self.log.plot()
+                for hook in self.hooks:
+                    hook.after_step(self)
         finally:
             bar.close()
             for sig, handler in handlers.items():
@@ -463,9 +476,13 @@ class Trainer:
             path,
             f"{metrics['psnr']:.2f}" if metrics.get("psnr") is not None else "n/a",
         )
+        for hook in self.hooks:
+            hook.after_training(self)
         return metrics
 
     def close(self) -> None:
+        for hook in self.hooks:
+            hook.close()
         self.engine.close()
         self.targets.close()
         self.images.close()
