@@ -83,7 +83,7 @@ def phase_labels(engine) -> Iterator[None]:
     if isinstance(engine, offloaded.OffloadEngine):
         for owner, attr, name in [
             (engine.culler, "cull", "cull"),
-            (engine, "_split", "split by residency"),
+            (engine.resident, "split", "split by residency"),
             (engine, "_drain", "drain"),
             (engine.catch, "loads", "queue catch-up"),
             (engine.catch, "ahead", "catch-up ahead"),

@@ -25,24 +25,21 @@ kernels and no streams.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from clm.engine.base import (
-    STREAM_ROWS,
     Engine,
     LossFn,
     ObserveFn,
-    RowChunk,
-    RowSource,
     StepStats,
 )
 from clm.engine.offloaded_pieces import InPieces
+from clm.engine.offloaded_rows import RowsAcrossSets
 from clm.model.spec import active_row_width, unpack_rows
-from clm.model.table import Compaction
 from clm.offload.catch_up import CatchUp
 from clm.offload.culling import CullResult
 from clm.offload.flush import STAGING_ROWS, GradientFlush, on_stream, record_event
@@ -50,10 +47,10 @@ from clm.offload.gather import RowGather
 from clm.offload.lazy_rows import DeviceRows, HostRows
 from clm.offload.pieces import ImageGrad, Piece, PieceCuller
 from clm.offload.plan import BatchPlan, overlap_and_uses, plan_batch
-from clm.offload.resident_rows import ResidentBudget, ResidentRows
+from clm.offload.resident_rows import ResidentBudget, ResidentRows, Split
 from clm.offload.row_inputs import RowInputs, Source
 from clm.optim.lazy_adam import AdamConfig
-from clm.render.base import RenderOutput, View
+from clm.render.base import View
 
 __all__ = ["STAGING_ROWS", "OffloadEngine"]
 
@@ -76,18 +73,7 @@ class _Batch:
     ahead: bool = True  # the next batch's catch-up is still to be started
 
 
-@dataclass
-class _Split:
-    """A cull split by where its rows live: ``host`` (the cull of the host rows alone, at
-    positions ``at`` of the whole; None: all of it) and, per view, the positions of its
-    resident rows (None: no residency)."""
-
-    host: CullResult
-    at: Tensor | None = None
-    resident: list[Tensor] | None = None
-
-
-class OffloadEngine(InPieces, Engine):
+class OffloadEngine(InPieces, RowsAcrossSets, Engine):
     def __init__(
         self,
         params: Mapping[str, Tensor],
@@ -205,23 +191,6 @@ class OffloadEngine(InPieces, Engine):
             peak = torch.cuda.max_memory_allocated(self.device)
             self._measured = (peak, self.key.table.capacity)
 
-    def _split(self, culled: CullResult) -> _Split:
-        if self.resident.count == 0:
-            return _Split(culled)
-        on_host = self.resident.slots(culled.ids) < 0
-        at = torch.nonzero(on_host).squeeze(1)
-        views = culled.vis.shape[0]
-        pairs = torch.nonzero(culled.vis & ~on_host)  # (view, position), by view
-        counts = torch.bincount(pairs[:, 0], minlength=views).tolist()
-        resident = list(torch.split(pairs[:, 1], counts))
-        return _Split(CullResult(culled.ids[at], culled.vis[:, at]), at, resident)
-
-    def _on_host(self, rows: Tensor) -> Tensor:
-        """Those of ``rows`` the host path serves."""
-        if self.resident.count == 0:
-            return rows
-        return rows[self.resident.slots(rows) < 0]
-
     # ---- one step -------------------------------------------------------------------------
 
     def train_step(
@@ -246,7 +215,7 @@ class OffloadEngine(InPieces, Engine):
         stats = StepStats(visible_rows=int(culled.ids.numel()))
         everything = self.resident.count == len(self.key)  # no host path this step
         if not everything:
-            split = self._split(culled)
+            split = self.resident.split(culled)
             host_rows = split.host.ids.numel()
             capacity = max(self.capacity if self.capacity is not None else host_rows, 1)
             survey = overlap_and_uses(split.host.vis)  # the plan's one sync: who needs pieces
@@ -286,7 +255,7 @@ class OffloadEngine(InPieces, Engine):
         culled: CullResult,
         capacity: int,
         survey: tuple[Tensor, list[int]] | None = None,
-        split: _Split | None = None,
+        split: Split | None = None,
         keep: Tensor | None = None,
         to_batch: Tensor | None = None,
     ) -> None:
@@ -295,7 +264,7 @@ class OffloadEngine(InPieces, Engine):
         when those are not the same; ``keep``: rows other groups use too; ``survey`` and
         ``split``: of ``culled``, when already made."""
         step, width = batch.step, batch.width
-        split = split if split is not None else self._split(culled)
+        split = split if split is not None else self.resident.split(culled)
         host, at = split.host, split.at
         host_to_batch = at if to_batch is None else (to_batch if at is None else to_batch[at])
         ready = []  # the catch-up starts while the plan is being built
@@ -313,7 +282,7 @@ class OffloadEngine(InPieces, Engine):
         stats.cache_hits += plan.uses - plan.loads
         stats.bytes_to_gpu += plan.loads * width * 4
         if batch.ahead:
-            self.catch.ahead(self.key.views(), batch.views, step, width, self._on_host)
+            self.catch.ahead(self.key.views(), batch.views, step, width, self.resident.on_host)
             batch.ahead = False
         if self.copy_stream is not None:  # the loads read the plan, made on this stream
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -391,25 +360,6 @@ class OffloadEngine(InPieces, Engine):
         keys = self.key.views()
         return self.culler.cull(keys["means"], keys["scales"], keys["opacities"], views)
 
-    @torch.no_grad()
-    def _render_rows(
-        self, rows: Tensor, view: View, sh_degree: int, background: Tensor, width: int
-    ) -> RenderOutput:
-        """Render ``view`` from ``rows`` alone, without gradients, once they are caught up to
-        ``self.step`` (their leading ``width`` columns)."""
-        values = torch.empty(rows.numel(), width, device=self.device)
-        at = torch.arange(rows.numel(), device=self.device)
-        if self.resident.count:
-            at = at[self.resident.slots(rows) < 0]
-        self.host.catch_up(rows[at].cpu(), self.step, width)
-        self.gather.gather(rows[at], at, width, values)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.resident.patch(rows, values, width)
-        params = unpack_rows(self.key.param[rows], self.key.layout)
-        params.update(unpack_rows(values, self.host.layout, sh_degree))
-        return self.render_fn(params, view, sh_degree, background)
-
     def _drain(self) -> None:
         """Wait for all background CPU work, counting the seconds waited."""
         t0 = time.perf_counter()
@@ -445,102 +395,6 @@ class OffloadEngine(InPieces, Engine):
                 self.copy_stream,
             )
             return self._event(self.copy_stream)
-
-    # ---- evaluation -----------------------------------------------------------------------
-
-    @torch.no_grad()
-    def render(self, view: View, sh_degree: int, background: Tensor) -> RenderOutput:
-        """A view that sees more rows than the cache holds is rendered in pieces and stitched,
-        so evaluation never needs more GPU rows than training."""
-        self._drain()
-        ids = self._cull([view]).ids
-        width = self.host.width
-        if self.capacity is None or ids.numel() <= self.capacity:
-            out = self._render_rows(ids, view, sh_degree, background, width)
-            out.ids = ids[out.ids]
-            return out
-        return self._render_in_pieces(view, sh_degree, background)
-
-    # ---- density control ------------------------------------------------------------------
-
-    def _make_room(self, count: int) -> None:
-        """Room for ``count`` more key rows. When the key table must grow under a hard budget,
-        the resident rows go back to the host and the cache is freed first, so the growth has
-        their memory (they are chosen again at the next step)."""
-        needed = len(self.key) + count
-        if needed <= self.key.table.capacity:
-            return
-        if self.key.grow_through_host:  # a hard budget: old and new tables never coexist
-            self.resident.release(self.host, self.step)
-            self.cache_param = torch.empty(0, self.host.width, device=self.device)
-            self.cache_grad = torch.empty(0, self.host.width, device=self.device)
-        room = self.key.room_for(count)
-        if self.max_gaussians is not None:
-            room = min(room, max(self.max_gaussians, needed))
-        self.key.reserve(room)
-
-    def append(self, src: Tensor, overrides: Mapping[str, Tensor]) -> None:
-        self._drain()
-        self._make_room(src.numel())
-        src = src.to(self.device)
-        src_cpu = src.cpu()
-        self.host.catch_up(torch.unique(src_cpu), self.step)
-        first = len(self.host)
-        # Host rows first: if host memory runs out, nothing has been added anywhere.
-        self.host.append_copies(src_cpu, self.step)
-        copies = torch.nonzero(self.resident.slots(src) >= 0).squeeze(1)
-        if copies.numel():  # copies of resident rows: their values are on the GPU
-            values = self.resident.param[self.resident.slots(src[copies])].cpu()
-            zeros = torch.zeros_like(values)
-            self.host.store.write_rows(copies.cpu() + first, values, zeros, zeros, self.step)
-        self.resident.grow(src)
-        keys = self.key.views()
-        self.key.append({n: overrides[n] if n in overrides else t[src] for n, t in keys.items()})
-
-    def reserve(self, rows: int) -> None:
-        self.key.reserve(rows)
-
-    def extend(self, params: Mapping[str, Tensor]) -> None:
-        self._drain()
-        count = next(iter(params.values())).shape[0]
-        self._make_room(count)
-        self.host.append({a.name: params[a.name].cpu() for a in self.spec.host}, self.step)
-        self.resident.extend(count)
-        self.key.append({a.name: params[a.name] for a in self.spec.key})
-
-    def compact(self, plan: Compaction) -> None:
-        self._drain()
-        self.key.compact(plan)
-        self.host.compact(Compaction(plan.holes.cpu(), plan.movers.cpu(), plan.new_len))
-        self.resident.compact(plan)
-
-    def reset_opacity(self, max_logit: float) -> None:
-        self.key.views()["opacities"].clamp_(max=max_logit)
-        self.key.zero_moments("opacities")
-
-    # ---- checkpoints ----------------------------------------------------------------------
-
-    def state_chunks(self, rows: int = STREAM_ROWS) -> Iterator[RowChunk]:
-        self._drain()
-        for start, stop, host in self.host.state_chunks(self.step, rows):
-            self.resident.write_range(self.host, start, stop, self.step)
-            key = self.key.state_chunk(start, stop)
-            yield RowChunk(*({**k, **h} for k, h in zip(key, host, strict=True)))
-
-    def load_rows(self, source: RowSource) -> None:
-        self._drain()
-        self.key.clear(max(self.key.table.capacity, source.count))
-        self.host.clear()
-        self.host.store.reserve(source.count)
-        key_names = [a.name for a in self.spec.key]
-        host_names = [a.name for a in self.spec.host]
-        for chunk in source.chunks:
-            state = (chunk.params, *chunk.moments())
-            self.key.append_state(*({n: d[n] for n in key_names} for d in state))
-            self.host.append_state(*({n: d[n] for n in host_names} for d in state), source.step)
-        self.host.advance_to(source.step)
-        self.resident.reset(source.count)
-        self.step = source.step
 
     def close(self) -> None:
         self.catch.close()

@@ -1,5 +1,9 @@
-"""The offload engine's views larger than its row cache: rendered in pieces, each planned
-like a view, with the same gradients as the whole image (:mod:`clm.offload.pieces`)."""
+"""The offload engine's renders of views larger than its row cache, and without gradients.
+
+A training view larger than the cache is rendered in pieces, each planned like a view, with
+the same gradients as the whole image (:mod:`clm.offload.pieces`); the pieces' first pass and
+evaluation render from rows gathered and caught up on the spot (:meth:`InPieces._render_rows`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from clm.model.spec import unpack_rows
 from clm.offload.culling import CullResult
 from clm.offload.pieces import Canvas, ImageGrad, Piece, cut_views, group_units
 from clm.render.base import RenderOutput, View
@@ -19,7 +24,7 @@ if TYPE_CHECKING:
 
 class InPieces:
     """Mixed into :class:`clm.engine.offloaded.OffloadEngine`: a batch with views larger than
-    the cache, trained in two passes (see :meth:`_train_in_pieces`)."""
+    the cache, trained in two passes (see :meth:`_train_in_pieces`), and evaluation."""
 
     def _train_in_pieces(
         self, batch: _Batch, per_view: Sequence[int], big: Sequence[int], capacity: int
@@ -127,3 +132,37 @@ class InPieces:
                 self.host.width,
             )
         return canvas.output()
+
+    # ---- evaluation -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def render(self, view: View, sh_degree: int, background: Tensor) -> RenderOutput:
+        """A view that sees more rows than the cache holds is rendered in pieces and stitched,
+        so evaluation never needs more GPU rows than training."""
+        self._drain()
+        ids = self._cull([view]).ids
+        width = self.host.width
+        if self.capacity is None or ids.numel() <= self.capacity:
+            out = self._render_rows(ids, view, sh_degree, background, width)
+            out.ids = ids[out.ids]
+            return out
+        return self._render_in_pieces(view, sh_degree, background)
+
+    @torch.no_grad()
+    def _render_rows(
+        self, rows: Tensor, view: View, sh_degree: int, background: Tensor, width: int
+    ) -> RenderOutput:
+        """Render ``view`` from ``rows`` alone, without gradients, once they are caught up to
+        ``self.step`` (their leading ``width`` columns)."""
+        values = torch.empty(rows.numel(), width, device=self.device)
+        at = torch.arange(rows.numel(), device=self.device)
+        if self.resident.count:
+            at = at[self.resident.slots(rows) < 0]
+        self.host.catch_up(rows[at].cpu(), self.step, width)
+        self.gather.gather(rows[at], at, width, values)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.resident.patch(rows, values, width)
+        params = unpack_rows(self.key.param[rows], self.key.layout)
+        params.update(unpack_rows(values, self.host.layout, sh_degree))
+        return self.render_fn(params, view, sh_degree, background)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from clm.model.spec import ColumnSegment
 from clm.model.table import Compaction
-from clm.offload.culling import Culler
+from clm.offload.culling import Culler, CullResult
 from clm.offload.lazy_rows import HostRows
 from clm.optim.lazy_adam import AdamConfig, adam_step_columns
 from clm.render.base import View
@@ -54,6 +54,17 @@ class ResidentBudget:
         grown = max(0, key_rows_now - key_rows_then) * self.per_gaussian
         free = self.budget * (1 - self.margin) - peak - grown
         return max(0, int(free) // (SLOT_BYTES_PER_COLUMN * width))
+
+
+@dataclass
+class Split:
+    """A cull split by where its rows live: ``host``, the cull of the host rows alone, at
+    positions ``at`` of the whole (None: all of it), and per view the positions of its
+    resident rows (None: none are resident)."""
+
+    host: CullResult
+    at: Tensor | None = None
+    resident: list[Tensor] | None = None
 
 
 class ResidentRows:
@@ -148,6 +159,21 @@ class ResidentRows:
     def slots(self, ids: Tensor) -> Tensor:
         """The slot of each of ``ids`` (int64), or -1 where the row is on the host."""
         return self.slot_of[ids].long()
+
+    def split(self, culled: CullResult) -> Split:
+        """``culled`` split into its host rows and each view's resident rows (one host sync)."""
+        if self.count == 0:
+            return Split(culled)
+        on_host = self.slots(culled.ids) < 0
+        at = torch.nonzero(on_host).squeeze(1)
+        pairs = torch.nonzero(culled.vis & ~on_host)  # (view, position), by view
+        counts = torch.bincount(pairs[:, 0], minlength=culled.vis.shape[0]).tolist()
+        resident = list(torch.split(pairs[:, 1], counts))
+        return Split(CullResult(culled.ids[at], culled.vis[:, at]), at, resident)
+
+    def on_host(self, rows: Tensor) -> Tensor:
+        """Those of ``rows`` the host path serves."""
+        return rows if self.count == 0 else rows[self.slots(rows) < 0]
 
     def choose(self, host: HostRows, step: int, limit: int, fixed: bool) -> None:
         """Make the ``limit`` most-seen rows resident (all rows when they fit), moving only the
