@@ -119,13 +119,13 @@ def test_busiest_view_share_is_the_largest_culled_fraction():
     assert 0 < busiest_view_share(params, views[:1]) <= busiest_view_share(params, views)
 
 
-def test_resident_rows_fit_beside_a_measured_step():
+def test_resident_rows_fit_beside_the_workspace_and_key_rows():
     """The rows of 52 floats (16 bytes a float: parameter, two moments, gradient) that fit a
-    budget beside a measured peak, less what the key table grew by since."""
+    budget beside the plan's workspace and the key table's room."""
     from clm.offload.resident_rows import ResidentBudget
 
-    budget = ResidentBudget(budget=10 * 2**30, per_gaussian=200, margin=0.05)
+    budget = ResidentBudget(budget=10 * 2**30, workspace=3 * 2**30, per_gaussian=200)
     free = 10 * 2**30 * 0.95 - 3 * 2**30
-    assert budget.slots(52, 3 * 2**30, 1000, 1000) == int(free) // (16 * 52)
-    assert budget.slots(52, 3 * 2**30, 1000, 2000) == int(free - 1000 * 200) // (16 * 52)
-    assert budget.slots(52, 10 * 2**30, 1000, 1000) == 0  # nothing left
+    assert budget.slots(1000, 52) == int(free - 1000 * 200) // (16 * 52)
+    assert budget.slots(2000, 52) == int(free - 2000 * 200) // (16 * 52)
+    assert budget.slots(10**8, 52) == 0  # nothing left

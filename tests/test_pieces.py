@@ -175,15 +175,16 @@ def count_cuts(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("cache_rows", "plan_elements"),
+    ("cache_rows", "plan_elements", "resident"),
     [
-        (245, None),  # some views whole, some in pieces, one group a step
-        (150, None),  # every view in pieces
-        (150, 4000),  # pieces in several groups a step: rows shared by groups deferred
+        (245, None, 0),  # some views whole, some in pieces, one group a step
+        (150, None, 0),  # every view in pieces
+        (150, 4000, 0),  # pieces in several groups a step: rows shared by groups deferred
+        (150, None, 200),  # pieces that render resident rows too
     ],
 )
 def test_engine_with_a_tiny_cache_matches_the_resident_engine(
-    setup, monkeypatch, cache_rows, plan_elements
+    setup, monkeypatch, cache_rows, plan_elements, resident
 ):
     views, targets, batches, degrees = setup
     params = scene()
@@ -193,10 +194,12 @@ def test_engine_with_a_tiny_cache_matches_the_resident_engine(
     steps = len(batches)
     ref = make_engine("none", params, 3, steps)
     ref = train(ref, views, targets, batches, degrees, densify_at=2)
-    engine = make_engine("clm", params, 3, steps, cache_rows=cache_rows, staging_rows=64)
+    extra = {"resident": resident, "views": views} if resident else {}
+    engine = make_engine("clm", params, 3, steps, cache_rows=cache_rows, staging_rows=64, **extra)
     got = train(engine, views, targets, batches, degrees, densify_at=2)
     engine.close()
     assert made and min(made) > 1
+    assert engine.resident.count == resident
     assert_same(got, ref)
 
 

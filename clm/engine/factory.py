@@ -91,10 +91,11 @@ def make_engine(
     else:
         resident_budget = 0
         if plan is not None:
-            resident_budget = ResidentBudget(budget, plan.per_gaussian + BATCH_ROW_BYTES)
-        # What the budget leaves beside a step's measured peak holds resident rows. The key
-        # table grows through host memory under a hard budget, so its room for growth is not
-        # taken ahead from them.
+            per_row = plan.per_gaussian + BATCH_ROW_BYTES
+            resident_budget = ResidentBudget(budget, plan.workspace, per_row)
+        # What the budget leaves beside the key rows, the cache and the render workspace holds
+        # resident rows. The key table grows through host memory under a hard budget, so its
+        # room for growth is not taken ahead from them.
         engine = OffloadEngine(
             empty,
             cache_rows=plan.cache_rows if plan else None,

@@ -89,8 +89,8 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         **kwargs,
     ) -> None:
         """``resident``: how many rows may stay on the GPU (a count, or a byte budget that
-        sets it from a measured step); ``views``: the training views, whose visits choose them
-        first. ``grow_through_host``: a hard GPU budget is in force (see DeviceRows)."""
+        sets it from the key rows' room); ``views``: the training views, whose visits choose
+        them first. ``grow_through_host``: a hard GPU budget is in force (see DeviceRows)."""
         super().__init__(**kwargs)
         config = AdamConfig(self.adam.betas, self.adam.eps)
         cuda = self.device.type == "cuda"
@@ -117,7 +117,6 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         )
         self.resident.reset(len(self.host))
         self.resident_limit = resident
-        self._measured: tuple[int, int] | None = None  # a step's peak bytes, key rows then
         self._training_views = list(views)
         self.gather = RowGather(self.host.store, self.device)
         self.culler = PieceCuller(self.device)
@@ -171,25 +170,14 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
     # ---- residency ------------------------------------------------------------------------
 
     def _choose_resident(self) -> None:
-        """Choose the resident rows again (at the start, and after density control). Under a
-        byte budget, the first step runs with none resident and measures what it needs."""
+        """Choose the resident rows again (at the start, and after density control)."""
         limit = self.resident_limit
         if isinstance(limit, ResidentBudget):
-            if self._measured is None:
-                return
-            peak, key_rows = self._measured
-            limit = limit.slots(self.host.width, peak, key_rows, self.key.table.capacity)
+            limit = limit.slots(self.key.table.capacity, self.host.width)
         if limit > 0 and self._training_views:
             self.resident.count_views(self.culler, self.key.views(), self._training_views)
             self._training_views = []
         self.resident.choose(self.host, self.step, limit, fixed=self.key.grow_through_host)
-
-    def _measure(self) -> None:
-        """After the first step (none resident): its peak GPU memory, to size the rest by."""
-        budget = isinstance(self.resident_limit, ResidentBudget)
-        if self._measured is None and budget and self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-            self._measured = (peak, self.key.table.capacity)
 
     # ---- one step -------------------------------------------------------------------------
 
@@ -219,7 +207,9 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
             host_rows = split.host.ids.numel()
             capacity = max(self.capacity if self.capacity is not None else host_rows, 1)
             survey = overlap_and_uses(split.host.vis)  # the plan's one sync: who needs pieces
-            big = [i for i, rows in enumerate(survey[1]) if rows > capacity]
+            # A view's render workspace grows with every row it renders, resident ones too.
+            per_view = survey[1] if split.at is None else culled.vis.sum(dim=1).tolist()
+            big = [i for i, rows in enumerate(per_view) if rows > capacity]
             stats.host_rows = host_rows
         batch = _Batch(
             views,
@@ -236,14 +226,13 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         if everything:
             self._train_resident(batch, culled)
         elif big:
-            self._train_in_pieces(batch, survey[1], big, capacity)
+            self._train_in_pieces(batch, per_view, big, capacity)
         else:
             self._train_group(batch, views, range(len(views)), culled, capacity, survey, split)
         self.flusher.flush_deferred(width, step)
         self.catch.after_reads()
         self.key.step_sparse(batch.rows, batch.key_grads, step)
         self.resident.step(step, width)
-        self._measure()
         self.step = step  # the CPU Adam of this batch finishes while the next batch culls
         self.last_stats = batch.stats
 

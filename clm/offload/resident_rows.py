@@ -40,19 +40,19 @@ ROW_BYTES = 8  # every model row's slot number and visit count
 
 @dataclass(frozen=True)
 class ResidentBudget:
-    """How many rows a GPU budget of ``budget`` bytes leaves room for, from the peak memory a
-    step measured with none resident. A key row the table grows by later costs
-    ``per_gaussian`` more (its key attributes and moments, and its share of a batch)."""
+    """How many rows a GPU budget of ``budget`` bytes leaves room for beside the render
+    workspace and row cache (``workspace``, from the plan) and ``per_gaussian`` bytes for each
+    row the key table has room for (its key attributes and moments, and its share of a batch
+    that sees every row)."""
 
     budget: int
+    workspace: int
     per_gaussian: int
     margin: float = 0.05  # of the budget, for the allocator's rounding and fragmentation
 
-    def slots(self, width: int, peak: int, key_rows_then: int, key_rows_now: int) -> int:
-        """Resident rows of ``width`` floats that fit beside a measured ``peak`` (bytes, taken
-        while the key table had room for ``key_rows_then`` rows; it has ``key_rows_now``)."""
-        grown = max(0, key_rows_now - key_rows_then) * self.per_gaussian
-        free = self.budget * (1 - self.margin) - peak - grown
+    def slots(self, key_rows: int, width: int) -> int:
+        """Resident rows of ``width`` floats beside a key table with room for ``key_rows``."""
+        free = self.budget * (1 - self.margin) - self.workspace - key_rows * self.per_gaussian
         return max(0, int(free) // (SLOT_BYTES_PER_COLUMN * width))
 
 

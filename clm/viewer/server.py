@@ -11,6 +11,7 @@ share of the thread's time.
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 import time
 import warnings
@@ -172,14 +173,28 @@ class Viewer:
         return True
 
     def serve(self, render: FrameRenderer, model_version: int) -> None:
-        """Draw frames as browsers move, until Ctrl-C."""
-        with contextlib.suppress(KeyboardInterrupt):
-            while True:
-                if self.draw_due(render, model_version):
-                    continue
-                wait = self._next_frame - time.perf_counter()
-                self._woken.wait(wait if wait > 0 else 0.5)
-                self._woken.clear()
+        """Draw frames as browsers move, until Ctrl-C (or SIGTERM). The signals only ask the
+        loop to stop, so it ends after the frame in flight, never inside a render."""
+        stop = threading.Event()
+
+        def ask_stop(signum: int, frame: Any) -> None:
+            stop.set()
+            self._woken.set()
+
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            handlers = {s: signal.signal(s, ask_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                while not stop.is_set():
+                    if self.draw_due(render, model_version):
+                        continue
+                    wait = self._next_frame - time.perf_counter()
+                    self._woken.wait(wait if wait > 0 else 0.5)
+                    self._woken.clear()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
 
     def close(self) -> None:
         self.server.stop()
