@@ -48,11 +48,13 @@ STREAM_ROWS = 1 << 16
 @dataclass
 class RowChunk:
     """Consecutive rows of every attribute, on the CPU; moments of ``None`` mean zeros (a model
-    that has not been trained, such as an initial PLY)."""
+    that has not been trained, such as an initial PLY). ``last``: with lazy Adam, the step each
+    row's non-key attributes are up to date at (None: all at the source's step)."""
 
     params: dict[str, Tensor]
     exp_avg: dict[str, Tensor] | None = None
     exp_avg_sq: dict[str, Tensor] | None = None
+    last: Tensor | None = None
 
     def __len__(self) -> int:
         return next(iter(self.params.values())).shape[0]
@@ -97,6 +99,10 @@ class StepStats:
 
 class Engine(ABC):
     """Owns the Gaussians and their optimiser state; see the module docstring."""
+
+    # Whether rows take their skipped Adam steps lazily: checkpoints then keep rows as they are,
+    # with each row's step (``state_chunks(lazy=True)``), so saving changes nothing.
+    lazy = False
 
     def __init__(
         self,
@@ -171,9 +177,12 @@ class Engine(ABC):
         """Clamp every opacity logit to ``max_logit`` and zero its Adam moments (3DGS reset)."""
 
     @abstractmethod
-    def state_chunks(self, rows: int = STREAM_ROWS) -> Iterator[RowChunk]:
-        """Every row in order, at most ``rows`` at a time, caught up to ``self.step``, on the
-        CPU. A chunk may be a view of the engine's own memory: use it before the next one."""
+    def state_chunks(self, rows: int = STREAM_ROWS, lazy: bool = False) -> Iterator[RowChunk]:
+        """Every row in order, at most ``rows`` at a time, on the CPU, caught up to
+        ``self.step`` without changing the engine's state; with ``lazy``, as they are, with
+        each row's ``last`` where the engine updates rows lazily (a checkpoint: catching rows
+        up early would change the rest of the run). A chunk may be a view of the engine's own
+        memory: use it before the next one."""
 
     @abstractmethod
     def load_rows(self, source: RowSource) -> None:
@@ -183,7 +192,10 @@ class Engine(ABC):
     def snapshot(self) -> Snapshot:
         """Everything, caught up to ``self.step``, on the CPU, in one piece (tests, small
         models; large ones go through :meth:`state_chunks`)."""
-        parts = [(c.params, *c.moments()) for c in self.state_chunks()]
+        parts = [  # (a chunk may be reused by the next: copies)
+            tuple({n: t.clone() for n, t in d.items()} for d in (c.params, *c.moments()))
+            for c in self.state_chunks()
+        ]
         joined = [
             {n: torch.cat([p[k][n] for p in parts]) for n in self.spec.names} for k in range(3)
         ]

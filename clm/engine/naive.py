@@ -112,8 +112,10 @@ class NaiveEngine(Engine):
         for chunk in store.param_chunks:
             chunk[:, seg.start : seg.end].clamp_(max=max_logit)
 
-    def state_chunks(self, rows: int = STREAM_ROWS) -> Iterator[RowChunk]:
-        for _, _, state in self.host.state_chunks(self.step, rows):
+    def state_chunks(self, rows: int = STREAM_ROWS, lazy: bool = False) -> Iterator[RowChunk]:
+        # (every row takes every step here: nothing is lazy)
+        # Every row is stepped every step: the store's own rows are already up to date.
+        for _, _, state, _ in self.host.state_chunks(self.step, rows, lazy=True):
             yield RowChunk(*state)
 
     def load_rows(self, source: RowSource) -> None:

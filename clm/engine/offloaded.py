@@ -74,6 +74,8 @@ class _Batch:
 
 
 class OffloadEngine(InPieces, RowsAcrossSets, Engine):
+    lazy = True
+
     def __init__(
         self,
         params: Mapping[str, Tensor],

@@ -76,12 +76,13 @@ class RowsAcrossSets:
 
     # ---- checkpoints ----------------------------------------------------------------------
 
-    def state_chunks(self, rows: int = STREAM_ROWS) -> Iterator[RowChunk]:
+    def state_chunks(self, rows: int = STREAM_ROWS, lazy: bool = False) -> Iterator[RowChunk]:
         self._drain()
-        for start, stop, host in self.host.state_chunks(self.step, rows):
-            self.resident.write_range(self.host, start, stop, self.step)
+        # The host copies of resident rows (stale while resident) take their values first.
+        self.resident.write_range(self.host, 0, len(self.host), self.step)
+        for start, stop, host, last in self.host.state_chunks(self.step, rows, lazy):
             key = self.key.state_chunk(start, stop)
-            yield RowChunk(*({**k, **h} for k, h in zip(key, host, strict=True)))
+            yield RowChunk(*({**k, **h} for k, h in zip(key, host, strict=True)), last=last)
 
     def load_rows(self, source: RowSource) -> None:
         self._drain()
@@ -93,7 +94,8 @@ class RowsAcrossSets:
         for chunk in source.chunks:
             state = (chunk.params, *chunk.moments())
             self.key.append_state(*({n: d[n] for n in key_names} for d in state))
-            self.host.append_state(*({n: d[n] for n in host_names} for d in state), source.step)
+            host_state = ({n: d[n] for n in host_names} for d in state)
+            self.host.append_state(*host_state, source.step, last=chunk.last)
         self.host.advance_to(source.step)
         self.resident.reset(source.count)
         self.step = source.step

@@ -105,7 +105,8 @@ class ResidentEngine(Engine):
         self.exp_avg["opacities"].zero_()
         self.exp_avg_sq["opacities"].zero_()
 
-    def state_chunks(self, rows: int = STREAM_ROWS) -> Iterator[RowChunk]:
+    def state_chunks(self, rows: int = STREAM_ROWS, lazy: bool = False) -> Iterator[RowChunk]:
+        # (every row takes every step here: nothing is lazy)
         for start in range(0, len(self.params), rows):
             yield RowChunk(
                 *(

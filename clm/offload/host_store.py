@@ -194,9 +194,10 @@ class HostStore:
         step: int,
         exp_avg: Tensor | None = None,
         exp_avg_sq: Tensor | None = None,
+        last: Tensor | None = None,
     ) -> None:
-        """Add rows, considered up to date at ``step``, with the given Adam moments (zeros when
-        None)."""
+        """Add rows, considered up to date at ``step`` (or each at its ``last``), with the
+        given Adam moments (zeros when None)."""
         n = params.shape[0]
         self.reserve(self._len + n)
         for chunk, offset, src, count in self.chunk_slices(self._len, self._len + n):
@@ -210,7 +211,11 @@ class HostStore:
                     target.zero_()
                 else:
                     target.copy_(values[src : src + count])
-            self.last_chunks[chunk][offset : offset + count] = step
+            target = self.last_chunks[chunk][offset : offset + count]
+            if last is None:
+                target.fill_(step)
+            else:
+                target.copy_(last[src : src + count])
         self._len += n
 
     def _gather(self, chunks: Sequence[Tensor], rows: Tensor) -> Tensor:
@@ -270,6 +275,11 @@ class HostStore:
             self.exp_avg_chunks[chunk][offset:end],
             self.exp_avg_sq_chunks[chunk][offset:end],
         )
+
+    def last_rows(self, start: int, stop: int) -> Tensor:
+        """A view of the steps rows ``[start, stop)`` (in one chunk) are up to date at."""
+        chunk, offset = start >> self.chunk_shift, start & (self.chunk_rows - 1)
+        return self.last_chunks[chunk][offset : offset + stop - start]
 
     def clear(self) -> None:
         """Drop every row and free every chunk."""

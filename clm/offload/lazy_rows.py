@@ -20,7 +20,7 @@ from clm.optim.lazy_adam import AdamConfig, Segment, SkipTable, adam_step_column
 from clm.train.schedule import LearningRates
 
 
-class _Schedule:
+class LazySchedule:
     """Per-attribute learning rates and the skip tables that remember their history (lazy Adam)."""
 
     def __init__(
@@ -61,7 +61,20 @@ class _Schedule:
         return segments
 
 
-class HostRows(_Schedule):
+class _ScratchChunk:
+    """One chunk of ``rows`` (a power of two) host rows, laid out as a store for the CPU Adam."""
+
+    def __init__(self, rows: int, width: int) -> None:
+        self.param_chunks = [torch.zeros(rows, width)]
+        self.exp_avg_chunks = [torch.zeros(rows, width)]
+        self.exp_avg_sq_chunks = [torch.zeros(rows, width)]
+        self.last_chunks = [torch.zeros(rows, dtype=torch.int32)]
+
+    def arrays(self) -> tuple[list[Tensor], ...]:
+        return self.param_chunks, self.exp_avg_chunks, self.exp_avg_sq_chunks, self.last_chunks
+
+
+class HostRows(LazySchedule):
     """Rows in a :class:`HostStore`, updated by the native CPU Adam."""
 
     def __init__(
@@ -78,6 +91,8 @@ class HostRows(_Schedule):
         super().__init__(attrs, lrs, config, torch.device("cpu"))
         self.store = HostStore(self.width, chunk_shift, pinned=pinned, max_bytes=max_bytes)
         self.adam = CpuRowAdam(self.store, config, threads=threads)
+        self._scratch: _ScratchChunk | None = None  # caught-up copies for exports
+        self._scratch_adam: CpuRowAdam | None = None
 
     def __len__(self) -> int:
         return len(self.store)
@@ -120,20 +135,40 @@ class HostRows(_Schedule):
         self.store.compact(plan)
 
     def state_chunks(
-        self, step: int, rows: int
-    ) -> Iterator[tuple[int, int, tuple[dict[str, Tensor], ...]]]:
-        """``(start, stop, (params, exp_avg, exp_avg_sq))`` for every range of at most ``rows``
-        rows (never across a store chunk), each brought up to ``step`` first; views of the
-        store, unpacked into attributes."""
+        self, step: int, rows: int, lazy: bool = False
+    ) -> Iterator[tuple[int, int, tuple[dict[str, Tensor], ...], Tensor | None]]:
+        """``(start, stop, (params, exp_avg, exp_avg_sq), last)`` for every range of at most
+        ``rows`` rows (never across a store chunk), unpacked into attributes. The rows are left
+        as they are: with ``lazy``, views of the store and each row's ``last``; otherwise
+        copies caught up to ``step`` (``last`` None)."""
         self.advance_to(step)
         segments = self.segments(step)
         store = self.store
         start = 0
         while start < len(store):
             stop = min(start + rows, len(store), (start | (store.chunk_rows - 1)) + 1)
-            self.adam.catch_up(torch.arange(start, stop), step, segments)
-            yield start, stop, tuple(unpack_rows(x, self.layout) for x in store.rows(start, stop))
+            if lazy:
+                state, last = store.rows(start, stop), store.last_rows(start, stop)
+            else:
+                state, last = self._caught_up_copy(start, stop, step, segments), None
+            yield start, stop, tuple(unpack_rows(x, self.layout) for x in state), last
             start = stop
+
+    def _caught_up_copy(
+        self, start: int, stop: int, step: int, segments: Sequence[Segment]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Rows ``[start, stop)`` (in one store chunk) brought up to ``step`` in a scratch copy
+        (reused by the next call), by the same kernel as in place."""
+        n = stop - start
+        if self._scratch is None or self._scratch.param_chunks[0].shape[0] < n:
+            self._scratch = _ScratchChunk(1 << max(0, n - 1).bit_length(), self.width)
+            self._scratch_adam = CpuRowAdam(self._scratch, self.config, threads=self.adam.threads)
+        scratch = self._scratch
+        state = (*self.store.rows(start, stop), self.store.last_rows(start, stop))
+        for chunks, values in zip(scratch.arrays(), state, strict=True):
+            chunks[0][:n].copy_(values)
+        self._scratch_adam.catch_up(torch.arange(n), step, segments)
+        return tuple(chunks[0][:n] for chunks in scratch.arrays()[:3])
 
     def clear(self) -> None:
         self.store.clear()
@@ -144,10 +179,11 @@ class HostRows(_Schedule):
         exp_avg: Mapping[str, Tensor],
         exp_avg_sq: Mapping[str, Tensor],
         step: int,
+        last: Tensor | None = None,
     ) -> None:
-        """Add rows with their Adam moments, up to date at ``step``."""
+        """Add rows with their Adam moments, up to date at ``step`` (or each at its ``last``)."""
         pack = lambda d: pack_rows(dict(d), self.layout)  # noqa: E731
-        self.store.append(pack(params), step, pack(exp_avg), pack(exp_avg_sq))
+        self.store.append(pack(params), step, pack(exp_avg), pack(exp_avg_sq), last)
 
 
 class DeviceRows:

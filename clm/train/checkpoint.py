@@ -44,6 +44,7 @@ MAGIC = b"CLMCKPT2"
 _TRAILER = struct.Struct("<QQ")
 _NAME = re.compile(r"^step_(\d+)\.ckpt$")
 MOMENT_KINDS = ("param", "exp_avg", "exp_avg_sq")
+LAST_COLUMN = "lazy/last"  # with lazy Adam: the step each row's non-key attributes are at
 
 
 def checkpoint_dir(output: Path) -> Path:
@@ -60,11 +61,14 @@ def list_checkpoints(output: Path) -> list[Path]:
 
 
 def state_columns(
-    spec: GaussianSpec, extra: dict[str, tuple[int, ...]] | None = None
+    spec: GaussianSpec, extra: dict[str, tuple[int, ...]] | None = None, lazy: bool = False
 ) -> dict[str, tuple[int, ...]]:
     """Per-row shapes of the columns a checkpoint of ``spec`` holds: ``<kind>/<attribute>`` for
-    the parameters and both Adam moments, then ``extra`` (other per-row state)."""
+    the parameters and both Adam moments, each row's step with ``lazy`` rows, then ``extra``
+    (other per-row state)."""
     columns = {f"{kind}/{a.name}": tuple(a.shape) for kind in MOMENT_KINDS for a in spec}
+    if lazy:
+        columns[LAST_COLUMN] = ()
     return {**columns, **(extra or {})}
 
 
@@ -78,6 +82,8 @@ def state_blocks(
         stop = start + len(chunk)
         kinds = zip(MOMENT_KINDS, (chunk.params, *chunk.moments()), strict=True)
         block = {f"{kind}/{name}": t for kind, values in kinds for name, t in values.items()}
+        if chunk.last is not None:
+            block[LAST_COLUMN] = chunk.last
         if extra is not None:
             block.update(extra(start, stop))
         yield block

@@ -22,8 +22,11 @@ from clm.data.types import Similarity
 from clm.engine.base import RowChunk, RowSource
 from clm.errors import ClmError
 from clm.model.ply import open_ply, write_ply_stream
-from clm.model.spec import GaussianSpec
-from clm.train.checkpoint import MOMENT_KINDS, Checkpoint
+from clm.model.spec import GaussianSpec, pack_rows, unpack_rows
+from clm.offload.lazy_rows import LazySchedule
+from clm.optim.lazy_adam import AdamConfig, lazy_catch_up
+from clm.train.checkpoint import LAST_COLUMN, MOMENT_KINDS, Checkpoint
+from clm.train.schedule import LearningRates
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +115,23 @@ def ply_source(path: Path, to_train: Similarity, spec: GaussianSpec) -> RowSourc
     )
 
 
-def checkpoint_source(ckpt: Checkpoint, spec: GaussianSpec, moments: bool = True) -> RowSource:
+def checkpoint_source(
+    ckpt: Checkpoint, spec: GaussianSpec, moments: bool = True, lazy: bool = False
+) -> RowSource:
     """A checkpoint's rows for ``spec`` (whose SH bands may be fewer than the run's: the rest are
-    cut off), with both Adam moments unless ``moments`` is False (rendering needs none)."""
-    kinds = MOMENT_KINDS if moments else MOMENT_KINDS[:1]
+    cut off), with both Adam moments unless ``moments`` is False (rendering needs none).
+
+    A checkpoint of lazily updated rows holds them as they were, with each row's step: with
+    ``lazy`` they come so (to resume the same engine exactly); otherwise they are caught up on
+    the way, with the run's learning rates and Adam settings from the checkpoint.
+    """
+    stored_lazy = LAST_COLUMN in ckpt.columns
+    catch_up = _catch_up(ckpt, spec) if stored_lazy and not lazy else None
+    read_moments = moments or catch_up is not None
+    kinds = MOMENT_KINDS if read_moments else MOMENT_KINDS[:1]
     names = [f"{kind}/{a.name}" for kind in kinds for a in spec]
+    if stored_lazy:
+        names.append(LAST_COLUMN)
 
     def fit(values: Tensor, shape: tuple[int, ...]) -> Tensor:
         return values[:, : shape[0]] if values.shape[1:] != shape else values
@@ -126,10 +141,37 @@ def checkpoint_source(ckpt: Checkpoint, spec: GaussianSpec, moments: bool = True
             parts = [
                 {a.name: fit(block[f"{kind}/{a.name}"], a.shape) for a in spec} for kind in kinds
             ]
-            yield RowChunk(*parts)
+            last = block.get(LAST_COLUMN)
+            if catch_up is not None:
+                catch_up(*parts, last)
+                last = None
+            yield RowChunk(*(parts if moments else parts[:1]), last=last)
 
     def sample() -> dict[str, Tensor]:
         names = [f"param/{a.name}" for a in spec]
         return {n.split("/", 1)[1]: t for n, t in ckpt.sample(names, PLAN_SAMPLE_ROWS).items()}
 
     return RowSource(ckpt.count, chunks(), ckpt.step if moments else 0, sample=sample)
+
+
+def _catch_up(ckpt: Checkpoint, spec: GaussianSpec):
+    """A function that brings a block's lazily updated attributes up to the checkpoint's step in
+    place, with the skip tables of the run's schedule (rebuilt from the checkpoint's record)."""
+    record = ckpt.meta.get("optimizer")
+    if record is None:
+        raise ClmError(f"{ckpt.path}: the checkpoint does not record its optimiser schedule")
+    lrs = LearningRates(spec, record["total_steps"], record["extent"], record["batch_size"])
+    config = AdamConfig(tuple(record["betas"]), record["eps"])
+    schedule = LazySchedule(spec.host, lrs, config, torch.device("cpu"))
+    schedule.advance_to(ckpt.step)
+    segments = [seg for seg in schedule.segments(ckpt.step) if seg.end > seg.start]
+
+    def catch_up(*state_and_last) -> None:
+        *state, last = state_and_last
+        host = [{a.name: part[a.name] for a in spec.host} for part in state]
+        packed = [pack_rows(part, schedule.layout) for part in host]
+        lazy_catch_up(*packed, last.clone(), None, ckpt.step, segments)
+        for part, values in zip(state, packed, strict=True):
+            part.update(unpack_rows(values, schedule.layout))
+
+    return catch_up

@@ -146,8 +146,8 @@ class Trainer:
         self.targets = TargetStager(self.images, self.device, batch, largest)
         lrs = LearningRates(self.spec, self.total_steps, extent=scene.extent, batch_size=batch)
         adam = AdamSettings(betas=adam_betas(batch))
-        if checkpoint is not None:
-            rows = checkpoint_source(checkpoint, self.spec)
+        if checkpoint is not None:  # rows as they were, for an engine that takes them so
+            rows = checkpoint_source(checkpoint, self.spec, lazy=cfg.offload == "clm")
         elif cfg.init_ply is not None:
             rows = ply_source(cfg.init_ply, scene.to_train, self.spec)
         else:
@@ -186,6 +186,8 @@ class Trainer:
         self.sampler = BatchSampler(len(scene.train), batch, cfg.seed)
         self.log = TrainLog(cfg.output)
         self.elapsed = 0.0
+        # Per-step losses, squared errors and images since the last log row (device scalars).
+        self._window: tuple[list[Tensor], list[Tensor], int] = ([], [], 0)
         if checkpoint is not None:
             self._restore(checkpoint)
         write_json(cfg.output / "config.json", config_to_dict(cfg))
@@ -211,6 +213,20 @@ class Trainer:
                 "scale": self.scene.to_train.scale,
                 "center": self.scene.to_train.center.tolist(),
             },
+            # the steps since the last log row, so a resumed run logs the same window
+            "log_window": {
+                "loss": [float(x) for x in self._window[0]],
+                "mse": [float(x) for x in self._window[1]],
+                "images": self._window[2],
+            },
+            # what the learning rates and Adam were, to catch up rows saved as they were
+            "optimizer": {
+                "total_steps": self.total_steps,
+                "extent": self.scene.extent,
+                "batch_size": self.batch_size,
+                "betas": list(self.engine.adam.betas),
+                "eps": self.engine.adam.eps,
+            },
         }
 
     def _restore(self, ckpt: Checkpoint) -> None:
@@ -219,6 +235,9 @@ class Trainer:
         self.density.load_state_dict(meta["density"], ckpt.blocks(names), ckpt.count)
         self.sampler.load_state_dict(meta["sampler"])
         self.log.load_state_dict(meta["log"], ckpt.step)
+        window = meta.get("log_window", {"loss": [], "mse": [], "images": 0})
+        as_tensors = lambda xs: [torch.tensor(x, device=self.device) for x in xs]  # noqa: E731
+        self._window = (as_tensors(window["loss"]), as_tensors(window["mse"]), window["images"])
         self.elapsed = float(meta.get("elapsed", 0.0))
         random.setstate(meta["rng"]["python"])
         np.random.set_state(meta["rng"]["numpy"])
@@ -233,9 +252,11 @@ class Trainer:
             self.cfg.output,
             self.engine.step,
             self._meta(),
-            state_columns(self.spec, {f"density/{n}": () for n in self.density.ROW_STATE}),
+            state_columns(
+                self.spec, {f"density/{n}": () for n in self.density.ROW_STATE}, self.engine.lazy
+            ),
             state_blocks(
-                self.engine.state_chunks(STREAM_ROWS),
+                self.engine.state_chunks(STREAM_ROWS, lazy=self.engine.lazy),
                 lambda a, b: {f"density/{n}": t for n, t in self.density.row_state(a, b).items()},
             ),
             keep=self.cfg.keep_checkpoints,
@@ -329,7 +350,8 @@ class Trainer:
             dynamic_ncols=True,
             unit="step",
         )
-        window_loss, window_mse, window_images, window_start = [], [], 0, time.perf_counter()
+        window_loss, window_mse, window_images = self._window
+        window_start = time.perf_counter()
         try:
             while self.engine.step < self.total_steps and not self._stop_requested:
                 if cfg.max_seconds is not None and self.elapsed >= cfg.max_seconds:
@@ -363,6 +385,7 @@ class Trainer:
                 window_loss.append(loss_sum)
                 window_mse.append(mse_sum)
                 window_images += len(batch)
+                self._window = (window_loss, window_mse, window_images)
                 self.elapsed += time.perf_counter() - t0
                 bar.update(1)
                 if (
@@ -373,7 +396,7 @@ class Trainer:
                     self._log_window(
                         step, bar, window_loss, window_mse, window_images, window_start
                     )
-                    window_loss, window_mse, window_images = [], [], 0
+                    window_loss, window_mse, window_images = self._window = ([], [], 0)
                     window_start = time.perf_counter()
                 if cfg.eval_every and step % cfg.eval_every == 0 and self.scene.test:
                     metrics = self._evaluate(None, with_lpips=False)
