@@ -91,14 +91,15 @@ def state_blocks(
 
 
 def _trimmed(values: Tensor) -> np.ndarray:
-    """A column block as a fresh contiguous numpy array, without trailing all-zero bands (dim 1
-    of 3-d blocks)."""
+    """A column block as a fresh contiguous numpy array (its own memory: the writing thread
+    may still hold it when the producer reuses its buffer), without trailing all-zero bands
+    (dim 1 of 3-d blocks)."""
     array = values.detach().cpu().contiguous().numpy()
     if array.ndim == 3 and array.shape[1]:
         used = np.flatnonzero(array.reshape(len(array), -1).any(axis=0))
         bands = int(used[-1]) // array.shape[2] + 1 if used.size else 0
         array = array[:, :bands]
-    return np.ascontiguousarray(array)
+    return np.array(array, order="C", copy=True)
 
 
 class _Writer:

@@ -471,7 +471,7 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """Final checkpoint, PLY, held-out metrics with renders, and the plot."""
         cfg = self.cfg
-        path = self.save_checkpoint()  # also brings every host row up to date for the PLY
+        path = self.save_checkpoint()
         t0 = time.perf_counter()
         written, dropped = export_ply(
             cfg.output / "point_cloud.ply",
