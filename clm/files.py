@@ -20,16 +20,24 @@ from PIL import Image
 from clm.errors import ClmError
 
 
+def size_text(nbytes: float) -> str:
+    """Bytes as GB, or MB below one GB."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.2f} MB"
+
+
 def reason(exc: BaseException) -> str:
     text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return " ".join(text.split()) or type(exc).__name__
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def atomic_write(
+    path: Path, write: Callable[[BinaryIO], object], needed: int | None = None
+) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, then move it into place.
 
     An OS error (unwritable folder, full disk) becomes a one-line :class:`ClmError` naming
-    ``path``; the previous file, if any, is left untouched.
+    ``path``; the previous file, if any, is left untouched. ``needed``: the file's expected
+    size in bytes (at most), for the message when the disk fills.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
@@ -49,10 +57,10 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             tmp.unlink()
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             free = shutil.disk_usage(path.parent).free
+            size = f"up to {size_text(needed)} needed; " if needed is not None else ""
             raise ClmError(
-                f"{path}: no space left on {path.parent} (the disk filled after "
-                f"{written / 1e9:.2f} GB; {free / 1e9:.2f} GB free now); the previous file is "
-                "intact"
+                f"{path}: no space left on {path.parent} ({size}the disk filled after "
+                f"{size_text(written)}; {size_text(free)} free now); the previous file is intact"
             ) from None
         if isinstance(exc, OSError):
             raise ClmError(f"{path}: write failed ({reason(exc)})") from None

@@ -221,7 +221,8 @@ def test_ply_export_reads_back(engine, tmp_path):
 
 def small_checkpoint(output: Path, step: int, keep: int = 2):
     blocks = state_blocks(random_chunks(1000, seed=step, chunk=300))
-    return save_checkpoint(output, step, {"note": step}, state_columns(SPEC), blocks, keep=keep)
+    columns = state_columns(SPEC)
+    return save_checkpoint(output, step, {"note": step}, columns, blocks, keep=keep, rows=1000)
 
 
 def test_the_last_k_checkpoints_are_kept(tmp_path):
@@ -272,7 +273,9 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeyp
             self.stream.close()
 
     monkeypatch.setattr("clm.files.os.fdopen", lambda *a: FillingDisk(real_fdopen(*a)))
-    with pytest.raises(ClmError, match=r"no space left on .*checkpoints.*previous file is intact"):
+    # 1000 rows of 59 floats, three times (parameters and both moments): 708 kB
+    needed = r"no space left on .*checkpoints \(up to 0\.71 MB needed; .*previous file is intact"
+    with pytest.raises(ClmError, match=needed):
         small_checkpoint(tmp_path, 20)
     monkeypatch.undo()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000010.ckpt"]

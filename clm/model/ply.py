@@ -128,7 +128,10 @@ def write_ply_stream(
         stream.seek(0)
         stream.write(_header(counts[1], num_rest, width))
 
-    atomic_write(path, write)
+    floats = 17 + 3 * num_rest  # position, normal, DC, rest, opacity, scale, rotation
+    atomic_write(
+        path, write, needed=len(_header(max_rows, num_rest, width)) + 4 * floats * max_rows
+    )
     return counts[1], counts[0] - counts[1]
 
 

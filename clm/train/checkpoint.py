@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import queue
 import re
 import struct
@@ -160,10 +161,12 @@ def save_checkpoint(
     columns: dict[str, tuple[int, ...]],
     blocks: Iterable[dict[str, Tensor]],
     keep: int = 2,
+    rows: int | None = None,
 ) -> SavedCheckpoint:
     """Write ``blocks`` (per-row columns, consecutive rows) and ``meta`` as checkpoint ``step``,
     then delete all but the newest ``keep`` checkpoints. ``columns`` gives each column's
-    per-row shape, so a reader can restore trimmed bands."""
+    per-row shape, so a reader can restore trimmed bands; ``rows``, when known, sizes the
+    message of a full disk."""
     folder = checkpoint_dir(output)
     path = folder / f"step_{step:07d}.ckpt"
     try:
@@ -194,7 +197,8 @@ def save_checkpoint(
             out.put(MAGIC)
             size = out.size
 
-    atomic_write(path, write)
+    per_row = sum(4 * math.prod(shape) for shape in columns.values())
+    atomic_write(path, write, needed=None if rows is None else rows * per_row)
     for old in list_checkpoints(output)[:-keep]:
         old.unlink(missing_ok=True)
     return SavedCheckpoint(path, size, time.perf_counter() - start)

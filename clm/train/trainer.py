@@ -260,6 +260,7 @@ class Trainer:
                 lambda a, b: {f"density/{n}": t for n, t in self.density.row_state(a, b).items()},
             ),
             keep=self.cfg.keep_checkpoints,
+            rows=self.engine.num_gaussians,
         )
         self._saved = (self.engine.step, saved.path)
         log.info(
