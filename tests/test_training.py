@@ -19,9 +19,10 @@ from clm.model.ply import read_ply
 from clm.model.spec import gaussian_splatting_spec
 from clm.render.splats import render_torch
 from clm.synthetic.generate import generate_scene
-from clm.train.checkpoint import Checkpoint, list_checkpoints
+from clm.train.checkpoint import MOMENT_KINDS, Checkpoint, list_checkpoints
 from clm.train.config import make_config
 from clm.train.densify import DensifyConfig, DensityController
+from clm.train.export import checkpoint_source
 from clm.train.schedule import LearningRates
 from clm.train.trainer import Interrupted, Trainer
 
@@ -57,6 +58,11 @@ def short_config(scene, output, offload, **extra):
     return make_config(given)
 
 
+def getattr_kind(chunk, kind):
+    """A RowChunk's parameters or one of its moments, by checkpoint kind."""
+    return {"param": chunk.params, "exp_avg": chunk.exp_avg, "exp_avg_sq": chunk.exp_avg_sq}[kind]
+
+
 def final_params(output):
     """The newest checkpoint's columns, joined: {kind: {attribute: tensor}}."""
     ckpt = Checkpoint(list_checkpoints(output)[-1])
@@ -90,8 +96,21 @@ def test_ctrl_c_then_resume_continues_exactly(scene, tmp_path, offload, stop):
     stopped.engine.train_step = step_then_interrupt
     with pytest.raises(Interrupted) as info:
         stopped.run()
+    at_stop = stopped.engine.snapshot()
     stopped.close()
     assert info.value.step == stop
+    # Read for another engine, the checkpoint's lazy rows are caught up on the way (by the
+    # schedule it records) to what the engine itself holds caught up.
+    ckpt = Checkpoint(info.value.checkpoint)
+    caught = list(checkpoint_source(ckpt, stopped.spec).chunks)
+    held = (at_stop.params, at_stop.exp_avg, at_stop.exp_avg_sq)
+    for kind, state in zip(MOMENT_KINDS, held, strict=True):
+        for name, values in state.items():
+            got = torch.cat([getattr_kind(c, kind)[name] for c in caught])
+            torch.testing.assert_close(got, values, rtol=1e-6, atol=1e-9)
+    if offload == "clm":
+        last = torch.cat([b["lazy/last"] for b in ckpt.blocks(["lazy/last"])])
+        assert (last < stop).any()  # rows were behind, saved so
     assert not (tmp_path / "b" / "point_cloud.ply").exists()
 
     args = ["--resume", "--output", str(tmp_path / "b"), "--no-progress"]
