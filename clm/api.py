@@ -14,12 +14,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from clm.engine.base import AdamSettings, Engine
-from clm.engine.factory import make_engine
+from clm.engine.base import Engine
 from clm.model.spec import AttributeSpec, GaussianSpec, gaussian_splatting_spec
+from clm.optim.lazy_adam import AdamConfig
+from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.base import RenderFn, RenderOutput, View
 from clm.train.config import TrainConfig
-from clm.train.schedule import LearningRates, adam_betas
+from clm.train.engine_factory import make_engine
 
 __all__ = [
     "AttributeSpec",
@@ -64,5 +65,5 @@ def create_engine(
     )
     device = torch.device(device)
     lrs = LearningRates(spec, total_steps, extent=extent, batch_size=batch_size)
-    adam = AdamSettings(betas=adam_betas(batch_size))
+    adam = AdamConfig(betas=adam_betas(batch_size))
     return make_engine(cfg, spec, params, render_fn, lrs, adam, device, max_pixels, views)

@@ -19,10 +19,11 @@ import torch
 from plyfile import PlyData
 
 from clm.data.types import Similarity
-from clm.engine.base import AdamSettings, RowChunk, RowSource
-from clm.engine.factory import make_engine
+from clm.engine.base import RowChunk, RowSource
 from clm.errors import ClmError
 from clm.model.spec import gaussian_splatting_spec
+from clm.optim.lazy_adam import AdamConfig
+from clm.optim.learning_rates import LearningRates
 from clm.render.splats import render_torch
 from clm.train.checkpoint import (
     Checkpoint,
@@ -33,8 +34,8 @@ from clm.train.checkpoint import (
     state_columns,
 )
 from clm.train.config import TrainConfig
+from clm.train.engine_factory import make_engine
 from clm.train.export import checkpoint_source, export_ply
-from clm.train.schedule import LearningRates
 
 SPEC = gaussian_splatting_spec(3)
 ROWS = 1 << 19
@@ -69,7 +70,7 @@ def make(source: RowSource, **overrides):
         source,
         render_torch,
         LearningRates(SPEC, 100),
-        AdamSettings(),
+        AdamConfig(),
         torch.device("cpu"),
         64 * 64,
     )

@@ -6,16 +6,16 @@ import math
 import pytest
 import torch
 
-from clm.engine.base import AdamSettings
 from clm.engine.naive import NaiveEngine
 from clm.engine.offloaded import OffloadEngine
 from clm.engine.resident import ResidentEngine
 from clm.model.spec import gaussian_splatting_spec
 from clm.model.table import Compaction
+from clm.optim.lazy_adam import AdamConfig
+from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.base import View
 from clm.render.splats import render_torch
 from clm.train.loss import photometric_loss
-from clm.train.schedule import LearningRates, adam_betas
 
 W, H = 24, 18
 
@@ -55,7 +55,7 @@ def make_engine(kind: str, params, batch: int, steps: int, **extra):
         "spec": spec,
         "render_fn": render_torch,
         "lrs": LearningRates(spec, steps, extent=2.0, batch_size=batch),
-        "adam": AdamSettings(betas=adam_betas(batch)),
+        "adam": AdamConfig(betas=adam_betas(batch)),
         "device": torch.device("cpu"),
     }
     if kind == "none":

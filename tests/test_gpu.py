@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from clm.engine.base import AdamSettings
 from clm.engine.offloaded import OffloadEngine
 from clm.engine.resident import ResidentEngine
 from clm.model.spec import gaussian_splatting_spec
 from clm.offload.culling import Culler, cull_bits_torch, pack_cameras
 from clm.offload.gather import RowGather
 from clm.offload.host_store import HostStore
+from clm.optim.lazy_adam import AdamConfig
+from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.base import View
 from clm.render.splats import render_gsplat, render_torch
 from clm.train.loss import photometric_loss
-from clm.train.schedule import LearningRates, adam_betas
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -197,7 +197,7 @@ def test_stream_ordering_under_stress(cache_rows, resident):
             "spec": spec,
             "render_fn": render_gsplat,
             "lrs": LearningRates(spec, 10, extent=3.0, batch_size=batch),
-            "adam": AdamSettings(betas=adam_betas(batch)),
+            "adam": AdamConfig(betas=adam_betas(batch)),
             "device": CUDA,
         }
 

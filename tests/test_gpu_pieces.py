@@ -6,15 +6,15 @@ import pytest
 import torch
 from test_gpu import _train, assert_same_training, ring_views
 
-from clm.engine.base import AdamSettings
 from clm.engine.offloaded import OffloadEngine
 from clm.engine.resident import ResidentEngine
 from clm.model.spec import gaussian_splatting_spec
 from clm.offload import pieces as pieces_module
 from clm.offload.pieces import Canvas, ImageGrad, PieceCuller, cut_views
+from clm.optim.lazy_adam import AdamConfig
+from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.splats import render_gsplat
 from clm.train.loss import photometric_loss
-from clm.train.schedule import LearningRates, adam_betas
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -114,7 +114,7 @@ def test_offload_engine_with_a_tiny_cache_matches_the_resident_engine(monkeypatc
             "spec": spec,
             "render_fn": render_gsplat,
             "lrs": LearningRates(spec, 10, extent=3.0, batch_size=4),
-            "adam": AdamSettings(betas=adam_betas(4)),
+            "adam": AdamConfig(betas=adam_betas(4)),
             "device": CUDA,
         }
 

@@ -9,14 +9,15 @@ from plyfile import PlyData
 from test_gpu import ring_views
 
 from clm.data.types import Similarity
-from clm.engine.base import AdamSettings, RowChunk, RowSource
-from clm.engine.factory import make_engine
+from clm.engine.base import RowChunk, RowSource
 from clm.model.spec import gaussian_splatting_spec
+from clm.optim.lazy_adam import AdamConfig
+from clm.optim.learning_rates import LearningRates
 from clm.render.splats import render_gsplat
 from clm.train.checkpoint import Checkpoint, save_checkpoint, state_blocks, state_columns
 from clm.train.config import TrainConfig
+from clm.train.engine_factory import make_engine
 from clm.train.export import checkpoint_source, export_ply
-from clm.train.schedule import LearningRates
 
 pytestmark = pytest.mark.gpu
 SPEC = gaussian_splatting_spec(3)
@@ -52,7 +53,7 @@ def make(source: RowSource, views):
         source,
         render_gsplat,
         LearningRates(SPEC, 100),
-        AdamSettings(),
+        AdamConfig(),
         torch.device("cuda"),
         max(v.width * v.height for v in views),
         views,

@@ -120,6 +120,14 @@ def test_visit_counts_over_many_views_match_the_cull_of_each():
     assert int(per_row.min()) < int(per_row.max()) and int(per_row.max()) > 1
 
 
+def test_more_cameras_than_one_pass_culls_is_one_clear_error():
+    params = make_params(10)
+    with pytest.raises(ClmError, match="at most 64 cameras are culled together, got 65"):
+        Culler(torch.device("cpu")).cull(
+            params["means"], params["scales"], params["opacities"], ring_views(65)
+        )
+
+
 def test_culling_sees_a_view_moved_in_place():
     params = make_params(2000, seed=5)
     views = ring_views(3)
@@ -195,7 +203,7 @@ def test_key_adam_over_chunks_matches_dense_adam(chunk_rows):
     from clm.model.spec import gaussian_splatting_spec
     from clm.offload.lazy_rows import DeviceRows
     from clm.optim.lazy_adam import AdamConfig
-    from clm.train.schedule import LearningRates
+    from clm.optim.learning_rates import LearningRates
 
     spec = gaussian_splatting_spec(3)
     params = make_params(50, seed=2)

@@ -4,26 +4,25 @@ import pytest
 import torch
 
 from clm.errors import ClmError
-from clm.offload.plan import order_views, plan_batch
+from clm.offload.plan import plan_batch
 
 
-def simulate(plan, vis, capacity):
+def simulate(plan, vis, capacity, announced=None):
     """Replay the schedule; assert every render finds its rows and every row's gradient goes
-    to the host exactly once per batch (final) or through the deferred path."""
+    to the host exactly once per batch (final) or through the deferred path. ``announced``:
+    the rows ``on_loads`` was given, which must be every load in order. Returns each row's
+    load count and the most rows in the cache at once."""
+    at = {int(i): p for p, i in enumerate(plan.ids.tolist())}  # a row's position in the batch
+    positions = lambda ids: [at[int(i)] for i in ids.tolist()]  # noqa: E731
     slot_owner = {}
+    peak = 0
     freed_at = {}  # slot -> micro-batch index whose flush freed it
     loads = {}
     final = {}
     deferred = {}
     for k, mb in enumerate(plan.micro):
-        for pos, ids in (
-            (mb.load_pos, mb.load_ids),
-            (mb.render_pos, mb.render_ids),
-            (mb.flush_pos, mb.flush_ids),
-            (mb.defer_pos, mb.defer_ids),
-        ):
-            assert torch.equal(plan.ids[pos], ids)
-        for pos, slot in zip(mb.load_pos.tolist(), mb.load_slots.tolist(), strict=True):
+        assert torch.equal(plan.ids[mb.render_pos], mb.render_ids)
+        for pos, slot in zip(positions(mb.load_ids), mb.load_slots.tolist(), strict=True):
             assert 0 <= slot < plan.slots_needed <= capacity
             assert slot not in slot_owner, "slot reused while its row is live"
             if slot in freed_at:  # reuse only after the flush the load waits for
@@ -31,14 +30,15 @@ def simulate(plan, vis, capacity):
             slot_owner[slot] = pos
             loads[pos] = loads.get(pos, 0) + 1
         assert len(slot_owner) <= capacity
+        peak = max(peak, len(slot_owner))
         assert sorted(mb.render_pos.tolist()) == torch.nonzero(vis[mb.view]).squeeze(1).tolist()
         for pos, slot in zip(mb.render_pos.tolist(), mb.render_slots.tolist(), strict=True):
             assert slot_owner.get(slot) == pos, "render reads a slot that holds another row"
-        for kind, p_, s_ in (
-            ("f", mb.flush_pos, mb.flush_slots),
-            ("d", mb.defer_pos, mb.defer_slots),
+        for kind, ids, slots in (
+            ("f", mb.flush_ids, mb.flush_slots),
+            ("d", mb.defer_ids, mb.defer_slots),
         ):
-            for pos, slot in zip(p_.tolist(), s_.tolist(), strict=True):
+            for pos, slot in zip(positions(ids), slots.tolist(), strict=True):
                 assert slot_owner.pop(slot) == pos
                 freed_at[slot] = k
                 target = final if kind == "f" else deferred
@@ -50,9 +50,15 @@ def simulate(plan, vis, capacity):
         if pos in final:
             assert final[pos] == 1 and loads[pos] == 1
     assert plan.loads == sum(loads.values())
-    assert torch.equal(plan.load_ids_host, torch.cat([mb.load_ids for mb in plan.micro]).cpu())
+    if announced is not None:
+        assert torch.equal(announced, torch.cat([mb.load_ids for mb in plan.micro]).cpu())
     assert plan.uses == int(vis.sum())
-    return loads
+    return loads, peak
+
+
+def segments(plan):
+    """Segments of a plan: a segment's first view loads after the view before it is flushed."""
+    return sum(mb.load_after == k - 1 for k, mb in enumerate(plan.micro))
 
 
 def row_ids(vis):
@@ -77,10 +83,10 @@ def random_vis(num_views, rows, seed, density=0.3):
 def test_plan_fits_in_one_segment_when_cache_is_large(seed):
     vis = random_vis(12, 400, seed)
     plan = plan_batch(row_ids(vis), vis, capacity=vis.shape[1])
-    assert plan.segments == 1
-    loads = simulate(plan, vis, vis.shape[1])
+    assert segments(plan) == 1
+    loads, peak = simulate(plan, vis, vis.shape[1])
     assert all(v == 1 for v in loads.values())
-    assert plan.peak_slots <= vis.shape[1]
+    assert peak <= vis.shape[1]
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -88,7 +94,8 @@ def test_slots_are_reused_after_two_microbatches(seed):
     vis = random_vis(16, 600, seed, density=0.15)
     union = vis.shape[1]
     plan = plan_batch(row_ids(vis), vis, capacity=union)
-    capacity = plan.peak_slots + max(int(vis[v].sum()) for v in range(vis.shape[0]))
+    _, peak = simulate(plan, vis, union)
+    capacity = peak + max(int(vis[v].sum()) for v in range(vis.shape[0]))
     tight = plan_batch(row_ids(vis), vis, capacity=capacity)
     simulate(tight, vis, capacity)
     assert capacity < union  # ordering keeps the live set well below the union
@@ -99,9 +106,9 @@ def test_overflow_splits_into_segments_and_defers_shared_rows(seed):
     vis = random_vis(10, 300, seed, density=0.4)
     capacity = max(int(vis[v].sum()) for v in range(vis.shape[0])) + 5
     plan = plan_batch(row_ids(vis), vis, capacity=capacity)
-    assert plan.segments > 1
+    assert segments(plan) > 1
     simulate(plan, vis, capacity)
-    assert any(mb.defer_pos.numel() for mb in plan.micro)
+    assert any(mb.defer_ids.numel() for mb in plan.micro)
 
 
 def test_single_view_larger_than_cache_is_an_error():
@@ -116,7 +123,7 @@ def test_order_chains_neighbours():
     for v in range(6):
         line[v, v * 10 : v * 10 + 20] = True
     perm = [3, 0, 5, 1, 4, 2]
-    order = order_views(line[perm])
+    order = plan_batch(torch.arange(60), line[perm], capacity=60).order
     walked = [perm[i] for i in order]
     assert walked in (list(range(6)), list(range(5, -1, -1)))
 
@@ -129,8 +136,14 @@ def test_load_rows_are_announced_once_in_load_order(tight):
     plan = plan_batch(
         row_ids(vis), vis, capacity, lambda rows, counts: calls.append((rows, counts))
     )
-    assert (plan.segments > 1) == tight
+    assert (segments(plan) > 1) == tight
     assert len(calls) == 1
     rows, counts = calls[0]
     assert counts == [mb.load_ids.numel() for mb in plan.micro]
-    assert torch.equal(rows, torch.cat([mb.load_ids for mb in plan.micro]))
+    simulate(plan, vis, capacity, announced=rows)
+
+
+def test_a_cache_without_slots_is_one_clear_error():
+    vis = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ClmError, match="no slot: raise --max-gpu-gb"):
+        plan_batch(torch.arange(5), vis, capacity=0)

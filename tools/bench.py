@@ -30,16 +30,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clm.engine.base import AdamSettings, Engine
-from clm.engine.factory import make_engine
+from clm.engine.base import Engine
 from clm.errors import ClmError
 from clm.model.spec import gaussian_splatting_spec
+from clm.optim.lazy_adam import AdamConfig
+from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.splats import default_renderer
 from clm.synthetic.geometry import load_geometry
 from clm.synthetic.surface import surface_params
 from clm.train.config import make_config
+from clm.train.engine_factory import make_engine
 from clm.train.loss import photometric_loss
-from clm.train.schedule import LearningRates, adam_betas
 from clm.train.trainer import Trainer, format_count
 
 GIB = 2**30
@@ -314,7 +315,7 @@ def run_largest(args, scene, images, all_views, count, mode, cap) -> dict:
     engine = None
     lrs = LearningRates(spec, 1000, scene.extent, args.batch_size)
     try:
-        adam = AdamSettings(betas=adam_betas(args.batch_size))
+        adam = AdamConfig(betas=adam_betas(args.batch_size))
         pixels = max(f.width * f.height for f in scene.train)
         first = next(chunks)
         frames, views = pick_views(first, all_views, args.max_view_share)

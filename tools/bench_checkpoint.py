@@ -17,14 +17,15 @@ from pathlib import Path
 import torch
 
 from clm.data.types import Similarity
-from clm.engine.base import AdamSettings, RowChunk, RowSource
-from clm.engine.factory import make_engine
+from clm.engine.base import RowChunk, RowSource
 from clm.model.spec import gaussian_splatting_spec
+from clm.optim.lazy_adam import AdamConfig
+from clm.optim.learning_rates import LearningRates
 from clm.render.splats import default_renderer
 from clm.train.checkpoint import Checkpoint, save_checkpoint, state_blocks, state_columns
 from clm.train.config import TrainConfig
+from clm.train.engine_factory import make_engine
 from clm.train.export import checkpoint_source, export_ply
-from clm.train.schedule import LearningRates
 
 SPEC = gaussian_splatting_spec(3)
 CHUNK = 1 << 20
@@ -55,7 +56,7 @@ def engine_of(source: RowSource):
         source,
         default_renderer(device),
         LearningRates(SPEC, 10),
-        AdamSettings(),
+        AdamConfig(),
         device,
         1920 * 1080,
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 from clm.cli.common import OneLineParser, run_cli
 from clm.cli.model_source import add_source_arguments, background_of, render_engine, scene_for
 from clm.data.images import ImageCache
+from clm.errors import ClmError
 from clm.files import write_json
 from clm.train.evaluate import evaluate
 
@@ -29,8 +30,7 @@ def _evaluate(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     scene, model = scene_for(args)
     if not scene.test:
-        print(f"no held-out images in {scene.root} (--test-every 0?)", file=sys.stderr)
-        return 1
+        raise ClmError(f"no held-out images in {scene.root} (was it trained with --test-every 0?)")
     base = args.source if args.source.is_dir() else args.source.parent
     cache_dir = base / "cache" if args.source.is_dir() else scene.root / ".clm-cache"
     images = ImageCache(scene.test, cache_dir, scene.background)

@@ -16,17 +16,19 @@ from torch import Tensor
 
 from clm.data.scene import load_scene
 from clm.data.types import Scene, Similarity
-from clm.engine.base import AdamSettings, Engine, RowSource
-from clm.engine.factory import make_engine
+from clm.devices import resolve_device
+from clm.engine.base import Engine, RowSource
 from clm.errors import ClmError
 from clm.model.ply import open_ply
 from clm.model.spec import GaussianSpec, gaussian_splatting_spec
+from clm.optim.lazy_adam import AdamConfig
+from clm.optim.learning_rates import LearningRates
 from clm.render.splats import default_renderer
 from clm.train.checkpoint import open_checkpoint
 from clm.train.config import TrainConfig, config_from_dict
+from clm.train.engine_factory import make_engine
 from clm.train.export import checkpoint_source, ply_source
-from clm.train.schedule import LearningRates, sh_degree_at
-from clm.train.trainer import resolve_device
+from clm.train.recipe import sh_degree_at
 
 
 @dataclass
@@ -124,7 +126,7 @@ def render_engine(model: Model, device_name: str, max_pixels: int, depth: bool =
         model.rows(spec),
         default_renderer(device, depth),
         LearningRates(spec, 1),
-        AdamSettings(),
+        AdamConfig(),
         device,
         max_pixels,
     )

@@ -186,8 +186,7 @@ def _render_split(args: argparse.Namespace, scene: Scene, model: Model, base: Pa
     split = args.split or "test"
     chosen = {"test": scene.test, "train": scene.train, "all": scene.train + scene.test}[split]
     if not chosen:
-        print(f"no {split} images in {scene.root}", file=sys.stderr)
-        return 1
+        raise ClmError(f"no {split} images in {scene.root}")
     out_dir = args.output or base / "renders" / split
     out_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:

@@ -127,8 +127,9 @@ def _synth(argv: list[str] | None) -> int:
                 f"--dense-only samples the scene already in {args.out}: drop {', '.join(given)}"
             )
     # torch imports after the flags are checked
+    from clm.devices import resolve_device
     from clm.synthetic.dense import check_dense, write_dense_ply
-    from clm.synthetic.generate import generate_scene, resolve_device
+    from clm.synthetic.generate import generate_scene
 
     out = Path(args.out)
     if args.dense is not None:

@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 
 from clm.cli.common import run_cli
+from clm.cli.train_flags import parse_flags
 from clm.data.scene import load_scene
 from clm.errors import ClmError
 from clm.train.checkpoint import Checkpoint, list_checkpoints, open_checkpoint
-from clm.train.config import TrainConfig, config_from_dict, make_config, parse_flags
+from clm.train.config import TrainConfig, config_from_dict, make_config
 
 log = logging.getLogger(__name__)
 

@@ -79,12 +79,6 @@ class Similarity:
         out[:3, 3] = self.scale * (rot @ self.center + trans)
         return out
 
-    def pose_to_world(self, world_to_camera: np.ndarray) -> np.ndarray:
-        out = np.array(world_to_camera, dtype=np.float64, copy=True)
-        rot, trans = out[:3, :3], out[:3, 3]
-        out[:3, 3] = trans / self.scale - rot @ self.center
-        return out
-
 
 @dataclass
 class Scene:

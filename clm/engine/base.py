@@ -14,21 +14,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from clm.devices import with_index
 from clm.model.spec import GaussianSpec
 from clm.model.table import Compaction
+from clm.optim.lazy_adam import AdamConfig
+from clm.optim.learning_rates import LearningRates
 from clm.render.base import RenderFn, RenderOutput, View
-from clm.train.schedule import LearningRates
 
 # loss_fn(position in the batch as given, render) -> scalar loss, already divided by the batch size
 LossFn = Callable[[int, RenderOutput], Tensor]
 # observe(global row ids of out.ids, render, view), called after each backward
 ObserveFn = Callable[[Tensor, RenderOutput, View], None]
-
-
-@dataclass(frozen=True)
-class AdamSettings:
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-15
 
 
 @dataclass
@@ -109,16 +105,14 @@ class Engine(ABC):
         spec: GaussianSpec,
         render_fn: RenderFn,
         lrs: LearningRates,
-        adam: AdamSettings,
+        adam: AdamConfig,
         device: torch.device,
     ) -> None:
         self.spec = spec
         self.render_fn = render_fn
         self.lrs = lrs
         self.adam = adam
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device = device
+        self.device = with_index(device)
         self.step = 0  # last optimiser step applied
         self.max_gaussians: int | None = None  # what the memory budgets allow
         self.last_stats = StepStats()

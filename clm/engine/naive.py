@@ -13,7 +13,6 @@ from clm.engine.base import STREAM_ROWS, Engine, LossFn, ObserveFn, RowChunk, Ro
 from clm.model.spec import unpack_rows
 from clm.model.table import Compaction
 from clm.offload.lazy_rows import HostRows
-from clm.optim.lazy_adam import AdamConfig
 from clm.render.base import RenderOutput, View
 
 
@@ -31,7 +30,7 @@ class NaiveEngine(Engine):
         self.host = HostRows(
             self.spec.attributes,
             self.lrs,
-            AdamConfig(self.adam.betas, self.adam.eps),
+            self.adam,
             pinned=self.device.type == "cuda",
             max_bytes=max_host_bytes,
             chunk_shift=chunk_shift,

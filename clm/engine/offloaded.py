@@ -49,7 +49,6 @@ from clm.offload.pieces import ImageGrad, Piece, PieceCuller
 from clm.offload.plan import BatchPlan, overlap_and_uses, plan_batch
 from clm.offload.resident_rows import ResidentBudget, ResidentRows, Split
 from clm.offload.row_inputs import RowInputs, Source
-from clm.optim.lazy_adam import AdamConfig
 from clm.render.base import View
 
 __all__ = ["STAGING_ROWS", "OffloadEngine"]
@@ -94,7 +93,7 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         sets it from the key rows' room); ``views``: the training views, whose visits choose
         them first. ``grow_through_host``: a hard GPU budget is in force (see DeviceRows)."""
         super().__init__(**kwargs)
-        config = AdamConfig(self.adam.betas, self.adam.eps)
+        config = self.adam
         cuda = self.device.type == "cuda"
         self.key = DeviceRows(
             self.spec.key,

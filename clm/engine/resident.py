@@ -17,7 +17,7 @@ from torch import Tensor
 from clm.engine.base import STREAM_ROWS, Engine, LossFn, ObserveFn, RowChunk, RowSource, StepStats
 from clm.model.table import Compaction, RowTable
 from clm.offload.culling import Culler, CullResult
-from clm.optim.lazy_adam import AdamConfig, adam_step
+from clm.optim.lazy_adam import adam_step
 from clm.render.base import RenderOutput, View
 
 
@@ -58,7 +58,7 @@ class ResidentEngine(Engine):
             loss_fn(i, out).backward()
             observe(rows[out.ids], out, view)
         step = self.step + 1
-        config = AdamConfig(self.adam.betas, self.adam.eps)
+        config = self.adam
         with torch.no_grad():
             for name, leaf in leaves.items():
                 grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)

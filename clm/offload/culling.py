@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clm.errors import ClmError
 from clm.offload.cuda_kernels import cupy_available, kernel, launch, pointer
 from clm.render.base import View
 from clm.render.projection import ALPHA_THRESHOLD
@@ -37,7 +38,7 @@ def pack_cameras(views: Sequence[View]) -> Tensor:
     """``[B, 24]`` float32: R (9), t (3), fx, fy, cx, cy, W, H, 1+lim_x², 1+lim_y², near, far,
     extent multiplier, pad."""
     if len(views) > MAX_CAMERAS:
-        raise ValueError(f"at most {MAX_CAMERAS} cameras per batch, got {len(views)}")
+        raise ClmError(f"at most {MAX_CAMERAS} cameras are culled together, got {len(views)}")
     rows = []
     for v in views:
         vm = v.viewmat.detach().double().cpu().numpy()
@@ -123,7 +124,7 @@ class Culler:
     def cameras(self, views: Sequence[View]) -> Tensor:
         """``[B, 24]`` packed cameras on the device."""
         if len(views) > MAX_CAMERAS:
-            raise ValueError(f"at most {MAX_CAMERAS} cameras per batch, got {len(views)}")
+            raise ClmError(f"at most {MAX_CAMERAS} cameras are culled together, got {len(views)}")
         rows = []
         for view in views:
             key = (id(view), id(view.viewmat), view.viewmat._version, id(view.K), view.K._version)

@@ -17,7 +17,7 @@ from clm.model.table import Compaction, RowTable
 from clm.offload.host_store import HostStore
 from clm.optim.cpu_adam import CpuRowAdam
 from clm.optim.lazy_adam import AdamConfig, Segment, SkipTable, adam_step_columns
-from clm.train.schedule import LearningRates
+from clm.optim.learning_rates import LearningRates
 
 
 class LazySchedule:

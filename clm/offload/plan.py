@@ -32,22 +32,20 @@ from clm.errors import ClmError
 
 @dataclass
 class MicroBatch:
-    """One view's work. Positions index the batch's ``ids``, slots index the cache, ids are the
-    global rows (``ids[pos]``). All are slices of a few per-segment tensors: no kernel each."""
+    """One view's work. Slots index the cache, ids are global rows, ``render_pos`` where the
+    view's rows are in the batch's ``ids``. All are slices of a few per-segment tensors: no
+    kernel each."""
 
     view: int  # index into the batch's views as given
-    load_pos: Tensor  # rows to gather before rendering
-    load_slots: Tensor
+    load_slots: Tensor  # rows to gather before rendering
     load_ids: Tensor
     load_after: int  # micro-batch whose flush must finish before the load (-1: none)
     render_pos: Tensor  # rows this view renders
     render_slots: Tensor
     render_ids: Tensor
-    flush_pos: Tensor  # rows whose gradient is final after this view (CPU Adam now)
-    flush_slots: Tensor
+    flush_slots: Tensor  # rows whose gradient is final after this view (CPU Adam now)
     flush_ids: Tensor
-    defer_pos: Tensor  # rows with a partial gradient (summed on the host, updated at batch end)
-    defer_slots: Tensor
+    defer_slots: Tensor  # rows with a partial gradient (summed on the host, stepped at batch end)
     defer_ids: Tensor
 
 
@@ -56,17 +54,9 @@ class BatchPlan:
     ids: Tensor  # [U] ascending global row ids of the batch's union
     order: list[int]  # views in render order
     micro: list[MicroBatch] = field(default_factory=list)
-    segments: int = 1
-    peak_slots: int = 0  # rows in the cache at once, at most
     slots_needed: int = 0  # cache rows the slot numbers span (fresh slots go first)
     loads: int = 0  # rows gathered over the batch
     uses: int = 0  # rows rendered over the batch (sum over views)
-    load_ids_host: Tensor | None = None  # every micro-batch's load_ids in order, on the host
-
-
-def order_views(vis: Tensor) -> list[int]:
-    """A chain through the views that greedily maximises the rows shared by neighbours."""
-    return _chain(overlap_and_uses(vis)[0])
 
 
 def _chain(overlap: Tensor) -> list[int]:
@@ -255,29 +245,23 @@ def _schedule(
     ]
     seen_slots, seen_ids = slot_of[seen], ids[seen]
 
-    a = f = r = live = 0
+    a = f = r = 0
     for k in range(num):
         g = seg.start + k
         n_load, n_final, n_defer, n_seen = seg.loads[k], finals[k], defers[k], uses[g]
-        live += n_load
-        plan.peak_slots = max(plan.peak_slots, live)
-        live -= seg.frees[k]
         load, final = slice(a, a + n_load), slice(f, f + n_final)
         defer, render = slice(f + n_final, f + n_final + n_defer), slice(r, r + n_seen)
         plan.micro.append(
             MicroBatch(
                 view=plan.order[g],
-                load_pos=by_first[load],
                 load_slots=slots[load],
                 load_ids=load_ids[load],
                 load_after=g - 2 if k >= 2 else seg.start - 1,
                 render_pos=seen[render],
                 render_slots=seen_slots[render],
                 render_ids=seen_ids[render],
-                flush_pos=by_last[final],
                 flush_slots=free_slots[final],
                 flush_ids=free_ids[final],
-                defer_pos=by_last[defer],
                 defer_slots=free_slots[defer],
                 defer_ids=free_ids[defer],
             )
@@ -304,7 +288,7 @@ def plan_batch(
     marks rows that other plans of the same step also use: their gradients are deferred.
     """
     if capacity < 1:
-        raise ValueError("the row cache needs at least one slot")
+        raise ClmError("the row cache has no slot: raise --max-gpu-gb")
     capacity = min(capacity, max(vis.shape[1], 1))  # slots beyond the union are never used
     overlap, per_view = survey if survey is not None else overlap_and_uses(vis)
     order = _chain(overlap)
@@ -312,18 +296,14 @@ def plan_batch(
     uses = [per_view[v] for v in order]
     plan = BatchPlan(ids=ids, order=order, uses=sum(uses))
     segments = _segment(vis_o, capacity, ids)
-    plan.segments = len(segments)
-    if len(segments) == 1:
-        plan.load_ids_host = segments[0].load_ids_host
-        if on_loads is not None:
-            on_loads(plan.load_ids_host, segments[0].loads)
+    if len(segments) == 1 and on_loads is not None:
+        on_loads(segments[0].load_ids_host, segments[0].loads)
     shared = _shared_rows(vis_o, segments) if len(segments) > 1 else None
     if keep is not None:
         shared = keep if shared is None else shared | keep
     for seg in segments:
         _schedule(plan, seg, vis_o, uses, capacity, shared)
-    if len(segments) > 1:
-        plan.load_ids_host = torch.cat([mb.load_ids for mb in plan.micro]).cpu()
-        if on_loads is not None:
-            on_loads(plan.load_ids_host, [mb.load_ids.numel() for mb in plan.micro])
+    if len(segments) > 1 and on_loads is not None:
+        loads = torch.cat([mb.load_ids for mb in plan.micro]).cpu()
+        on_loads(loads, [mb.load_ids.numel() for mb in plan.micro])
     return plan

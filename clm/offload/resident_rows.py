@@ -26,8 +26,8 @@ from clm.model.table import Compaction
 from clm.offload.culling import Culler, CullResult
 from clm.offload.lazy_rows import HostRows
 from clm.optim.lazy_adam import AdamConfig, adam_step_columns
+from clm.optim.learning_rates import LearningRates
 from clm.render.base import View
-from clm.train.schedule import LearningRates
 
 log = logging.getLogger("clm")
 

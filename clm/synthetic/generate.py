@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from clm.data.colmap import write_model
+from clm.devices import resolve_device
 from clm.errors import ClmError
 from clm.synthetic.cameras import AERIAL, Intrinsics, make_views
 from clm.synthetic.geometry import CityParams, build_city
@@ -264,21 +265,6 @@ def _resolve(
         height=height or p.height,
         points=points if points is not None else p.points,
     )
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """The torch device of ``--device`` (CUDA when available by default), or a ClmError."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ClmError(f"--device {device!r}: expected cpu or cuda") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ClmError(f"--device {device!r}: expected cpu or cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ClmError("--device cuda: CUDA is not available on this machine")
-    return dev
 
 
 def _prepare(out_dir: Path, downscales: Sequence[int]) -> None:

@@ -21,7 +21,7 @@ from clm.engine.base import Engine
 from clm.model.table import Compaction
 from clm.render.base import RenderOutput, View
 from clm.render.projection import quat_to_rotmat
-from clm.train.schedule import images_to_steps
+from clm.train.recipe import images_to_steps
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ class DensifyReport:
     split: int = 0
     pruned: int = 0
     capped: int = 0
-    reset: bool = False
 
 
 class DensityController:
@@ -104,7 +103,6 @@ class DensityController:
         if self.reset_every and step % self.reset_every == 0:
             report = report or DensifyReport()
             engine.reset_opacity(math.log(self.cfg.reset_opacity / (1 - self.cfg.reset_opacity)))
-            report.reset = True
         return report
 
     @torch.no_grad()

@@ -25,8 +25,8 @@ from clm.model.ply import open_ply, write_ply_stream
 from clm.model.spec import GaussianSpec, pack_rows, unpack_rows
 from clm.offload.lazy_rows import LazySchedule
 from clm.optim.lazy_adam import AdamConfig, lazy_catch_up
+from clm.optim.learning_rates import LearningRates
 from clm.train.checkpoint import LAST_COLUMN, MOMENT_KINDS, Checkpoint
-from clm.train.schedule import LearningRates
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,14 @@ from tqdm import tqdm
 
 from clm.data.images import ImageCache
 from clm.data.scene import load_scene
-from clm.engine.base import STREAM_ROWS, AdamSettings, Engine, RowSource
-from clm.engine.factory import make_engine
+from clm.devices import resolve_device
+from clm.engine.base import STREAM_ROWS, Engine, RowSource
 from clm.errors import ClmError
 from clm.files import write_json
 from clm.model.init import init_from_points
 from clm.model.spec import gaussian_splatting_spec
+from clm.optim.lazy_adam import AdamConfig
+from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.base import RenderOutput, View
 from clm.render.splats import default_renderer
 from clm.train.checkpoint import (
@@ -35,12 +37,13 @@ from clm.train.checkpoint import (
 )
 from clm.train.config import TrainConfig, config_to_dict
 from clm.train.densify import DensifyConfig, DensityController
+from clm.train.engine_factory import make_engine
 from clm.train.evaluate import evaluate
 from clm.train.export import checkpoint_source, export_ply, ply_source
 from clm.train.hooks import TrainerHook, make_hooks
 from clm.train.log import TrainLog
 from clm.train.loss import photometric_loss
-from clm.train.schedule import LearningRates, adam_betas, sh_degree_at
+from clm.train.recipe import sh_degree_at
 from clm.train.targets import TargetStager
 from clm.train.views import BatchSampler, frame_to_view
 
@@ -54,16 +57,6 @@ class Interrupted(Exception):
         super().__init__(f"interrupted at step {step}; checkpoint saved to {checkpoint}")
         self.step = step
         self.checkpoint = checkpoint
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ClmError("--device cuda was asked for but no CUDA device is available")
-        return torch.device("cuda", torch.cuda.current_device())  # CUDA APIs want an index
-    return torch.device(name)
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -145,7 +138,7 @@ class Trainer:
         largest = max(f.width * f.height * 3 for f in scene.train)
         self.targets = TargetStager(self.images, self.device, batch, largest)
         lrs = LearningRates(self.spec, self.total_steps, extent=scene.extent, batch_size=batch)
-        adam = AdamSettings(betas=adam_betas(batch))
+        adam = AdamConfig(betas=adam_betas(batch))
         if checkpoint is not None:  # rows as they were, for an engine that takes them so
             rows = checkpoint_source(checkpoint, self.spec, lazy=cfg.offload == "clm")
         elif cfg.init_ply is not None:

@@ -1,8 +1,7 @@
-"""What changes with the step: learning rates, Adam betas under batching, the SH degree.
+"""Per-attribute Adam learning rates by step, and Adam's hyper-parameters under batching.
 
-The 3DGS recipe is stated per image (densify every 100 images, SH degree up every 1000). With
-``--batch-size B`` one optimiser step consumes B images, so those intervals are divided by B, and
-the hyper-parameters follow Grendel-GS: learning rates times sqrt(B), Adam betas to the power B.
+With ``--batch-size B`` one optimiser step consumes B images; the hyper-parameters follow
+Grendel-GS: learning rates times sqrt(B), Adam betas to the power B.
 """
 
 from __future__ import annotations
@@ -11,13 +10,6 @@ import math
 from dataclasses import dataclass
 
 from clm.model.spec import AttributeSpec, GaussianSpec
-
-
-def images_to_steps(images: int, batch_size: int) -> int:
-    """An interval stated in images, as optimiser steps (at least 1 when non-zero)."""
-    if images <= 0:
-        return 0
-    return max(1, round(images / batch_size))
 
 
 @dataclass(frozen=True)
@@ -46,11 +38,3 @@ class LearningRates:
 def adam_betas(batch_size: int, betas: tuple[float, float] = (0.9, 0.999)) -> tuple[float, float]:
     """Grendel-GS: one step over B images weighs history like B steps of one image."""
     return betas[0] ** batch_size, betas[1] ** batch_size
-
-
-def sh_degree_at(step: int, batch_size: int, max_degree: int, every_images: int = 1000) -> int:
-    """Active SH degree: one band more every ``every_images`` images, up to ``max_degree``."""
-    if every_images <= 0:
-        return max_degree
-    images_seen = (step - 1) * batch_size
-    return min(max_degree, images_seen // every_images)

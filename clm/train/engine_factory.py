@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from clm.engine.base import STREAM_ROWS, AdamSettings, Engine, RowSource
+from clm.devices import with_index
+from clm.engine.base import STREAM_ROWS, Engine, RowSource
 from clm.engine.naive import NaiveEngine
 from clm.engine.offloaded import STAGING_ROWS, OffloadEngine
 from clm.engine.resident import ResidentEngine
@@ -24,9 +25,10 @@ from clm.offload.budget import (
 )
 from clm.offload.host_budget import plan_host
 from clm.offload.resident_rows import ResidentBudget
+from clm.optim.lazy_adam import AdamConfig
+from clm.optim.learning_rates import LearningRates
 from clm.render.base import RenderFn, View
 from clm.train.config import TrainConfig
-from clm.train.schedule import LearningRates
 
 log = logging.getLogger("clm")
 
@@ -37,7 +39,7 @@ def make_engine(
     rows: Mapping[str, Tensor] | RowSource,
     render_fn: RenderFn,
     lrs: LearningRates,
-    adam: AdamSettings,
+    adam: AdamConfig,
     device: torch.device,
     max_pixels: int,
     views: Sequence[View] = (),
@@ -48,8 +50,7 @@ def make_engine(
     Both budgets are checked before a row is loaded. ``views`` (the training views, optional)
     let the GPU planner size the row cache for this scene, from a sample of the rows.
     """
-    if device.type == "cuda" and device.index is None:  # CUDA memory APIs want an index
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = with_index(device)
     source = rows if isinstance(rows, RowSource) else RowSource.of(rows)
     num = source.count
     host = plan_host(
