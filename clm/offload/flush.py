@@ -52,7 +52,7 @@ class GradientFlush:
         self.staging = StagingRing(staging_rows, host.width, pinned=cuda)
         self.worker = BackgroundQueue("clm-cpu-adam")
         self.stream = torch.cuda.Stream(device) if cuda else None
-        self._deferred: list[tuple[Tensor, Tensor]] = []
+        self._deferred: list[tuple[Tensor, Tensor]] = []  # (the CPU Adam thread's alone)
         self.rows_flushed = 0  # over the run, rows whose gradient reached the host
         self.rows_stepped = 0  # of those, rows the CPU Adam updated (the rest had no gradient)
 
@@ -98,25 +98,42 @@ class GradientFlush:
         self.rows_stepped += stepped
 
     def defer(self, cache_grad: Tensor, ids: Tensor, slots: Tensor, width: int) -> int:
-        """Partial gradients of rows used in several segments: kept until the batch ends."""
-        if ids.numel() == 0:
-            return 0
-        self._deferred.append((ids.cpu(), cache_grad[slots, :width].cpu()))
-        return ids.numel() * width * 4
+        """Partial gradients of rows used in several segments: kept until the batch ends. They
+        leave the GPU like final ones, through the staging ring on the copy stream; the CPU
+        Adam thread sets them aside (no wait here)."""
+        total = 0
+        part = self.staging.capacity // 2
+        for lo in range(0, ids.numel(), part):
+            rows = ids[lo : lo + part]
+            start, done = self._download(cache_grad[slots[lo : lo + part], :width], rows)
+            n = rows.numel()
+
+            def job(start=start, n=n, done=done) -> None:
+                wait_for(done)
+                rows = self.staging.rows[start : start + n].clone()
+                grads = self.staging.grads_view(start, n, width).clone()
+                self.staging.release()
+                self._deferred.append((rows, grads))
+
+            self.worker.submit(job)
+            total += n * width * 4
+        return total
 
     def flush_deferred(self, width: int, step: int) -> None:
-        """Step the deferred rows once, with their summed gradients."""
-        if not self._deferred:
-            return
-        rows = torch.cat([r for r, _ in self._deferred])
-        grads = torch.cat([g for _, g in self._deferred])
-        self._deferred.clear()
-        unique, inverse = torch.unique(rows, return_inverse=True)
-        summed = torch.zeros(unique.numel(), width).index_add_(0, inverse, grads)
-        n = unique.numel()
-        self.worker.submit(
-            lambda: self._stepped(n, self.host.step_rows(unique, summed, width, step))
-        )
+        """Step the deferred rows once, with their summed gradients (on the CPU Adam thread,
+        after every part has arrived)."""
+
+        def job() -> None:
+            if not self._deferred:
+                return
+            rows = torch.cat([r for r, _ in self._deferred])
+            grads = torch.cat([g for _, g in self._deferred])
+            self._deferred.clear()
+            unique, inverse = torch.unique(rows, return_inverse=True)
+            summed = torch.zeros(unique.numel(), width).index_add_(0, inverse, grads)
+            self._stepped(unique.numel(), self.host.step_rows(unique, summed, width, step))
+
+        self.worker.submit(job)
 
     def drain(self) -> None:
         self.worker.drain()
