@@ -12,7 +12,7 @@ carries it without knowing about it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -50,35 +50,10 @@ def render_torch(
     """3DGS on the CPU (or as a reference on CUDA): the native rasterizer where it is built and
     takes the inputs (float32 on the CPU), else the pure-torch one; both composite the same.
     Both take any number of channels, so depth is z rasterized next to the colours."""
-
-    def colors_of(ids: Tensor, depths: Tensor) -> Tensor:
-        coeffs = sh_coefficients(
-            {"sh0": params["sh0"].index_select(0, ids), "shN": params["shN"].index_select(0, ids)},
-            sh_degree,
-        )
-        dirs = params["means"].index_select(0, ids) - view.camera_center
-        colors = sh_to_rgb(sh_degree, coeffs, dirs)
-        return torch.cat([colors, depths[:, None]], dim=1) if depth else colors
-
-    if depth:
-        background = torch.cat([background, background.new_zeros(1)])
-    out = splat_torch(params, view, colors_of, background)
-    if depth:
-        out.image = _expected_depth(out.image, out.alpha)
-    return out
-
-
-def splat_torch(
-    params: Mapping[str, Tensor],
-    view: View,
-    colors_of: Callable[[Tensor, Tensor], Tensor],
-    background: Tensor,
-) -> RenderOutput:
-    """Project the Gaussians, keep those that reach the image, and composite the colours
-    ``colors_of(ids, depths)`` gives for them (any number of channels) over ``background``."""
+    means = params["means"]
     opacities = torch.sigmoid(params["opacities"])
     proj = project(
-        params["means"],
+        means,
         params["quats"],
         torch.exp(params["scales"]),
         opacities,
@@ -95,8 +70,13 @@ def splat_torch(
     means2d = visible(proj.means2d)
     if means2d.requires_grad:
         means2d.retain_grad()
-    depths = visible(proj.depths)
-    colors = colors_of(ids, depths)
+    coeffs = sh_coefficients(
+        {"sh0": visible(params["sh0"]), "shN": visible(params["shN"])}, sh_degree
+    )
+    colors = sh_to_rgb(sh_degree, coeffs, visible(means) - view.camera_center)
+    if depth:
+        colors = torch.cat([colors, visible(proj.depths)[:, None]], dim=1)
+        background = torch.cat([background, background.new_zeros(1)])
     raster = (
         native_raster.rasterize if native_raster.usable(means2d, colors, background) else rasterize
     )
@@ -105,12 +85,14 @@ def splat_torch(
         visible(proj.conics),
         colors,
         visible(opacities),
-        depths,
+        visible(proj.depths),
         visible(proj.radii),
         view.width,
         view.height,
         background,
     )
+    if depth:
+        image = _expected_depth(image, alpha)
     return RenderOutput(image, alpha, means2d, visible(proj.radii), ids)
 
 
@@ -122,28 +104,6 @@ def render_gsplat(
     depth: bool = False,
 ) -> RenderOutput:
     """3DGS through gsplat 1.5.3's CUDA rasterizer (packed mode: memory scales with visibility)."""
-    if depth:  # (gsplat's depth channel is already divided by alpha, and has no background)
-        background = torch.cat([background, background.new_zeros(1)])
-    return splat_gsplat(
-        params,
-        view,
-        sh_coefficients(params, sh_degree),
-        background,
-        sh_degree=sh_degree,
-        render_mode="RGB+ED" if depth else "RGB",
-    )
-
-
-def splat_gsplat(
-    params: Mapping[str, Tensor],
-    view: View,
-    colors: Tensor,
-    background: Tensor,
-    sh_degree: int | None = None,
-    render_mode: str = "RGB",
-) -> RenderOutput:
-    """gsplat 1.5.3 in packed mode: ``colors`` per Gaussian (SH coefficients with
-    ``sh_degree``, else any number of channels), composited over ``background``."""
     from gsplat import rasterization
 
     image, alpha, info = rasterization(
@@ -151,19 +111,21 @@ def splat_gsplat(
         quats=params["quats"],
         scales=torch.exp(params["scales"]),
         opacities=torch.sigmoid(params["opacities"]),
-        colors=colors,
+        colors=sh_coefficients(params, sh_degree),
         viewmats=view.viewmat[None],
         Ks=view.K[None],
         width=view.width,
         height=view.height,
         sh_degree=sh_degree,
         packed=True,
-        render_mode=render_mode,
+        render_mode="RGB+ED" if depth else "RGB",
     )
     means2d = info["means2d"]
     if means2d.requires_grad:
         means2d.retain_grad()
     # gsplat 1.5.3's packed mode rejects a per-camera background: composite it here (same sum).
+    if depth:  # (its depth channel is already divided by alpha, and has no background)
+        background = torch.cat([background, background.new_zeros(1)])
     image = image[0] + (1.0 - alpha[0]) * background
     return RenderOutput(image, alpha[0], means2d, info["radii"], info["gaussian_ids"].long())
 
