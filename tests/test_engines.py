@@ -141,9 +141,9 @@ def assert_same(a, b, rtol=2e-4, atol=2e-6):
     [
         ("naive", {}),
         ("clm", {"cache_rows": None}),
-        ("clm", {"cache_rows": 200, "staging_rows": 64}),  # forces segments and deferred rows
+        ("clm", {"cache_rows": 200, "staging_rows": 64}),  # forces stretches and deferred rows
         ("clm", {"cache_rows": None, "resident": 150}),  # the most seen rows on the "GPU"
-        ("clm", {"cache_rows": 150, "staging_rows": 64, "resident": 100}),  # and segments
+        ("clm", {"cache_rows": 150, "staging_rows": 64, "resident": 100}),  # and stretches
         ("clm", {"cache_rows": None, "resident": 10**6}),  # every row: the cache goes unused
         # a hard budget: growth sends the resident rows back to the host, then chooses again
         ("clm", {"cache_rows": None, "resident": 150, "grow_through_host": True}),

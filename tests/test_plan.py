@@ -56,8 +56,8 @@ def simulate(plan, vis, capacity, announced=None):
     return loads, peak
 
 
-def segments(plan):
-    """Segments of a plan: a segment's first view loads after the view before it is flushed."""
+def stretches(plan):
+    """Stretches of a plan: a stretch's first view loads after the view before it is flushed."""
     return sum(mb.load_after == k - 1 for k, mb in enumerate(plan.micro))
 
 
@@ -80,10 +80,10 @@ def random_vis(num_views, rows, seed, density=0.3):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_plan_fits_in_one_segment_when_cache_is_large(seed):
+def test_plan_fits_in_one_stretch_when_cache_is_large(seed):
     vis = random_vis(12, 400, seed)
     plan = plan_batch(row_ids(vis), vis, capacity=vis.shape[1])
-    assert segments(plan) == 1
+    assert stretches(plan) == 1
     loads, peak = simulate(plan, vis, vis.shape[1])
     assert all(v == 1 for v in loads.values())
     assert peak <= vis.shape[1]
@@ -102,11 +102,11 @@ def test_slots_are_reused_after_two_microbatches(seed):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_overflow_splits_into_segments_and_defers_shared_rows(seed):
+def test_overflow_splits_into_stretches_and_defers_shared_rows(seed):
     vis = random_vis(10, 300, seed, density=0.4)
     capacity = max(int(vis[v].sum()) for v in range(vis.shape[0])) + 5
     plan = plan_batch(row_ids(vis), vis, capacity=capacity)
-    assert segments(plan) > 1
+    assert stretches(plan) > 1
     simulate(plan, vis, capacity)
     assert any(mb.defer_ids.numel() for mb in plan.micro)
 
@@ -136,7 +136,7 @@ def test_load_rows_are_announced_once_in_load_order(tight):
     plan = plan_batch(
         row_ids(vis), vis, capacity, lambda rows, counts: calls.append((rows, counts))
     )
-    assert (segments(plan) > 1) == tight
+    assert (stretches(plan) > 1) == tight
     assert len(calls) == 1
     rows, counts = calls[0]
     assert counts == [mb.load_ids.numel() for mb in plan.micro]

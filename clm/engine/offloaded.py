@@ -281,7 +281,7 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         flushed: list[torch.cuda.Event | None] = []
         for k, mb in enumerate(plan.micro):
             # Issue loads up to one view ahead, each once the flush it waits for is queued
-            # (at a segment boundary that is this view's own flush: no overlap there).
+            # (where a stretch of views starts, that is this view's own flush: no overlap there).
             while (
                 len(loaded) <= k + 1
                 and len(loaded) < len(plan.micro)

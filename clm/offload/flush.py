@@ -5,8 +5,8 @@ GPU renders the next views.
 A row whose batch gradient is zero in every column (it was culled in but occluded, or under
 the alpha threshold everywhere) is read from the staging ring and left alone: its step is a
 skipped step, applied in closed form when the row is next caught up, which is exact. Rows used
-in several segments of a batch have partial gradients; they are *deferred*, summed on the host
-and stepped once at the end of the batch.
+in several stretches of a batch's views have partial gradients; they are *deferred*, summed on
+the host and stepped once at the end of the batch.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class GradientFlush:
         self.rows_stepped += stepped
 
     def defer(self, cache_grad: Tensor, ids: Tensor, slots: Tensor, width: int) -> int:
-        """Partial gradients of rows used in several segments: kept until the batch ends. They
+        """Partial gradients of rows used in several stretches: kept until the batch ends. They
         leave the GPU like final ones, through the staging ring on the copy stream; the CPU
         Adam thread sets them aside (no wait here)."""
         total = 0

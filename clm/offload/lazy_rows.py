@@ -20,8 +20,9 @@ from clm.optim.lazy_adam import AdamConfig, Segment, SkipTable, adam_step_column
 from clm.optim.learning_rates import LearningRates
 
 
-class LazySchedule:
-    """Per-attribute learning rates and the skip tables that remember their history (lazy Adam)."""
+class SkipTables:
+    """A skip table per attribute of a row layout, advanced with its learning rates (lazy Adam
+    catches rows up from them)."""
 
     def __init__(
         self,
@@ -74,7 +75,7 @@ class _ScratchChunk:
         return self.param_chunks, self.exp_avg_chunks, self.exp_avg_sq_chunks, self.last_chunks
 
 
-class HostRows(LazySchedule):
+class HostRows(SkipTables):
     """Rows in a :class:`HostStore`, updated by the native CPU Adam."""
 
     def __init__(

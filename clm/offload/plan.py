@@ -7,15 +7,15 @@ After culling, the batch's whole access sequence is known. The planner
 2. gives each row a cache slot from its first use to its last use: it is loaded once, its
    gradient accumulates in the slot, and it is flushed to the host once, right after its last
    use, when the CPU Adam can start on it. A freed slot is reused only two micro-batches later,
-   because the load of micro-batch k+1 runs while k renders;
+   because the load of micro-batch k+1 is done while k renders;
 3. when the rows live at once would not fit the cache, splits the batch into consecutive
-   segments that do fit. A row used in several segments is loaded in each; its partial gradients
+   stretches that do fit. A row used in several stretches is loaded in each; its partial gradients
    are *deferred* (summed on the host, updated at the end of the batch), so Adam still sees the
    batch's total gradient exactly once.
 
 The host learns the overlap and view sizes (one sync), then each view's loads and frees with the
-rows to catch up (one more); splitting a batch takes a few more per segment. Every per-row
-result stays on the device, and each micro-batch's tensors are slices of a few per-segment ones,
+rows to catch up (one more); splitting a batch takes a few more per stretch. Every per-row
+result stays on the device, and each micro-batch's tensors are slices of a few per-stretch ones,
 so building the schedule launches a dozen kernels whatever the batch size.
 """
 
@@ -33,7 +33,7 @@ from clm.errors import ClmError
 @dataclass
 class MicroBatch:
     """One view's work. Slots index the cache, ids are global rows, ``render_pos`` where the
-    view's rows are in the batch's ``ids``. All are slices of a few per-segment tensors: no
+    view's rows are in the batch's ``ids``. All are slices of a few per-stretch tensors: no
     kernel each."""
 
     view: int  # index into the batch's views as given
@@ -113,18 +113,18 @@ def _fits(loads: list[int], frees: list[int], capacity: int) -> bool:
 
 
 @dataclass
-class _Segment:
+class _Stretch:
     start: int
     stop: int
-    loads: list[int]  # rows first used at each view of the segment
-    frees: list[int]  # rows last used at each view of the segment
+    loads: list[int]  # rows first used at each view of the stretch
+    frees: list[int]  # rows last used at each view of the stretch
     first: Tensor
     last: Tensor
     by_first: Tensor | None = None  # rows by first use (when already sorted)
     load_ids_host: Tensor | None = None  # ids[by_first] of the present rows, on the host
 
 
-def _counts(vis_o: Tensor, start: int, stop: int, ids: Tensor | None = None) -> _Segment:
+def _counts(vis_o: Tensor, start: int, stop: int, ids: Tensor | None = None) -> _Stretch:
     """Loads and frees per view of ``vis_o[start:stop]``, in one host sync. With ``ids``, the
     rows in load order come along in the same transfer (for their catch-up on the host)."""
     vis_seg = vis_o[start:stop]
@@ -136,14 +136,14 @@ def _counts(vis_o: Tensor, start: int, stop: int, ids: Tensor | None = None) -> 
     counts[1].scatter_add_(0, last, ones)
     counts = counts[:, :num].flatten()
     if ids is None:
-        both = counts.cpu().tolist()  # the one host sync of a segment
-        return _Segment(start, stop, both[:num], both[num:], first, last)
+        both = counts.cpu().tolist()  # the one host sync of a stretch
+        return _Stretch(start, stop, both[:num], both[num:], first, last)
     by_first = torch.argsort(first, stable=True)
     packed = _to_host(torch.cat([counts, ids[by_first].to(torch.int64)]))
     both = packed[: 2 * num].tolist()
     present = sum(both[:num])
     host_ids = packed[2 * num : 2 * num + present]
-    return _Segment(start, stop, both[:num], both[num:], first, last, by_first, host_ids)
+    return _Stretch(start, stop, both[:num], both[num:], first, last, by_first, host_ids)
 
 
 def _to_host(values: Tensor) -> Tensor:
@@ -156,14 +156,14 @@ def _to_host(values: Tensor) -> Tensor:
     return out
 
 
-def _segment(vis_o: Tensor, capacity: int, ids: Tensor) -> list[_Segment]:
+def _stretches(vis_o: Tensor, capacity: int, ids: Tensor) -> list[_Stretch]:
     """Consecutive view ranges whose schedules fit; the whole batch when it fits."""
     num = vis_o.shape[0]
-    segments, start = [], 0
+    stretches, start = [], 0
     while start < num:
         whole = _counts(vis_o, start, num, ids if start == 0 else None)
         if _fits(whole.loads, whole.frees, capacity):
-            segments.append(whole)
+            stretches.append(whole)
             break
         best = _counts(vis_o, start, start + 1)
         if best.loads[0] > capacity:
@@ -174,14 +174,14 @@ def _segment(vis_o: Tensor, capacity: int, ids: Tensor) -> list[_Segment]:
         lo, hi = start + 1, num - 1  # the largest stop in [lo, hi] that fits
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            seg = _counts(vis_o, start, mid)
-            if _fits(seg.loads, seg.frees, capacity):
-                lo, best = mid, seg
+            stretch = _counts(vis_o, start, mid)
+            if _fits(stretch.loads, stretch.frees, capacity):
+                lo, best = mid, stretch
             else:
                 hi = mid - 1
-        segments.append(best)
+        stretches.append(best)
         start = best.stop
-    return segments
+    return stretches
 
 
 def _slots(by_first: Tensor, by_last: Tensor, capacity: int, num_views: int, union: int) -> Tensor:
@@ -205,31 +205,35 @@ def _slots(by_first: Tensor, by_last: Tensor, capacity: int, num_views: int, uni
     return parent
 
 
-def _shared_rows(vis_o: Tensor, segments: list[_Segment]) -> Tensor:
-    """Rows loaded in more than one segment: their gradients are deferred."""
-    seen = torch.stack([vis_o[s.start : s.stop].any(dim=0) for s in segments])
+def _shared_rows(vis_o: Tensor, stretches: list[_Stretch]) -> Tensor:
+    """Rows loaded in more than one stretch: their gradients are deferred."""
+    seen = torch.stack([vis_o[s.start : s.stop].any(dim=0) for s in stretches])
     return seen.sum(dim=0) > 1
 
 
 def _schedule(
     plan: BatchPlan,
-    seg: _Segment,
+    stretch: _Stretch,
     vis_o: Tensor,
     uses: list[int],
     capacity: int,
     shared: Tensor | None,
 ) -> None:
-    """Append the segment's micro-batches to ``plan``."""
-    ids, num, union = plan.ids, seg.stop - seg.start, vis_o.shape[1]
-    present = sum(seg.loads)
+    """Append the stretch's micro-batches to ``plan``."""
+    ids, num, union = plan.ids, stretch.stop - stretch.start, vis_o.shape[1]
+    present = sum(stretch.loads)
     plan.slots_needed = max(plan.slots_needed, min(capacity, present))
-    by_first = seg.by_first if seg.by_first is not None else torch.argsort(seg.first, stable=True)
+    by_first = (
+        stretch.by_first
+        if stretch.by_first is not None
+        else torch.argsort(stretch.first, stable=True)
+    )
     by_first = by_first[:present]
     if shared is None:
-        by_last = torch.argsort(seg.last, stable=True)[:present]
-        finals, defers = seg.frees, [0] * num
+        by_last = torch.argsort(stretch.last, stable=True)[:present]
+        finals, defers = stretch.frees, [0] * num
     else:  # per view, rows flushed for good first, then the deferred ones
-        key = seg.last * 2 + shared
+        key = stretch.last * 2 + shared
         by_last = torch.argsort(key, stable=True)[:present]
         counts = torch.zeros(2 * num + 2, dtype=torch.int64, device=key.device)
         counts.scatter_add_(0, key, torch.ones_like(key))
@@ -240,15 +244,15 @@ def _schedule(
     slot_of[by_first] = slots
     load_ids = ids[by_first]
     free_slots, free_ids = slot_of[by_last], ids[by_last]
-    seen = torch.nonzero_static(vis_o[seg.start : seg.stop], size=sum(uses[seg.start : seg.stop]))[
-        :, 1
-    ]
+    seen = torch.nonzero_static(
+        vis_o[stretch.start : stretch.stop], size=sum(uses[stretch.start : stretch.stop])
+    )[:, 1]
     seen_slots, seen_ids = slot_of[seen], ids[seen]
 
     a = f = r = 0
     for k in range(num):
-        g = seg.start + k
-        n_load, n_final, n_defer, n_seen = seg.loads[k], finals[k], defers[k], uses[g]
+        g = stretch.start + k
+        n_load, n_final, n_defer, n_seen = stretch.loads[k], finals[k], defers[k], uses[g]
         load, final = slice(a, a + n_load), slice(f, f + n_final)
         defer, render = slice(f + n_final, f + n_final + n_defer), slice(r, r + n_seen)
         plan.micro.append(
@@ -256,7 +260,7 @@ def _schedule(
                 view=plan.order[g],
                 load_slots=slots[load],
                 load_ids=load_ids[load],
-                load_after=g - 2 if k >= 2 else seg.start - 1,
+                load_after=g - 2 if k >= 2 else stretch.start - 1,
                 render_pos=seen[render],
                 render_slots=seen_slots[render],
                 render_ids=seen_ids[render],
@@ -295,15 +299,15 @@ def plan_batch(
     vis_o = vis[order]
     uses = [per_view[v] for v in order]
     plan = BatchPlan(ids=ids, order=order, uses=sum(uses))
-    segments = _segment(vis_o, capacity, ids)
-    if len(segments) == 1 and on_loads is not None:
-        on_loads(segments[0].load_ids_host, segments[0].loads)
-    shared = _shared_rows(vis_o, segments) if len(segments) > 1 else None
+    stretches = _stretches(vis_o, capacity, ids)
+    if len(stretches) == 1 and on_loads is not None:
+        on_loads(stretches[0].load_ids_host, stretches[0].loads)
+    shared = _shared_rows(vis_o, stretches) if len(stretches) > 1 else None
     if keep is not None:
         shared = keep if shared is None else shared | keep
-    for seg in segments:
-        _schedule(plan, seg, vis_o, uses, capacity, shared)
-    if len(segments) > 1 and on_loads is not None:
+    for stretch in stretches:
+        _schedule(plan, stretch, vis_o, uses, capacity, shared)
+    if len(stretches) > 1 and on_loads is not None:
         loads = torch.cat([mb.load_ids for mb in plan.micro]).cpu()
         on_loads(loads, [mb.load_ids.numel() for mb in plan.micro])
     return plan

@@ -23,7 +23,7 @@ from clm.engine.base import RowChunk, RowSource
 from clm.errors import ClmError
 from clm.model.ply import open_ply, write_ply_stream
 from clm.model.spec import GaussianSpec, pack_rows, unpack_rows
-from clm.offload.lazy_rows import LazySchedule
+from clm.offload.lazy_rows import SkipTables
 from clm.optim.lazy_adam import AdamConfig, lazy_catch_up
 from clm.optim.learning_rates import LearningRates
 from clm.train.checkpoint import LAST_COLUMN, MOMENT_KINDS, Checkpoint
@@ -156,22 +156,23 @@ def checkpoint_source(
 
 def _catch_up(ckpt: Checkpoint, spec: GaussianSpec):
     """A function that brings a block's lazily updated attributes up to the checkpoint's step in
-    place, with the skip tables of the run's schedule (rebuilt from the checkpoint's record)."""
+    place, with the skip tables of the run's learning rates (rebuilt from the checkpoint's
+    record)."""
     record = ckpt.meta.get("optimizer")
     if record is None:
-        raise ClmError(f"{ckpt.path}: the checkpoint does not record its optimiser schedule")
+        raise ClmError(f"{ckpt.path}: the checkpoint does not record its learning rates")
     lrs = LearningRates(spec, record["total_steps"], record["extent"], record["batch_size"])
     config = AdamConfig(tuple(record["betas"]), record["eps"])
-    schedule = LazySchedule(spec.host, lrs, config, torch.device("cpu"))
-    schedule.advance_to(ckpt.step)
-    segments = [seg for seg in schedule.segments(ckpt.step) if seg.end > seg.start]
+    tables = SkipTables(spec.host, lrs, config, torch.device("cpu"))
+    tables.advance_to(ckpt.step)
+    segments = [seg for seg in tables.segments(ckpt.step) if seg.end > seg.start]
 
     def catch_up(*state_and_last) -> None:
         *state, last = state_and_last
         host = [{a.name: part[a.name] for a in spec.host} for part in state]
-        packed = [pack_rows(part, schedule.layout) for part in host]
+        packed = [pack_rows(part, tables.layout) for part in host]
         lazy_catch_up(*packed, last.clone(), None, ckpt.step, segments)
         for part, values in zip(state, packed, strict=True):
-            part.update(unpack_rows(values, schedule.layout))
+            part.update(unpack_rows(values, tables.layout))
 
     return catch_up
