@@ -174,7 +174,12 @@ def test_clm_view_draws_a_frame_in_chromium(run, tmp_path):
     finally:
         browser.close()
         process.send_signal(signal.SIGINT)
-        code = process.wait(90)  # (a loaded 2-core machine may be mid-frame)
+        try:
+            code = process.wait(90)  # (a loaded 2-core machine may be mid-frame)
+        except subprocess.TimeoutExpired:
+            process.kill()  # never left running after the test
+            process.wait()
+            raise
     assert "frame " in page and "Gaussians" in page, page
     assert shot is not None
     Image.fromarray(shot).save(os.environ.get("CLM_VIEWER_SCREENSHOT") or tmp_path / "viewer.png")

@@ -40,8 +40,9 @@ from clm.synthetic.geometry import load_geometry
 from clm.synthetic.surface import surface_params
 from clm.train.config import make_config
 from clm.train.engine_factory import make_engine
+from clm.train.log import format_count
 from clm.train.loss import photometric_loss
-from clm.train.trainer import Trainer, format_count
+from clm.train.trainer import Trainer
 
 GIB = 2**30
 # Host memory bandwidth of the GPU machine (torch copy, 16 threads; DESIGN.md), bytes/s.

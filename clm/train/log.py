@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from clm.files import write_text
 from clm.report.plot import plot_training_log
@@ -77,3 +82,65 @@ class TrainLog:
         self.rows = [r for r in state["rows"] if r["step"] <= step]
         self.evals = [e for e in state["evals"] if e["step"] <= step]
         self.rewrite()
+
+
+def format_count(n: int) -> str:
+    """A count as the progress bar and tables show it: 1.23M, 45.6k, 789."""
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+class LogWindow:
+    """The steps since the last log row: their summed losses and squared errors (device scalars,
+    read only when a row is written, so a step makes no host sync) and images."""
+
+    def __init__(self) -> None:
+        self._start()
+
+    def _start(self) -> None:
+        self.losses: list[Tensor] = []
+        self.mses: list[Tensor] = []
+        self.images = 0
+        self.since = time.perf_counter()
+
+    def add(self, loss_sum: Tensor, mse_sum: Tensor, images: int) -> None:
+        self.losses.append(loss_sum)
+        self.mses.append(mse_sum)
+        self.images += images
+
+    def close(
+        self,
+        step: int,
+        batch_size: int,
+        num_gaussians: int,
+        elapsed: float,
+        gpu_mem_gb: float | None,
+    ) -> dict[str, Any]:
+        """The log row of these steps (``gpu_mem_gb`` None off CUDA); the window starts over."""
+        images = max(self.images, 1)
+        loss = float(torch.stack(self.losses).sum()) / images
+        mse = float(torch.stack(self.mses).sum()) / images
+        row = {
+            "step": step,
+            "images": step * batch_size,
+            "loss": round(loss, 6),
+            "train_psnr": round(-10.0 * math.log10(max(mse, 1e-12)), 3),
+            "num_gaussians": num_gaussians,
+            "gpu_mem_gb": round(gpu_mem_gb or 0.0, 3),
+            "images_per_s": round(self.images / max(time.perf_counter() - self.since, 1e-9), 2),
+            "elapsed_s": round(elapsed, 2),
+        }
+        self._start()
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        """For a checkpoint, so a resumed run writes the same next row."""
+        return {
+            "loss": [float(x) for x in self.losses],
+            "mse": [float(x) for x in self.mses],
+            "images": self.images,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.losses = [torch.tensor(x, device=device) for x in state["loss"]]
+        self.mses = [torch.tensor(x, device=device) for x in state["mse"]]
+        self.images = state["images"]

@@ -4,7 +4,6 @@ evaluation and export. Engines decide where Gaussians live; everything here is t
 from __future__ import annotations
 
 import logging
-import math
 import random
 import signal
 import time
@@ -30,7 +29,6 @@ from clm.render.base import RenderOutput, View
 from clm.render.splats import default_renderer
 from clm.train.checkpoint import (
     Checkpoint,
-    list_checkpoints,
     save_checkpoint,
     state_blocks,
     state_columns,
@@ -41,9 +39,15 @@ from clm.train.engine_factory import make_engine
 from clm.train.evaluate import evaluate
 from clm.train.export import checkpoint_source, export_ply, ply_source
 from clm.train.hooks import TrainerHook, make_hooks
-from clm.train.log import TrainLog
+from clm.train.log import LogWindow, TrainLog, format_count
 from clm.train.loss import photometric_loss
 from clm.train.recipe import sh_degree_at
+from clm.train.run_setup import (
+    attach_file_log,
+    detach_file_log,
+    prepare_output,
+    seed_everything,
+)
 from clm.train.targets import TargetStager
 from clm.train.views import BatchSampler, frame_to_view
 
@@ -57,48 +61,6 @@ class Interrupted(Exception):
         super().__init__(f"interrupted at step {step}; checkpoint saved to {checkpoint}")
         self.step = step
         self.checkpoint = checkpoint
-
-
-def seed_everything(seed: int, device: torch.device) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if device.type == "cpu":
-        # Some CPU backward kernels (advanced-indexing accumulation) race between threads;
-        # their deterministic variants cost nothing measurable here.
-        torch.use_deterministic_algorithms(True)
-
-
-def prepare_output(output: Path, resuming: bool) -> None:
-    """Create the output folder, and refuse to start a fresh run over an existing one."""
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ClmError(f"{output}: output folder is not writable ({exc.strerror})") from None
-    if not resuming and list_checkpoints(output):
-        raise ClmError(
-            f"{output} already holds a run; pass --resume to continue it or choose another --output"
-        )
-
-
-def attach_file_log(output: Path) -> logging.Handler:
-    handler = logging.FileHandler(output / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("clm").addHandler(handler)
-    logging.getLogger("clm").setLevel(logging.INFO)
-    return handler
-
-
-def detach_file_log(handler: logging.Handler) -> None:
-    logging.getLogger("clm").removeHandler(handler)
-    handler.close()
-
-
-def format_count(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
 class Trainer:
@@ -179,8 +141,7 @@ class Trainer:
         self.sampler = BatchSampler(len(scene.train), batch, cfg.seed)
         self.log = TrainLog(cfg.output)
         self.elapsed = 0.0
-        # Per-step losses, squared errors and images since the last log row (device scalars).
-        self._window: tuple[list[Tensor], list[Tensor], int] = ([], [], 0)
+        self.window = LogWindow()
         if checkpoint is not None:
             self._restore(checkpoint)
         write_json(cfg.output / "config.json", config_to_dict(cfg))
@@ -207,11 +168,7 @@ class Trainer:
                 "center": self.scene.to_train.center.tolist(),
             },
             # the steps since the last log row, so a resumed run logs the same window
-            "log_window": {
-                "loss": [float(x) for x in self._window[0]],
-                "mse": [float(x) for x in self._window[1]],
-                "images": self._window[2],
-            },
+            "log_window": self.window.state_dict(),
             # what the learning rates and Adam were, to catch up rows saved as they were
             "optimizer": {
                 "total_steps": self.total_steps,
@@ -228,9 +185,8 @@ class Trainer:
         self.density.load_state_dict(meta["density"], ckpt.blocks(names), ckpt.count)
         self.sampler.load_state_dict(meta["sampler"])
         self.log.load_state_dict(meta["log"], ckpt.step)
-        window = meta.get("log_window", {"loss": [], "mse": [], "images": 0})
-        as_tensors = lambda xs: [torch.tensor(x, device=self.device) for x in xs]  # noqa: E731
-        self._window = (as_tensors(window["loss"]), as_tensors(window["mse"]), window["images"])
+        if "log_window" in meta:
+            self.window.load_state_dict(meta["log_window"], self.device)
         self.elapsed = float(meta.get("elapsed", 0.0))
         random.setstate(meta["rng"]["python"])
         np.random.set_state(meta["rng"]["numpy"])
@@ -344,8 +300,7 @@ class Trainer:
             dynamic_ncols=True,
             unit="step",
         )
-        window_loss, window_mse, window_images = self._window
-        window_start = time.perf_counter()
+        self.window.since = time.perf_counter()
         try:
             while self.engine.step < self.total_steps and not self._stop_requested:
                 if cfg.max_seconds is not None and self.elapsed >= cfg.max_seconds:
@@ -376,10 +331,7 @@ class Trainer:
                         f", capped {report.capped}" if report.capped else "",
                         format_count(self.engine.num_gaussians),
                     )
-                window_loss.append(loss_sum)
-                window_mse.append(mse_sum)
-                window_images += len(batch)
-                self._window = (window_loss, window_mse, window_images)
+                self.window.add(loss_sum, mse_sum, len(batch))
                 self.elapsed += time.perf_counter() - t0
                 bar.update(1)
                 if (
@@ -387,11 +339,7 @@ class Trainer:
                     or step == self.total_steps
                     or self._out_of_time()
                 ):
-                    self._log_window(
-                        step, bar, window_loss, window_mse, window_images, window_start
-                    )
-                    window_loss, window_mse, window_images = self._window = ([], [], 0)
-                    window_start = time.perf_counter()
+                    self._log_row(step, bar)
                 if cfg.eval_every and step % cfg.eval_every == 0 and self.scene.test:
                     metrics = self._evaluate(None, with_lpips=False)
                     self.log.add_eval(step, metrics)
@@ -423,42 +371,19 @@ class Trainer:
     def _out_of_time(self) -> bool:
         return self.cfg.max_seconds is not None and self.elapsed >= self.cfg.max_seconds
 
-    def _log_window(
-        self,
-        step: int,
-        bar: tqdm,
-        losses: list[Tensor],
-        mses: list[Tensor],
-        images: int,
-        since: float,
-    ) -> None:
-        loss = float(torch.stack(losses).sum()) / max(images, 1)
-        mse = float(torch.stack(mses).sum()) / max(images, 1)
-        train_psnr = -10.0 * math.log10(max(mse, 1e-12))
-        mem = (
-            torch.cuda.max_memory_reserved(self.device) / 2**30
-            if self.device.type == "cuda"
-            else 0.0
-        )
-        rate = images / max(time.perf_counter() - since, 1e-9)
-        row = {
-            "step": step,
-            "images": step * self.batch_size,
-            "loss": round(loss, 6),
-            "train_psnr": round(train_psnr, 3),
-            "num_gaussians": self.engine.num_gaussians,
-            "gpu_mem_gb": round(mem, 3),
-            "images_per_s": round(rate, 2),
-            "elapsed_s": round(self.elapsed, 2),
-        }
+    def _log_row(self, step: int, bar: tqdm) -> None:
+        """Write the log row of the steps since the last one, and show it on the bar."""
+        cuda = self.device.type == "cuda"
+        mem = torch.cuda.max_memory_reserved(self.device) / 2**30 if cuda else None
+        row = self.window.close(step, self.batch_size, self.engine.num_gaussians, self.elapsed, mem)
         self.log.add(row)
         postfix = {
-            "loss": f"{loss:.4f}",
-            "psnr": f"{train_psnr:.2f}",
+            "loss": f"{row['loss']:.4f}",
+            "psnr": f"{row['train_psnr']:.2f}",
             "G": format_count(self.engine.num_gaussians),
-            "img/s": f"{rate:.1f}",
+            "img/s": f"{row['images_per_s']:.1f}",
         }
-        if self.device.type == "cuda":
+        if mem is not None:
             postfix["mem"] = f"{mem:.1f}G"
         bar.set_postfix(postfix, refresh=False)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from clm.offload.host_budget import process_rss
-from clm.train.trainer import Trainer, format_count
+from clm.train.log import format_count
+from clm.train.trainer import Trainer
 
 GIB = float(1 << 30)
 
