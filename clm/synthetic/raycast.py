@@ -17,15 +17,8 @@ import numpy as np
 import torch
 
 from clm.synthetic.cameras import Intrinsics
-from clm.synthetic.geometry import (
-    SKY_HORIZON,
-    CityGeometry,
-    CityTensors,
-    box_albedo,
-    ground_albedo,
-    sky,
-    sphere_albedo,
-)
+from clm.synthetic.geometry import SKY_HORIZON, CityGeometry
+from clm.synthetic.materials import CityTensors, box_albedo, ground_albedo, sky, sphere_albedo
 
 MISS, GROUND, BOX, SPHERE = 0, 1, 2, 3
 EPS = 1e-4  # nearest accepted hit distance
