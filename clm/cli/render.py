@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from clm.cli.common import OneLineParser, run_cli
+from clm.cli.common import OneLineParser, positive_float, positive_int, run_cli
 from clm.cli.model_source import (
     Model,
     add_source_arguments,
@@ -50,26 +50,6 @@ DEFAULT_FRAMES = 120
 DEFAULT_FPS = 30.0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="clm-render",
@@ -98,21 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--frames",
-        type=_positive_int,
+        type=positive_int,
         help=f"frames along an orbit or interp path (default: {DEFAULT_FRAMES})",
     )
     parser.add_argument(
         "--fps",
-        type=_positive_float,
+        type=positive_float,
         help=f"frames per second of a video (default: {DEFAULT_FPS:g})",
     )
     parser.add_argument(
         "--width",
-        type=_positive_int,
+        type=positive_int,
         help="path frame width (default: the first training camera's; alone, the height "
         "follows at the same aspect; the vertical field of view is kept)",
     )
-    parser.add_argument("--height", type=_positive_int, help="path frame height (as --width)")
+    parser.add_argument("--height", type=positive_int, help="path frame height (as --width)")
     parser.add_argument(
         "--depth",
         action="store_true",

@@ -9,7 +9,7 @@ from contextlib import ExitStack
 
 import numpy as np
 
-from clm.cli.common import OneLineParser, run_cli
+from clm.cli.common import OneLineParser, positive_float, run_cli
 from clm.cli.model_source import add_source_arguments, background_of, render_engine, scene_for
 from clm.viewer.camera import ViewerCamera, start_pose
 from clm.viewer.render import default_max_side, pixel_cap, render_frame
@@ -27,16 +27,6 @@ def _port(text: str) -> int:
     return value
 
 
-def _fps(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="clm-view", description="Open a trained model in the web viewer (needs clm[viewer])."
@@ -49,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="port to serve on, the next free one when taken (default: 8080)",
     )
     parser.add_argument(
-        "--fps", type=_fps, default=10.0, help="most frames a second it renders (default: 10)"
+        "--fps",
+        type=positive_float,
+        default=10.0,
+        help="most frames a second it renders (default: 10)",
     )
     return parser
 
