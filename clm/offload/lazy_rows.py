@@ -46,9 +46,12 @@ class SkipTables:
             table.advance(t, self.lrs.at(name, t))
 
     def segments(self, step: int) -> list[Segment]:
+        """The layout's column ranges with their rates and tables (attributes without columns,
+        such as the higher SH bands at degree 0, have none)."""
         return [
             Segment(s.start, s.end, self.lrs.at(s.attr.name, step), self.tables[s.attr.name])
             for s in self.layout
+            if s.end > s.start
         ]
 
     def segments_ahead(self, step: int) -> list[Segment]:
@@ -56,6 +59,8 @@ class SkipTables:
         stay where running updates need them)."""
         segments = []
         for s in self.layout:
+            if s.end == s.start:
+                continue
             table = self.tables[s.attr.name].copy()
             self._advance(table, s.attr.name, step)
             segments.append(Segment(s.start, s.end, self.lrs.at(s.attr.name, step), table))
@@ -75,6 +80,37 @@ class _ScratchChunk:
         return self.param_chunks, self.exp_avg_chunks, self.exp_avg_sq_chunks, self.last_chunks
 
 
+class CaughtUpCopies:
+    """Rows brought up to a step in a scratch copy (reused by the next call), by the CPU Adam's
+    own kernel, leaving the rows themselves as they are (exports of lazily updated rows)."""
+
+    def __init__(self, width: int, config: AdamConfig, threads: int | None = None) -> None:
+        self.width, self.config, self.threads = width, config, threads
+        self._scratch: _ScratchChunk | None = None
+        self._adam: CpuRowAdam | None = None
+
+    def __call__(
+        self,
+        param: Tensor,
+        exp_avg: Tensor,
+        exp_avg_sq: Tensor,
+        last: Tensor,
+        step: int,
+        segments: Sequence[Segment],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``[n, width]`` rows and their ``last``, caught up to ``step`` (tables at ``step``)."""
+        n = param.shape[0]
+        if self._scratch is None or self._scratch.param_chunks[0].shape[0] < n:
+            self._scratch = _ScratchChunk(1 << max(0, n - 1).bit_length(), self.width)
+            self._adam = CpuRowAdam(self._scratch, self.config, threads=self.threads)
+        arrays = self._scratch.arrays()
+        for chunks, values in zip(arrays, (param, exp_avg, exp_avg_sq, last), strict=True):
+            chunks[0][:n].copy_(values)
+        assert self._adam is not None
+        self._adam.catch_up(torch.arange(n), step, segments)
+        return tuple(chunks[0][:n] for chunks in arrays[:3])
+
+
 class HostRows(SkipTables):
     """Rows in a :class:`HostStore`, updated by the native CPU Adam."""
 
@@ -92,8 +128,7 @@ class HostRows(SkipTables):
         super().__init__(attrs, lrs, config, torch.device("cpu"))
         self.store = HostStore(self.width, chunk_shift, pinned=pinned, max_bytes=max_bytes)
         self.adam = CpuRowAdam(self.store, config, threads=threads)
-        self._scratch: _ScratchChunk | None = None  # caught-up copies for exports
-        self._scratch_adam: CpuRowAdam | None = None
+        self._copies = CaughtUpCopies(self.width, config, threads)  # for exports
 
     def __len__(self) -> int:
         return len(self.store)
@@ -151,25 +186,10 @@ class HostRows(SkipTables):
             if lazy:
                 state, last = store.rows(start, stop), store.last_rows(start, stop)
             else:
-                state, last = self._caught_up_copy(start, stop, step, segments), None
+                held = (*store.rows(start, stop), store.last_rows(start, stop))
+                state, last = self._copies(*held, step, segments), None
             yield start, stop, tuple(unpack_rows(x, self.layout) for x in state), last
             start = stop
-
-    def _caught_up_copy(
-        self, start: int, stop: int, step: int, segments: Sequence[Segment]
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Rows ``[start, stop)`` (in one store chunk) brought up to ``step`` in a scratch copy
-        (reused by the next call), by the same kernel as in place."""
-        n = stop - start
-        if self._scratch is None or self._scratch.param_chunks[0].shape[0] < n:
-            self._scratch = _ScratchChunk(1 << max(0, n - 1).bit_length(), self.width)
-            self._scratch_adam = CpuRowAdam(self._scratch, self.config, threads=self.adam.threads)
-        scratch = self._scratch
-        state = (*self.store.rows(start, stop), self.store.last_rows(start, stop))
-        for chunks, values in zip(scratch.arrays(), state, strict=True):
-            chunks[0][:n].copy_(values)
-        self._scratch_adam.catch_up(torch.arange(n), step, segments)
-        return tuple(chunks[0][:n] for chunks in scratch.arrays()[:3])
 
     def clear(self) -> None:
         self.store.clear()

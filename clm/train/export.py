@@ -23,8 +23,8 @@ from clm.engine.base import RowChunk, RowSource
 from clm.errors import ClmError
 from clm.model.ply import open_ply, write_ply_stream
 from clm.model.spec import GaussianSpec, pack_rows, unpack_rows
-from clm.offload.lazy_rows import SkipTables
-from clm.optim.lazy_adam import AdamConfig, lazy_catch_up
+from clm.offload.lazy_rows import CaughtUpCopies, SkipTables
+from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates
 from clm.train.checkpoint import LAST_COLUMN, MOMENT_KINDS, Checkpoint
 
@@ -165,14 +165,16 @@ def _catch_up(ckpt: Checkpoint, spec: GaussianSpec):
     config = AdamConfig(tuple(record["betas"]), record["eps"])
     tables = SkipTables(spec.host, lrs, config, torch.device("cpu"))
     tables.advance_to(ckpt.step)
-    segments = [seg for seg in tables.segments(ckpt.step) if seg.end > seg.start]
+    segments = tables.segments(ckpt.step)
+    copies = CaughtUpCopies(tables.width, config)
 
     def catch_up(*state_and_last) -> None:
         *state, last = state_and_last
-        host = [{a.name: part[a.name] for a in spec.host} for part in state]
-        packed = [pack_rows(part, tables.layout) for part in host]
-        lazy_catch_up(*packed, last.clone(), None, ckpt.step, segments)
-        for part, values in zip(state, packed, strict=True):
-            part.update(unpack_rows(values, tables.layout))
+        packed = [
+            pack_rows({a.name: part[a.name] for a in spec.host}, tables.layout) for part in state
+        ]
+        caught = copies(*packed, last, ckpt.step, segments)
+        for part, values in zip(state, caught, strict=True):
+            part.update({n: t.clone() for n, t in unpack_rows(values, tables.layout).items()})
 
     return catch_up
