@@ -1,4 +1,5 @@
-"""The INRIA 3DGS PLY: layout checked with plyfile directly, round trips, and bad input."""
+"""The INRIA 3DGS PLY and its 2DGS variant: layout checked with plyfile directly, round trips,
+and bad input."""
 
 import re
 import tracemalloc
@@ -7,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from plyfile import PlyData
+from plyfile import PlyData, PlyElement
 
 from clm import files as files_module
 from clm.errors import ClmError
@@ -400,3 +401,234 @@ def test_sample_reads_evenly_spread_runs_of_rows(tmp_path: Path) -> None:
     assert (np.diff(runs, axis=1) == 1).all()  # consecutive rows within a run
     assert (np.diff(runs[:, 0]) > 900).all()  # runs spread through the whole file
     np.testing.assert_array_equal(sample["shN"], splats["shN"][rows])
+
+
+# --- The 2DGS layout: two log-scales per splat, no scale_2. ---
+
+
+def random_surfels(n: int, num_rest: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """2DGS splats: :func:`random_splats` with ``scales`` of two columns."""
+    splats = random_splats(n, num_rest, seed)
+    splats["scales"] = np.ascontiguousarray(splats["scales"][:, :2])
+    return splats
+
+
+def expected_names_2dgs(num_rest: int) -> list[str]:
+    """The property list hbb1/2d-gaussian-splatting's save_ply writes, spelled out by hand."""
+    names = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+    names += [f"f_rest_{i}" for i in range(3 * num_rest)]
+    names += ["opacity", "scale_0", "scale_1", "rot_0", "rot_1", "rot_2", "rot_3"]
+    return names
+
+
+def assert_vertex_holds(vertex, splats: dict[str, np.ndarray], num_rest: int) -> None:
+    """Every column of a plyfile ``vertex`` element against the splats it should hold."""
+    for i, name in enumerate(("x", "y", "z")):
+        np.testing.assert_array_equal(vertex[name], splats["means"][:, i])
+        np.testing.assert_array_equal(vertex[f"n{name}"], 0)
+    for c in range(3):
+        np.testing.assert_array_equal(vertex[f"f_dc_{c}"], splats["sh0"][:, 0, c])
+        for k in range(num_rest):
+            np.testing.assert_array_equal(
+                vertex[f"f_rest_{c * num_rest + k}"], splats["shN"][:, k, c]
+            )
+    np.testing.assert_array_equal(vertex["opacity"], splats["opacities"])
+    for i in range(splats["scales"].shape[1]):
+        np.testing.assert_array_equal(vertex[f"scale_{i}"], splats["scales"][:, i])
+    for i in range(4):
+        np.testing.assert_array_equal(vertex[f"rot_{i}"], splats["quats"][:, i])
+
+
+@pytest.mark.parametrize("num_rest", [0, 3, 15])
+def test_2dgs_write_matches_the_reference_layout(tmp_path: Path, num_rest: int) -> None:
+    splats = random_surfels(29, num_rest, seed=7)
+    path = tmp_path / "s.ply"
+    assert write_ply(path, splats) == 0
+    raw = path.read_bytes()
+    assert raw.startswith(b"ply\nformat binary_little_endian 1.0\n")
+    vertex = PlyData.read(str(path))["vertex"]
+    assert vertex.count == 29
+    assert [p.name for p in vertex.properties] == expected_names_2dgs(num_rest)
+    assert "scale_2" not in vertex.data.dtype.names
+    assert vertex.data.dtype == np.dtype([(n, "<f4") for n in expected_names_2dgs(num_rest)])
+    header_len = raw.index(b"end_header\n") + len(b"end_header\n")
+    assert len(raw) - header_len == 29 * 4 * len(expected_names_2dgs(num_rest))
+    assert_vertex_holds(vertex, splats, num_rest)
+    # And back through clm's reader, bit for bit, with two scale columns.
+    source = ply_module.open_ply(path)
+    assert (source.count, source.num_rest, source.num_scales) == (29, num_rest, 2)
+    back = read_ply(path)
+    assert back["scales"].shape == (29, 2)
+    for key, value in splats.items():
+        assert back[key].dtype == np.float32
+        assert back[key].tobytes() == value.tobytes(), key
+
+
+def test_2dgs_write_accepts_torch_tensors(tmp_path: Path) -> None:
+    splats = random_surfels(5, 3, seed=8)
+    tensors = {k: torch.from_numpy(v).double() for k, v in splats.items()}
+    write_ply(tmp_path / "s.ply", tensors)
+    back = read_ply(tmp_path / "s.ply")
+    for key, value in splats.items():
+        np.testing.assert_array_equal(back[key], value)
+
+
+def write_with_plyfile(path: Path, names: list[str], rows: np.ndarray, text: bool = False) -> None:
+    """A PLY written by plyfile itself, as the 2DGS reference code does."""
+    data = np.empty(len(rows), dtype=[(n, "f4") for n in names])
+    for i, name in enumerate(names):
+        data[name] = rows[:, i]
+    PlyData([PlyElement.describe(data, "vertex")], text=text).write(str(path))
+
+
+@pytest.mark.parametrize("text", [False, True], ids=["binary", "ascii"])
+def test_reads_a_2dgs_file_written_by_plyfile(tmp_path: Path, text: bool) -> None:
+    num_rest, n = 3, 13
+    names = expected_names_2dgs(num_rest)
+    rows = np.random.default_rng(9).normal(size=(n, len(names))).astype(np.float32)
+    col = {name: rows[:, i] for i, name in enumerate(names)}
+    path = tmp_path / "ref.ply"
+    write_with_plyfile(path, names, rows, text=text)
+    source = ply_module.open_ply(path)
+    assert (source.count, source.num_rest, source.num_scales) == (n, num_rest, 2)
+    back = read_ply(path)
+    assert {key: back[key].shape for key in SPLAT_KEYS} == {
+        "means": (n, 3),
+        "scales": (n, 2),
+        "quats": (n, 4),
+        "opacities": (n,),
+        "sh0": (n, 1, 3),
+        "shN": (n, num_rest, 3),
+    }
+    np.testing.assert_array_equal(back["scales"][:, 0], col["scale_0"])
+    np.testing.assert_array_equal(back["scales"][:, 1], col["scale_1"])
+    np.testing.assert_array_equal(back["means"][:, 1], col["y"])
+    np.testing.assert_array_equal(back["opacities"], col["opacity"])
+    np.testing.assert_array_equal(back["quats"][:, 3], col["rot_3"])
+    np.testing.assert_array_equal(back["sh0"][:, 0, 1], col["f_dc_1"])
+    for c in range(3):
+        for k in range(num_rest):
+            np.testing.assert_array_equal(back["shN"][:, k, c], col[f"f_rest_{c * num_rest + k}"])
+
+
+def test_reads_a_2dgs_file_with_scales_out_of_order_and_no_normals(tmp_path: Path) -> None:
+    names = [n for n in expected_names_2dgs(0) if n not in ("nx", "ny", "nz")]
+    i0, i1 = names.index("scale_0"), names.index("scale_1")
+    names[i0], names[i1] = names[i1], names[i0]
+    rows = np.arange(3 * len(names), dtype=np.float32).reshape(3, len(names))
+    write_with_plyfile(tmp_path / "s.ply", names, rows)
+    back = read_ply(tmp_path / "s.ply")
+    np.testing.assert_array_equal(back["scales"], rows[:, [names.index("scale_0"), i0]])
+
+
+def test_2dgs_stream_over_chunks_drops_non_finite_rows(tmp_path: Path) -> None:
+    splats = random_surfels(23, 8, seed=10)
+    splats["scales"][[0, 9, 22], 1] = np.nan  # first, middle and last chunk
+    splats["quats"][12, 0] = -np.inf
+    path = tmp_path / "s.ply"
+    chunks = chunked(splats, [5, 0, 11, 7])
+    written, dropped = ply_module.write_ply_stream(path, 8, 10**6, chunks, num_scales=2)
+    assert (written, dropped) == (19, 4)
+    keep = [i for i in range(23) if i not in (0, 9, 12, 22)]
+    vertex = PlyData.read(str(path))["vertex"]
+    assert vertex.count == 19
+    assert [p.name for p in vertex.properties] == expected_names_2dgs(8)
+    assert_vertex_holds(vertex, {k: v[keep] for k, v in splats.items()}, 8)
+    # Read back in several chunks, and sampled.
+    source = ply_module.open_ply(path)
+    assert (source.count, source.num_scales, source.sh_degree) == (19, 2, 2)
+    parts = list(source.chunks(4))
+    assert [len(p["means"]) for p in parts] == [4, 4, 4, 4, 3]
+    for key, value in splats.items():
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value[keep])
+    sample = source.sample(6, runs=3)
+    assert sample["scales"].shape == (6, 2)
+    assert sample["scales"][0].tobytes() == splats["scales"][keep[0]].tobytes()
+
+
+def test_2dgs_stream_header_length_matches_its_rows(tmp_path: Path) -> None:
+    splats = random_surfels(12, 0)
+    path = tmp_path / "s.ply"
+    ply_module.write_ply_stream(path, 0, 99, chunked(splats, [7]), num_scales=2)
+    raw = path.read_bytes()
+    header = raw[: raw.index(b"end_header\n") + len(b"end_header\n")]
+    assert b"\nelement vertex 7\n" in header and b"scale_2" not in header
+    assert len(raw) - len(header) == 7 * 4 * 16  # 17 floats of 3DGS less scale_2
+    assert PlyData.read(str(path))["vertex"].count == 7
+
+
+def test_stream_scale_count_must_match_the_chunks(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="2 scales, want 3"):
+        ply_module.write_ply_stream(tmp_path / "s.ply", 0, 9, chunked(random_surfels(4, 0), [4]))
+    with pytest.raises(ValueError, match="3 scales, want 2"):
+        chunks = chunked(random_splats(4, 0), [4])
+        ply_module.write_ply_stream(tmp_path / "s.ply", 0, 9, chunks, num_scales=2)
+    for bad in (1, 4):
+        with pytest.raises(ValueError, match=f"num_scales is {bad}"):
+            ply_module.write_ply_stream(tmp_path / "s.ply", 0, 9, iter([]), num_scales=bad)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("columns", [0, 1, 4])
+def test_write_refuses_other_scale_widths(tmp_path: Path, columns: int) -> None:
+    splats = random_splats(4, 0)
+    splats["scales"] = np.zeros((4, columns), np.float32)
+    with pytest.raises(ValueError, match=r"scales.*want \(4, 3\) or \(4, 2\)"):
+        write_ply(tmp_path / "s.ply", splats)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "scales",
+    [
+        ["scale_0", "scale_1", "scale_2", "scale_3"],
+        ["scale_0", "scale_1", "scale_3"],
+        ["scale_0", "scale_1", "scale_x"],
+        ["scale_0", "scale_1", "scale_02"],
+    ],
+    ids=["four", "gap", "garbled", "leading-zero"],
+)
+def test_other_scale_properties_are_one_clear_error(tmp_path: Path, scales: list[str]) -> None:
+    names = expected_names_2dgs(0)
+    at = names.index("scale_0")
+    names[at : at + 2] = scales
+    write_header_only_ply(tmp_path / "s.ply", names)
+    with pytest.raises(ClmError, match=r"s\.ply: scale properties are .*want scale_0, scale_1 "):
+        ply_module.open_ply(tmp_path / "s.ply")
+    with pytest.raises(ClmError, match=r"s\.ply: scale properties"):
+        read_ply(tmp_path / "s.ply")
+
+
+@pytest.mark.parametrize("kept", [["scale_0"], ["scale_1", "scale_2"], []])
+def test_too_few_scales_name_the_missing_one(tmp_path: Path, kept: list[str]) -> None:
+    names = [n for n in expected_names(0) if not n.startswith("scale_") or n in kept]
+    write_header_only_ply(tmp_path / "s.ply", names)
+    missing = [n for n in ("scale_0", "scale_1") if n not in kept]
+    with pytest.raises(
+        ClmError, match=rf"s\.ply: not a splat PLY, missing properties {missing[0]}"
+    ):
+        read_ply(tmp_path / "s.ply")
+
+
+def test_3dgs_behaviour_is_unchanged(tmp_path: Path) -> None:
+    assert ply_module.property_names(15) == expected_names(15)
+    assert ply_module.property_names(15, 3) == expected_names(15)
+    assert ply_module.property_names(15, 2) == expected_names_2dgs(15)
+    with pytest.raises(ValueError, match="num_scales"):
+        ply_module.property_names(0, 4)
+    splats = random_splats(9, 3, seed=11)
+    path = tmp_path / "s.ply"
+    # The stream's default (no num_scales) is the 3DGS layout, as before.
+    assert ply_module.write_ply_stream(path, 3, 9, chunked(splats, [4, 5])) == (9, 0)
+    vertex = PlyData.read(str(path))["vertex"]
+    assert [p.name for p in vertex.properties] == expected_names(3)
+    assert_vertex_holds(vertex, splats, 3)
+    source = ply_module.open_ply(path)
+    assert (source.count, source.num_rest, source.num_scales) == (9, 3, 3)
+    back = read_ply(path)
+    assert back["scales"].shape == (9, 3)
+    for key, value in splats.items():
+        assert back[key].tobytes() == value.tobytes(), key
+    # write_ply of the same splats gives the very same bytes.
+    write_ply(tmp_path / "w.ply", splats)
+    assert (tmp_path / "w.ply").read_bytes()[-9 * 4 * 26 :] == path.read_bytes()[-9 * 4 * 26 :]
