@@ -1,7 +1,9 @@
-"""The training plot: a real PNG with each curve in its panel, drawn the right way up."""
+"""The training plot: a real PNG with each curve in its panel, drawn the right way up; and the
+video writer's failures, each a ClmError naming the file."""
 
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +168,29 @@ def test_unwritable_folder_is_named(tmp_path: Path) -> None:
     with pytest.raises(ClmError, match=re.escape(str(blocker))):
         plot_training_log(blocker / "log.png", [0], [0.1], [10.0])
     assert [p.name for p in tmp_path.iterdir()] == ["not-a-folder"]
+
+
+def test_video_folder_that_cannot_be_made_is_named(tmp_path: Path) -> None:
+    pytest.importorskip("imageio_ffmpeg")
+    from clm.report.video import VideoWriter
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with pytest.raises(ClmError, match=rf"cannot create the folder {re.escape(str(blocker))}"):
+        VideoWriter(blocker / "v.mp4", 10)
+
+
+@pytest.mark.parametrize("frames", [1, 60])
+def test_video_that_ffmpeg_cannot_write_is_a_clm_error(tmp_path: Path, frames: int) -> None:
+    """Its folder gone under it: ffmpeg fails when the frames arrive (many) or at the end (one),
+    which used to be a BrokenPipe or FileNotFoundError traceback."""
+    pytest.importorskip("imageio_ffmpeg")
+    from clm.report.video import VideoWriter
+
+    folder = tmp_path / "out"
+    message = r"out/v\.mp4: ffmpeg could not write the video"
+    with pytest.raises(ClmError, match=message), VideoWriter(folder / "v.mp4", 10) as video:
+        shutil.rmtree(folder)
+        for _ in range(frames):
+            video.append(np.zeros((256, 256, 3), np.uint8))
+    assert not folder.exists()

@@ -294,6 +294,29 @@ def test_image_with_undefined_camera(tmp_path):
         load_scene(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "qvec, tvec",
+    [([0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0]), ([1.0, 0.0, 0.0, 0.0], [1.0, float("nan"), 3.0])],
+    ids=["zero-quaternion", "nan-translation"],
+)
+def test_image_with_an_unusable_pose(tmp_path, qvec, tvec):
+    """One bad pose used to turn every frame's pose (through the normalisation) into NaN."""
+    colmap_scene(tmp_path, n=3)
+    model = read_model(tmp_path / "sparse/0")
+    model.images[2].qvec, model.images[2].tvec = np.array(qvec), np.array(tvec)
+    write_model(tmp_path / "sparse/0", model)
+    with pytest.raises(ClmError, match=r"images\.bin: image img_01\.png has an unusable pose"):
+        load_scene(tmp_path)
+
+
+@pytest.mark.parametrize("fx", [0.0, -50.0, float("inf")])
+def test_camera_with_an_unusable_focal_length(tmp_path, fx):
+    cameras = {1: ColmapCamera(1, "PINHOLE", 40, 30, np.array([fx, 52.0, 20.0, 15.0]))}
+    colmap_scene(tmp_path, n=2, cameras=cameras)
+    with pytest.raises(ClmError, match=rf"cameras\.bin: camera 1: intrinsics fx={fx:g}, fy=52,"):
+        load_scene(tmp_path)
+
+
 def test_model_without_images(tmp_path):
     colmap_scene(tmp_path, n=2)
     model = read_model(tmp_path / "sparse/0")
@@ -407,6 +430,16 @@ def test_blender_bad_json(tmp_path):
         load_scene(tmp_path)
 
 
+@pytest.mark.parametrize("angle_y", [0.0, math.pi])
+def test_blender_camera_angle_y_outside_0_pi(tmp_path, angle_y):
+    """camera_angle_y 0 was a ZeroDivisionError, pi a focal length of almost 0."""
+    blender_scene(tmp_path)
+    path = tmp_path / "transforms_train.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "camera_angle_y": angle_y}))
+    with pytest.raises(ClmError, match=r"transforms_train\.json: camera_angle_y .* not an angle"):
+        load_scene(tmp_path)
+
+
 # --------------------------------------------------------------------------- nerfstudio
 
 
@@ -475,6 +508,12 @@ def test_nerfstudio_without_points_is_random(tmp_path):
 def test_nerfstudio_unsupported_camera(tmp_path):
     nerfstudio_scene(tmp_path, camera_model="OPENCV_FISHEYE")
     with pytest.raises(ClmError, match=r"transforms\.json: frame 0: camera_model OPENCV_FISHEYE"):
+        load_scene(tmp_path)
+
+
+def test_nerfstudio_negative_focal_length(tmp_path):
+    nerfstudio_scene(tmp_path, fl_x=-30.0)
+    with pytest.raises(ClmError, match=r"transforms\.json: frame 0: intrinsics fx=-30, fy=31,"):
         load_scene(tmp_path)
 
 

@@ -28,8 +28,9 @@ from clm.synthetic.cameras import (
 )
 from clm.synthetic.generate import PRESETS, generate_scene
 from clm.synthetic.geometry import CityGeometry, build_city, load_geometry
+from clm.synthetic.intersect import BOX, GROUND, MISS, SPHERE, box_hits, safe_inverse
 from clm.synthetic.points import pixel_directions
-from clm.synthetic.raycast import BOX, GROUND, MISS, SPHERE, RayCaster, _box_hits, safe_inverse
+from clm.synthetic.raycast import RayCaster
 from clm.synthetic.surface import SurfaceSampler, sample_surface_points
 
 
@@ -122,7 +123,7 @@ def test_ray_box_intersection_matches_brute_force_marching() -> None:
     inside = ((origins[:, None] > boxes[:, :3]) & (origins[:, None] < boxes[:, 3:])).all(-1)
     origins, dirs = origins[~inside.any(1)], dirs[~inside.any(1)]
 
-    t, k = _box_hits(origins[None], safe_inverse(dirs)[None], boxes[None], torch.ones(1, 40).bool())
+    t, k = box_hits(origins[None], safe_inverse(dirs)[None], boxes[None], torch.ones(1, 40).bool())
     t, k = t[0].double().numpy(), k[0].numpy()
 
     step = 0.005

@@ -153,6 +153,13 @@ def _colmap_frames(
                 f"{sparse_dir / f'images.{fmt}'}: image {image.name} uses camera "
                 f"{image.camera_id}, which cameras.{fmt} does not define"
             )
+        pose = np.concatenate([image.qvec, image.tvec])
+        if not np.isfinite(pose).all() or not np.any(image.qvec):
+            raise ClmError(
+                f"{sparse_dir / f'images.{fmt}'}: image {image.name} has an unusable pose "
+                f"(qvec {image.qvec.tolist()}, tvec {image.tvec.tolist()}: it needs finite "
+                f"values and a non-zero quaternion)"
+            )
         label = f"{sparse_dir / f'cameras.{fmt}'}: camera {camera.id}"
         intrinsics, coefficients = split_camera_params(camera.model, camera.params, label)
         path, decoded, resize_from = locate_image(

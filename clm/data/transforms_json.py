@@ -23,8 +23,6 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".
 _GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])
 # nerfstudio camera_model values that are a pinhole camera once k1, k2, p1, p2 are removed.
 _NERFSTUDIO_MODELS = {"OPENCV", "PINHOLE", "SIMPLE_PINHOLE", "PERSPECTIVE"}
-# Keys a nerfstudio frame may override.
-_INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h", "k1", "k2", "k3", "k4", "p1", "p2")
 
 
 def read_blender(root: Path, data_factor: int) -> tuple[list[Frame], list[Frame]]:
@@ -154,7 +152,7 @@ def _read_blender_split(path: Path, data_factor: int) -> list[Frame]:
         fx = 0.5 * width / math.tan(0.5 * angle_x)
         fy = fx
         if "camera_angle_y" in meta:
-            fy = 0.5 * height / math.tan(0.5 * _number(meta, "camera_angle_y", str(path)))
+            fy = _from_angle(meta, "camera_angle_y", str(path), height)
         sx, sy = decoded[0] / width, decoded[1] / height
         k = np.array(
             [[fx * sx, 0.0, decoded[0] / 2], [0.0, fy * sy, decoded[1] / 2], [0.0, 0.0, 1.0]]

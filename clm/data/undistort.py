@@ -9,6 +9,7 @@ trained on. Pixel coordinates use COLMAP's convention: the first pixel's centre 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -62,9 +63,15 @@ def pinhole_for_training(
 
     ``intrinsics`` (fx, fy, cx, cy) must already describe the image at ``width`` x ``height``
     (after any data factor): distortion coefficients act on normalised coordinates, so they
-    do not change with the resolution. All-zero coefficients need no undistortion.
+    do not change with the resolution. All-zero coefficients need no undistortion. Focal
+    lengths that are not positive, or any value that is not finite, are a ClmError.
     """
     fx, fy, cx, cy = (float(v) for v in intrinsics)
+    if not (math.isfinite(cx) and math.isfinite(cy) and 0 < fx < math.inf and 0 < fy < math.inf):
+        raise ClmError(
+            f"{camera}: intrinsics fx={fx:g}, fy={fy:g}, cx={cx:g}, cy={cy:g} are unusable "
+            f"(focal lengths must be positive, all values finite)"
+        )
     if not any(coefficients):
         return np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]]), width, height, None
     distortion = Distortion(

@@ -1,1 +1,1 @@
-"""Reports written next to a run: metrics and plots."""
+"""Pictures of a run: the training-curve plot, false-colour depth and error maps, videos."""

@@ -2,7 +2,8 @@
 
 It needs imageio and imageio-ffmpeg (the optional ``clm[video]`` extra, which brings its own
 ffmpeg). The file appears under its name only once complete; until then it is a hidden
-``.NAME.partial.mp4`` next to it, removed if rendering fails.
+``.NAME.partial.mp4`` next to it, removed if rendering fails. A folder that cannot be made or
+an ffmpeg that cannot write (say, a full disk) is a ClmError.
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ class VideoWriter:
         imageio = _imageio()
         self.path = path
         self.partial = path.with_name(f".{path.stem}.partial{path.suffix}")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ClmError(
+                f"{path}: cannot create the folder {exc.filename or path.parent} "
+                f"({exc.strerror or exc})"
+            ) from None
         # yuv420p plays everywhere; it needs even sides (ffmpeg rounds odd ones up).
         self._writer = imageio.get_writer(
             self.partial,
@@ -55,8 +62,17 @@ class VideoWriter:
         self.frames = 0
 
     def append(self, frame: np.ndarray) -> None:
-        self._writer.append_data(frame)
+        try:
+            self._writer.append_data(frame)
+        except OSError as exc:  # ffmpeg quit (a full disk, a folder gone)
+            raise self._failed(exc) from None
         self.frames += 1
+
+    def _failed(self, exc: BaseException | None = None) -> ClmError:
+        why = f" ({str(exc).splitlines()[0]})" if exc is not None and str(exc) else ""
+        return ClmError(
+            f"{self.path}: ffmpeg could not write the video{why}; see its messages above"
+        )
 
     def __enter__(self) -> VideoWriter:
         return self
@@ -67,8 +83,19 @@ class VideoWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._writer.close()
-        if exc_type is None:
-            self.partial.replace(self.path)
+        try:
+            self._writer.close()
+        except OSError as closing:
+            if exc_type is None:
+                self._discard()
+                raise self._failed(closing) from None
+        if exc_type is not None:  # rendering failed: that error goes on
+            self._discard()
+        elif not self.partial.is_file():
+            raise self._failed()
         else:
-            self.partial.unlink(missing_ok=True)
+            self.partial.replace(self.path)
+
+    def _discard(self) -> None:
+        if self.partial.is_file():
+            self.partial.unlink()

@@ -25,6 +25,7 @@ from clm.synthetic.cameras import AERIAL, Intrinsics, make_views
 from clm.synthetic.geometry import CityParams, build_city
 from clm.synthetic.points import ViewSamples, build_sparse_model, sample_view
 from clm.synthetic.raycast import RayCaster
+from clm.synthetic.render_view import render_view
 
 JPEG_FROM_HEIGHT = 720  # PNG below, JPEG quality 95 from here up
 
@@ -104,7 +105,7 @@ PRESETS: dict[str, Preset] = {
             blocks=(14, 14), max_lots=3, max_height=120.0, downtown_height=42.0, street_trees=0.5
         ),
     ),
-    # A 2 km x 2 km city (1600 blocks, ~7600 buildings, ~10500 trees) surveyed like
+    # A 2 km x 2 km city (1600 blocks, ~5100 buildings in ~7600 boxes, ~10500 trees) surveyed like
     # MatrixCity: each aerial view sees about 1-5% of the surfaces, a facade view far less.
     "metro": Preset(
         3600,
@@ -178,7 +179,7 @@ def _generate(
             quotas,
             strict=True,
         ):
-            rgb = caster.render(view.world_to_camera, intr, preset.samples)
+            rgb = render_view(caster, view.world_to_camera, intr, preset.samples)
             image = (rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
             sampled = sample_view(caster, view, intr, image, int(quota) + shortfall, rng)
             shortfall += int(quota) - len(sampled.uv)

@@ -1,7 +1,7 @@
 """The colour of every surface of the procedural city, and of the sky.
 
 The colour functions are torch, so one piece of code colours ray-cast pixels and densely
-sampled surface points, on any device, bit for bit alike.
+sampled surface points alike, on any device.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ class CityTensors:
     geometry: CityGeometry
     boxes: torch.Tensor  # [B, 6]
     box_kind: torch.Tensor  # [B]
-    box_style: torch.Tensor  # [B]
     box_styles: torch.Tensor  # [B, STYLE_COLUMNS]
     spheres: torch.Tensor  # [T, 4]
     sphere_rgb: torch.Tensor  # [T, 3]
@@ -51,14 +50,11 @@ class CityTensors:
         def t(a: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(a, device=device)
 
-        styles = t(geometry.styles)
-        style = t(geometry.box_style)
         return cls(
             geometry=geometry,
             boxes=t(geometry.boxes),
             box_kind=t(geometry.box_kind),
-            box_style=style,
-            box_styles=styles[style],
+            box_styles=t(geometry.styles)[t(geometry.box_style)],
             spheres=t(geometry.spheres),
             sphere_rgb=t(geometry.sphere_rgb),
             sun=t(geometry.sun),

@@ -15,7 +15,8 @@ import torch
 
 from clm.data.colmap import ColmapCamera, ColmapImage, ColmapModel, ColmapPoints, rotmat_to_qvec
 from clm.synthetic.cameras import Intrinsics, View
-from clm.synthetic.raycast import MISS, RayCaster
+from clm.synthetic.intersect import MISS
+from clm.synthetic.raycast import RayCaster
 
 POSITION_NOISE_PX = 0.1  # SfM point position noise, as a fraction of a pixel's footprint
 DETECTION_NOISE_PX = 0.2  # keypoint noise of the extra track observations

@@ -17,7 +17,9 @@ import torch
 from clm.data.types import Similarity
 from clm.render.sh import rgb_to_sh0
 from clm.synthetic.geometry import CityGeometry
-from clm.synthetic.raycast import BOX, GROUND, SPHERE, Hits, RayCaster
+from clm.synthetic.intersect import BOX, GROUND, SPHERE, Hits
+from clm.synthetic.raycast import RayCaster
+from clm.synthetic.shading import hit_surface, shade
 
 # Candidates drawn at once; the caster chunks its own work within its memory budget.
 _CUDA_BATCH, _CPU_BATCH = 1 << 23, 1 << 16
@@ -64,9 +66,9 @@ class SurfaceSampler:
             take = min(len(p), n - have)
             p, normal, kind, index = p[:take], normal[:take], kind[:take], index[:take]
             hits = Hits(torch.full((take,), 0.01, device=self.device), kind, index)
-            _, normal, albedo = self.caster.surface(p + 0.01 * normal, -normal, hits)
+            _, normal, albedo = hit_surface(self.caster.ct, p + 0.01 * normal, -normal, hits)
             xyz.append(p)
-            rgb.append(self.caster.lit(p, normal, albedo).clamp(0, 1))
+            rgb.append(shade(self.caster, p, normal, albedo).clamp(0, 1))
             have += take
         if not xyz:
             return torch.zeros(0, 3, device=self.device), torch.zeros(0, 3, device=self.device)

@@ -1,6 +1,7 @@
 """``clm-train --viewer``: the live viewer as a trainer hook. The server opens before the scene
-loads; after each step the hook updates the progress text and, when one is due, renders one
-frame on the training thread; after training it keeps serving the final model until Ctrl-C."""
+loads; after each step the hook updates the progress text (at most twice a second) and, when one
+is due, renders one frame on the training thread; after training it keeps serving the final
+model until Ctrl-C."""
 
 from __future__ import annotations
 
