@@ -1,37 +1,78 @@
-"""The Python entry point for offloading your own splatting variant.
+"""The Python entry points: train a scene with a method, or drive an engine yourself.
 
-Declare the variant's attributes as a :class:`~clm.model.spec.GaussianSpec` (say which ones
-culling needs with ``key=True``: those stay on the GPU) and pass a render function with the
-:class:`~clm.render.base.RenderFn` signature; every other attribute lives in pinned host memory
-and moves per view, exactly as 3DGS's colours do. See ``clm.variants.features`` for a complete
-example and README.md for a walkthrough.
+:func:`train` runs the whole trainer (data, density control, checkpoints, evaluation, PLY) for
+any :class:`~clm.methods.base.Method`: the built-in ones (:class:`GaussianSplatting`,
+:class:`Surfels`) or yours. A method declares its attributes as a
+:class:`~clm.model.spec.GaussianSpec` (``key=True`` for those culling needs: they stay on the
+GPU; every other attribute lives in pinned host memory and moves per view, exactly as 3DGS's
+colours do), its renderer, loss, split and file format. README.md shows a complete one.
+
+:func:`create_engine` is the lower level: an engine holding your parameters, stepping them
+with your render and loss functions (see ``clm.variants.features``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from clm.engine.base import Engine
-from clm.model.spec import AttributeSpec, GaussianSpec, gaussian_splatting_spec
+from clm.methods.base import LossTerms, Method
+from clm.methods.gaussians import GaussianSplatting, split_in_axes
+from clm.methods.registry import available_methods, make_method
+from clm.methods.surfels import Surfels
+from clm.model.spec import AttributeSpec, CullRoles, GaussianSpec, gaussian_splatting_spec
 from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.base import RenderFn, RenderOutput, View
-from clm.train.config import TrainConfig
-from clm.train.engine_factory import make_engine
+from clm.train.config import make_config
+from clm.train.engine_factory import EngineOptions, make_engine
 
 __all__ = [
     "AttributeSpec",
+    "CullRoles",
     "Engine",
     "GaussianSpec",
+    "GaussianSplatting",
+    "LossTerms",
+    "Method",
     "RenderFn",
     "RenderOutput",
+    "Surfels",
     "View",
+    "available_methods",
     "create_engine",
     "gaussian_splatting_spec",
+    "make_method",
+    "split_in_axes",
+    "train",
 ]
+
+
+def train(
+    scene: str | Path, output: str | Path, method: Method | str = "3dgs", **options: Any
+) -> dict[str, Any]:
+    """Train ``scene`` with ``method`` (an object, or a registered name) into ``output``, as
+    ``clm-train`` does; ``options`` are :class:`~clm.train.config.TrainConfig` fields
+    (``steps=3000, offload="clm", max_gpu_gb=24``, a ``preset``...). Returns the final
+    metrics (held-out PSNR, SSIM, LPIPS, Gaussians)."""
+    from clm.train.trainer import Trainer  # (the trainer's imports are heavy)
+
+    if isinstance(method, str):
+        options["method"] = method
+        chosen = None
+    else:
+        chosen = method
+    cfg = make_config({"scene": Path(scene), "output": Path(output), **options})
+    trainer = Trainer(cfg, method=chosen)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
 
 
 def create_engine(
@@ -57,13 +98,8 @@ def create_engine(
     returns every parameter, up to date, on the CPU. ``views`` (the training views, optional)
     let the ``--max-gpu-gb`` planner size the row cache from what each view sees.
     """
-    cfg = TrainConfig(
-        offload=offload,
-        batch_size=batch_size,
-        max_gpu_gb=max_gpu_gb,
-        max_host_gb=max_host_gb,
-    )
+    options = EngineOptions(offload, batch_size, max_gpu_gb, max_host_gb)
     device = torch.device(device)
     lrs = LearningRates(spec, total_steps, extent=extent, batch_size=batch_size)
     adam = AdamConfig(betas=adam_betas(batch_size))
-    return make_engine(cfg, spec, params, render_fn, lrs, adam, device, max_pixels, views)
+    return make_engine(options, spec, params, render_fn, lrs, adam, device, max_pixels, views)

@@ -115,8 +115,10 @@ def test_busiest_view_share_is_the_largest_culled_fraction():
         params["means"], params["scales"], params["opacities"], views
     )
     per_view = culled.vis.sum(dim=1)
-    assert busiest_view_share(params, views) == int(per_view.max()) / 3000
-    assert 0 < busiest_view_share(params, views[:1]) <= busiest_view_share(params, views)
+    assert busiest_view_share(SPEC, params, views) == int(per_view.max()) / 3000
+    assert (
+        0 < busiest_view_share(SPEC, params, views[:1]) <= busiest_view_share(SPEC, params, views)
+    )
 
 
 def test_resident_rows_fit_beside_the_workspace_and_key_rows():

@@ -21,6 +21,7 @@ from plyfile import PlyData
 from clm.data.types import Similarity
 from clm.engine.base import RowChunk, RowSource
 from clm.errors import ClmError
+from clm.methods.gaussians import GaussianSplatting
 from clm.model.spec import gaussian_splatting_spec
 from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates
@@ -33,9 +34,8 @@ from clm.train.checkpoint import (
     state_blocks,
     state_columns,
 )
-from clm.train.config import TrainConfig
-from clm.train.engine_factory import make_engine
-from clm.train.export import checkpoint_source, export_ply
+from clm.train.engine_factory import EngineOptions, make_engine
+from clm.train.export import checkpoint_source
 
 SPEC = gaussian_splatting_spec(3)
 ROWS = 1 << 19
@@ -63,9 +63,8 @@ def random_chunks(n: int, seed: int, chunk: int = CHUNK):
 
 
 def make(source: RowSource, **overrides):
-    cfg = TrainConfig(device="cpu", offload="clm", **overrides)
     return make_engine(
-        cfg,
+        EngineOptions(offload="clm", **overrides),
         SPEC,
         source,
         render_torch,
@@ -168,7 +167,9 @@ def measure_streaming(folder: Path, rows: int) -> dict[str, int]:
         saved = save_lazy(folder, engine, 3)
     with PeakRss() as exporting:
         params = (c.params for c in engine.state_chunks(CHUNK))
-        export_ply(folder / "m.ply", params, rows, Similarity(1.0, np.zeros(3)))
+        GaussianSplatting().export_ply(
+            folder / "m.ply", SPEC, params, rows, Similarity(1.0, np.zeros(3))
+        )
     engine.close()
     del engine
     with PeakRss() as loading:
@@ -198,8 +199,8 @@ def test_streaming_extra_memory_is_bounded_at_two_million_rows(tmp_path):
 def test_ply_export_reads_back(engine, tmp_path):
     to_train = Similarity(2.0, np.array([1.0, -2.0, 0.5]))
     path = tmp_path / "model.ply"
-    written, dropped = export_ply(
-        path, (c.params for c in engine.state_chunks(CHUNK)), ROWS, to_train
+    written, dropped = GaussianSplatting().export_ply(
+        path, SPEC, (c.params for c in engine.state_chunks(CHUNK)), ROWS, to_train
     )
     assert (written, dropped) == (ROWS, 0)
     vertex = PlyData.read(str(path))["vertex"]  # plyfile: an independent reader

@@ -20,6 +20,8 @@ pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 W, H = 200, 136  # not a multiple of the tile size: the last pieces are narrower
 
+SPEC3 = gaussian_splatting_spec(3)
+
 
 def scene(n: int, seed: int, device="cpu") -> dict[str, torch.Tensor]:
     """Gaussians small on screen, so that a few tiles see a fraction of a view, and 1% large
@@ -67,7 +69,8 @@ def test_gsplat_pieces_give_the_whole_image_and_its_gradients():
     keys = (params["means"], params["scales"], params["opacities"])
     capacity = rows_seen(params, [view])[0] // 3
     cut = [
-        (p, culler.cull(*keys, [p]).ids) for p, _ in cut_views(culler, params, [view], capacity)[0]
+        (p, culler.cull(*keys, [p]).ids)
+        for p, _ in cut_views(culler, SPEC3.cull_inputs(params), [view], capacity)[0]
     ]
     assert len(cut) > 4
     canvas = Canvas()

@@ -10,14 +10,14 @@ from test_gpu import ring_views
 
 from clm.data.types import Similarity
 from clm.engine.base import RowChunk, RowSource
+from clm.methods.gaussians import GaussianSplatting
 from clm.model.spec import gaussian_splatting_spec
 from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates
 from clm.render.splats import render_gsplat
 from clm.train.checkpoint import Checkpoint, save_checkpoint, state_blocks, state_columns
-from clm.train.config import TrainConfig
-from clm.train.engine_factory import make_engine
-from clm.train.export import checkpoint_source, export_ply
+from clm.train.engine_factory import EngineOptions, make_engine
+from clm.train.export import checkpoint_source
 
 pytestmark = pytest.mark.gpu
 SPEC = gaussian_splatting_spec(3)
@@ -46,9 +46,8 @@ def surface_chunks(n: int, seed: int):
 
 
 def make(source: RowSource, views):
-    cfg = TrainConfig(device="cuda", offload="clm", max_gpu_gb=6.0, batch_size=2)
     return make_engine(
-        cfg,
+        EngineOptions(offload="clm", max_gpu_gb=6.0, batch_size=2),
         SPEC,
         source,
         render_gsplat,
@@ -91,8 +90,9 @@ def test_ten_million_gaussians_train_checkpoint_reload_and_export(tmp_path):
         tmp_path, engine.step, {}, state_columns(SPEC), state_blocks(engine.state_chunks(CHUNK))
     )
     before = fingerprint(engine)
-    written, dropped = export_ply(
+    written, dropped = GaussianSplatting().export_ply(
         tmp_path / "model.ply",
+        SPEC,
         (c.params for c in engine.state_chunks(CHUNK)),
         ROWS,
         Similarity(1.0, torch.zeros(3).numpy()),

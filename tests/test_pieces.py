@@ -9,6 +9,7 @@ from test_engines import assert_same, make_engine, train
 
 from clm.engine.offloaded import OffloadEngine
 from clm.errors import ClmError
+from clm.model.spec import gaussian_splatting_spec
 from clm.offload import pieces as pieces_module
 from clm.offload.pieces import (
     TILE,
@@ -24,6 +25,8 @@ from clm.train.loss import photometric_loss
 
 W, H = 96, 64
 CPU = torch.device("cpu")
+
+SPEC3 = gaussian_splatting_spec(3)
 
 
 def scene(n: int = 800, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -62,7 +65,7 @@ def visible(params, views) -> list[int]:
 def render_pieces(params, view, capacity, bg, sh_degree=3):
     """Pass 1 by hand: each piece renders the whole view from the rows it culls."""
     culler = PieceCuller(CPU)
-    cut = cut_views(culler, params, [view], capacity)[0]
+    cut = cut_views(culler, SPEC3.cull_inputs(params), [view], capacity)[0]
     keys = (params["means"], params["scales"], params["opacities"])
     canvas, rows = Canvas(), []
     for piece, n in cut:
@@ -77,7 +80,7 @@ def render_pieces(params, view, capacity, bg, sh_degree=3):
 
 def test_pieces_tile_the_image_on_tile_boundaries():
     params, view = scene(), ring_views(6)[0]
-    cut = cut_views(PieceCuller(CPU), params, [view], 150)[0]
+    cut = cut_views(PieceCuller(CPU), SPEC3.cull_inputs(params), [view], 150)[0]
     covered = torch.zeros(H, W, dtype=torch.int32)
     for piece, _ in cut:
         assert piece.x0 % TILE == 0 and piece.y0 % TILE == 0
@@ -136,7 +139,7 @@ def test_two_passes_give_the_whole_image_gradients():
 def test_a_tile_larger_than_the_cache_is_refused():
     params, view = scene(), ring_views(6)[0]
     with pytest.raises(ClmError, match="16x16-pixel tile"):
-        cut_views(PieceCuller(CPU), params, [view], 10)
+        cut_views(PieceCuller(CPU), SPEC3.cull_inputs(params), [view], 10)
 
 
 def test_groups_are_bounded(monkeypatch):
@@ -258,7 +261,7 @@ def test_pieces_that_see_nothing(setup):
     keep = (cam[:, 2] > 1.0) & (cam[:, 0] / cam[:, 2] * K[0, 0] + K[0, 2] < W / 4)
     params = {k: t[keep] for k, t in params.items()}
     rows = visible(params, views[:1])[0]
-    cut = cut_views(PieceCuller(CPU), params, views[:1], rows - 1)[0]
+    cut = cut_views(PieceCuller(CPU), SPEC3.cull_inputs(params), views[:1], rows - 1)[0]
     assert min(n for _, n in cut) == 0
     batches, degrees = [[0, 3], [0, 3]], [1, 1]
     ref = train(make_engine("none", params, 2, 2), views, targets, batches, degrees)

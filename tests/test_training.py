@@ -14,6 +14,7 @@ import torch
 from clm.cli.train import main as train_main
 from clm.data.colmap import read_model
 from clm.engine.resident import ResidentEngine
+from clm.methods.gaussians import GaussianSplatting
 from clm.model.ply import read_ply
 from clm.model.spec import gaussian_splatting_spec
 from clm.optim.lazy_adam import AdamConfig
@@ -177,7 +178,9 @@ def make_controller_engine(n=6):
 def test_clone_split_prune_and_reset():
     engine = make_controller_engine()
     cfg = DensifyConfig(start=0, stop=1000, every=10, reset_every=30, grow_scale3d=0.01)
-    ctl = DensityController(cfg, extent=1.0, batch_size=1, device=torch.device("cpu"))
+    ctl = DensityController(
+        cfg, GaussianSplatting(), gaussian_splatting_spec(1), 1.0, 1, torch.device("cpu")
+    )
     ctl.grad2d = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0])  # rows 0, 2, 4 have high gradients
     ctl.count = torch.ones(6)
     engine.step = 10
@@ -202,7 +205,9 @@ def test_clone_split_prune_and_reset():
 def test_growth_is_capped_at_max_gaussians():
     engine = make_controller_engine()
     cfg = DensifyConfig(start=0, stop=1000, every=10, reset_every=0)
-    ctl = DensityController(cfg, 1.0, 1, torch.device("cpu"), max_gaussians=7)
+    ctl = DensityController(
+        cfg, GaussianSplatting(), gaussian_splatting_spec(1), 1.0, 1, torch.device("cpu"), 7
+    )
     ctl.grad2d = torch.tensor([1.0, 0.5, 1.0, 0.0, 0.0, 0.0])
     ctl.count = torch.ones(6)
     report = ctl.after_step(engine, 10)

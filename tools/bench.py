@@ -39,7 +39,7 @@ from clm.render.splats import default_renderer
 from clm.synthetic.geometry import load_geometry
 from clm.synthetic.surface import surface_params
 from clm.train.config import make_config
-from clm.train.engine_factory import make_engine
+from clm.train.engine_factory import EngineOptions, make_engine
 from clm.train.log import format_count
 from clm.train.loss import photometric_loss
 from clm.train.trainer import Trainer
@@ -321,7 +321,15 @@ def run_largest(args, scene, images, all_views, count, mode, cap) -> dict:
         first = next(chunks)
         frames, views = pick_views(first, all_views, args.max_view_share)
         engine = make_engine(
-            cfg, spec, first, default_renderer(device), lrs, adam, device, pixels, views
+            EngineOptions.of(cfg),
+            spec,
+            first,
+            default_renderer(device),
+            lrs,
+            adam,
+            device,
+            pixels,
+            views,
         )
         if engine.max_gaussians is not None and count > engine.max_gaussians:
             raise ClmError(f"the plan allows {engine.max_gaussians} Gaussians")

@@ -18,14 +18,14 @@ import torch
 
 from clm.data.types import Similarity
 from clm.engine.base import RowChunk, RowSource
+from clm.methods.gaussians import GaussianSplatting
 from clm.model.spec import gaussian_splatting_spec
 from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates
 from clm.render.splats import default_renderer
 from clm.train.checkpoint import Checkpoint, save_checkpoint, state_blocks, state_columns
-from clm.train.config import TrainConfig
-from clm.train.engine_factory import make_engine
-from clm.train.export import checkpoint_source, export_ply
+from clm.train.engine_factory import EngineOptions, make_engine
+from clm.train.export import checkpoint_source
 
 SPEC = gaussian_splatting_spec(3)
 CHUNK = 1 << 20
@@ -51,7 +51,7 @@ def chunks(n: int):
 def engine_of(source: RowSource):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return make_engine(
-        TrainConfig(offload="clm"),
+        EngineOptions(offload="clm"),
         SPEC,
         source,
         default_renderer(device),
@@ -87,7 +87,9 @@ def main() -> None:
     if not args.no_export:
         t = time.perf_counter()
         params = (c.params for c in engine.state_chunks())
-        export_ply(args.folder / "model.ply", params, n, Similarity(1.0, torch.zeros(3).numpy()))
+        GaussianSplatting().export_ply(
+            args.folder / "model.ply", SPEC, params, n, Similarity(1.0, torch.zeros(3).numpy())
+        )
         size = (args.folder / "model.ply").stat().st_size
         rows.append(("export PLY (SH degree 3)", time.perf_counter() - t, size))
         (args.folder / "model.ply").unlink()

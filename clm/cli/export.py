@@ -1,5 +1,5 @@
-"""``clm-export RUN``: write a checkpoint's Gaussians as a standard 3DGS PLY, in the frame of the
-scene it was trained on."""
+"""``clm-export RUN``: write a checkpoint's Gaussians as its method's PLY (the INRIA layout for
+3DGS, the 2DGS reference's for 2DGS), in the frame of the scene it was trained on."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ from pathlib import Path
 from clm.cli.common import OneLineParser, run_cli
 from clm.cli.model_source import load_model
 from clm.errors import ClmError
-from clm.model.spec import gaussian_splatting_spec
-from clm.train.export import export_ply
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="clm-export", description="Export a checkpoint as a 3DGS PLY.")
+    parser = OneLineParser(prog="clm-export", description="Export a checkpoint as a PLY.")
     parser.add_argument("source", type=Path, help="run folder or checkpoint (.ckpt)")
     parser.add_argument("--output", type=Path, help="PLY to write (default: RUN/point_cloud.ply)")
     return parser
@@ -28,9 +26,9 @@ def _export(argv: list[str] | None) -> int:
     model = load_model(args.source)
     base = args.source if args.source.is_dir() else args.source.parent.parent
     out = args.output or base / "point_cloud.ply"
-    spec = gaussian_splatting_spec(int(model.config["sh_degree"]))
+    spec = model.method.spec(int(model.config["sh_degree"]))
     chunks = (chunk.params for chunk in model.rows(spec).chunks)
-    written, dropped = export_ply(out, chunks, model.count, model.to_train)
+    written, dropped = model.method.export_ply(out, spec, chunks, model.count, model.to_train)
     note = f" ({dropped} with non-finite values dropped)" if dropped else ""
     print(f"{written} Gaussians{note} -> {out}")
     return 0

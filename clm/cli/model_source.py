@@ -5,6 +5,7 @@ engine that renders them."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,23 +20,26 @@ from clm.data.types import Scene, Similarity
 from clm.devices import resolve_device
 from clm.engine.base import Engine, RowSource
 from clm.errors import ClmError
+from clm.methods.base import Method
+from clm.methods.registry import make_method
+from clm.methods.surfels import Surfels
 from clm.model.ply import open_ply
-from clm.model.spec import GaussianSpec, gaussian_splatting_spec
+from clm.model.spec import GaussianSpec
 from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates
-from clm.render.splats import default_renderer
 from clm.train.checkpoint import open_checkpoint
 from clm.train.config import TrainConfig, config_from_dict
-from clm.train.engine_factory import make_engine
-from clm.train.export import checkpoint_source, ply_source
+from clm.train.engine_factory import EngineOptions, make_engine
+from clm.train.export import checkpoint_source
 from clm.train.recipe import sh_degree_at
 
 
 @dataclass
 class Model:
-    """A model to render or export; ``rows()`` streams its parameters (training frame) for the
-    spec of ``sh_degree``, each call from the start."""
+    """A model to render or export, of ``method``; ``rows()`` streams its parameters (training
+    frame) for the spec of ``sh_degree``, each call from the start."""
 
+    method: Method
     rows: Callable[[GaussianSpec], RowSource]
     count: int
     to_train: Similarity
@@ -64,8 +68,11 @@ def load_model(source: Path, scene: Scene | None = None) -> Model:
         ply = open_ply(source)
         if ply.count == 0:
             raise ClmError(f"{source}: the PLY holds no Gaussians")
+        # the file's layout says its method: two scales are 2DGS's
+        method = make_method(Surfels.name if ply.num_scales == 2 else "3dgs")
         return Model(
-            lambda spec: ply_source(source, scene.to_train, spec),
+            method,
+            lambda spec: method.ply_source(source, spec, scene.to_train),
             ply.count,
             scene.to_train,
             ply.sh_degree,
@@ -83,7 +90,9 @@ def load_model(source: Path, scene: Scene | None = None) -> Model:
         int(config["sh_degree"]),
         int(config["sh_degree_every"]),
     )
+    options = {"ssim_weight": config.get("ssim_weight", 0.2), **config.get("method_options", {})}
     return Model(
+        make_method(config.get("method", "3dgs"), options),
         lambda spec: checkpoint_source(ckpt, spec, moments=False),
         ckpt.count,
         to_train,
@@ -116,15 +125,16 @@ def render_engine(model: Model, device_name: str, max_pixels: int, depth: bool =
     """An engine holding the model, for rendering only (offloaded on CUDA, as in training);
     with ``depth`` its renders carry the expected depth as a fourth channel."""
     device = resolve_device(device_name)
-    spec = gaussian_splatting_spec(model.sh_degree)
+    spec = model.method.spec(model.sh_degree)
     values = {k: v for k, v in model.config.items() if k in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(**config_from_dict(values))
-    cfg.offload = cfg.offload if device.type == "cuda" else "none"
+    options = EngineOptions.of(TrainConfig(**config_from_dict(values)))
+    if device.type != "cuda":
+        options = dataclasses.replace(options, offload="none")
     return make_engine(
-        cfg,
+        options,
         spec,
         model.rows(spec),
-        default_renderer(device, depth),
+        model.method.renderer(device, depth),
         LearningRates(spec, 1),
         AdamConfig(),
         device,

@@ -19,10 +19,11 @@ from clm.train.config import TrainConfig, config_from_dict, make_config
 
 log = logging.getLogger(__name__)
 
-# Options a run cannot change midway: the batch size sets every step's learning rates, Adam betas
+# Options a run cannot change midway: the method (and its options) sets the model's attributes
+# and the loss; the batch size sets every step's learning rates, Adam betas
 # and intervals; the SH degree sets the model's columns; the held-out split sets the training
 # images and, through their cameras, the frame the Gaussians live in.
-_FIXED_ON_RESUME = ("batch_size", "sh_degree", "test_every")
+_FIXED_ON_RESUME = ("method", "method_options", "batch_size", "sh_degree", "test_every")
 
 
 def _train(argv: list[str] | None) -> int:

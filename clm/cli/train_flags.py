@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from clm.cli.common import OneLineParser
+from clm.methods.registry import available_methods, describe_methods, parse_options
 from clm.train.config import BOOLEAN_FIELDS, TrainConfig, load_preset
 
 
@@ -30,13 +31,20 @@ def build_parser(
     help, so ``clm-train --preset tiny --help`` shows what that preset sets."""
     parser = OneLineParser(
         prog=prog,
-        description="Train a 3D Gaussian Splatting scene, offloading to host memory as needed.",
+        description="Train a Gaussian splatting scene, offloading to host memory as needed. "
+        f"Methods: {describe_methods()}.",
     )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         text = _help(f, preset)
         if f.name == "scene":
             parser.add_argument("scene", type=Path, nargs="?", help=text)
+        elif f.name == "method_options":
+            parser.add_argument(
+                f.metadata["flag"], dest=f.name, action="append", metavar="NAME=VALUE", help=text
+            )
+        elif f.name == "method":
+            parser.add_argument(flag, choices=sorted(available_methods()), default=None, help=text)
         elif f.name in BOOLEAN_FIELDS:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=text
@@ -68,7 +76,7 @@ def _help(f: dataclasses.Field, preset: tuple[str, dict[str, Any]] | None) -> st
     """The field's help with its default once (unless the text already states it or there is
     none to state) and the chosen preset's value where it sets another."""
     text = f.metadata["help"]
-    if f.default is not None and "default" not in text:
+    if f.default not in (None, dataclasses.MISSING) and "default" not in text:
         text += f" (default: {f.default})"
     if preset is not None and preset[1].get(f.name, f.default) != f.default:
         text += f" (preset {preset[0]}: {preset[1][f.name]})"
@@ -89,4 +97,7 @@ def _preset_for_help(argv: list[str] | None) -> tuple[str, dict[str, Any]] | Non
 def parse_flags(argv: list[str] | None = None) -> dict[str, Any]:
     """Only the flags the user gave, by field name."""
     args = build_parser(preset=_preset_for_help(argv)).parse_args(argv)
-    return {k: v for k, v in vars(args).items() if v is not None}
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    if "method_options" in given:
+        given["method_options"] = parse_options(given["method_options"])
+    return given

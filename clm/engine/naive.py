@@ -104,7 +104,7 @@ class NaiveEngine(Engine):
 
     def reset_opacity(self, max_logit: float) -> None:
         store = self.host.store
-        seg = next(s for s in self.host.layout if s.attr.name == "opacities")
+        seg = next(s for s in self.host.layout if s.attr.name == self.spec.cull.opacity_logit)
         for chunks in (store.exp_avg_chunks, store.exp_avg_sq_chunks):
             for chunk in chunks:
                 chunk[:, seg.start : seg.end] = 0

@@ -120,14 +120,14 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         self.resident_limit = resident
         self._training_views = list(views)
         self.gather = RowGather(self.host.store, self.device)
-        self.culler = PieceCuller(self.device)
+        self.culler = PieceCuller(self.device, bound=self.spec.cull.shape)
         self.inputs = RowInputs([self.key.layout, self.host.layout])
         self.capacity = cache_rows
         width = self.host.width
         self.cache_param = torch.empty(0, width, device=self.device)
         self.cache_grad = torch.empty(0, width, device=self.device)
         self.flusher = GradientFlush(self.host, self.device, staging_rows)
-        self.catch = CatchUp(self.host, self.device)
+        self.catch = CatchUp(self.host, self.spec, self.device)
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self._drained_seconds = 0.0
 
@@ -176,7 +176,9 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         if isinstance(limit, ResidentBudget):
             limit = limit.slots(self.key.table.capacity, self.host.width)
         if limit > 0 and self._training_views:
-            self.resident.count_views(self.culler, self.key.views(), self._training_views)
+            self.resident.count_views(
+                self.culler, self.spec.cull_inputs(self.key.views()), self._training_views
+            )
             self._training_views = []
         self.resident.choose(self.host, self.step, limit, fixed=self.key.grow_through_host)
 
@@ -348,7 +350,7 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
 
     def _cull(self, views: Sequence[View]) -> CullResult:
         keys = self.key.views()
-        return self.culler.cull(keys["means"], keys["scales"], keys["opacities"], views)
+        return self.culler.cull(*self.spec.cull_inputs(keys), views)
 
     def _drain(self) -> None:
         """Wait for all background CPU work, counting the seconds waited."""

@@ -39,7 +39,11 @@ class InPieces:
         self._drain()  # pass 1 renders from host rows caught up here, on this thread
         wanted = [batch.views[i] for i in big]
         cuts = dict(
-            zip(big, cut_views(self.culler, self.key.views(), wanted, capacity), strict=True)
+            zip(
+                big,
+                cut_views(self.culler, self.spec.cull_inputs(self.key.views()), wanted, capacity),
+                strict=True,
+            )
         )
         units: list[View] = []
         owner: list[int] = []
@@ -116,7 +120,9 @@ class InPieces:
 
     def _render_in_pieces(self, view: View, sh_degree: int, background: Tensor) -> RenderOutput:
         """Evaluation of a view larger than the cache: its pieces rendered and stitched."""
-        pieces = cut_views(self.culler, self.key.views(), [view], self.capacity)[0]
+        pieces = cut_views(
+            self.culler, self.spec.cull_inputs(self.key.views()), [view], self.capacity
+        )[0]
         units = [piece for piece, _ in pieces]
         canvas = Canvas()
         for group in group_units([n for _, n in pieces]):

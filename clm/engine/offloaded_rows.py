@@ -71,8 +71,9 @@ class RowsAcrossSets:
         self.resident.compact(plan)
 
     def reset_opacity(self, max_logit: float) -> None:
-        self.key.views()["opacities"].clamp_(max=max_logit)
-        self.key.zero_moments("opacities")
+        name = self.spec.cull.opacity_logit
+        self.key.views()[name].clamp_(max=max_logit)
+        self.key.zero_moments(name)
 
     # ---- checkpoints ----------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ class ResidentEngine(Engine):
         self.params = RowTable(on_device)
         self.exp_avg = RowTable({n: torch.zeros_like(t) for n, t in on_device.items()})
         self.exp_avg_sq = RowTable({n: torch.zeros_like(t) for n, t in on_device.items()})
-        self.culler = Culler(self.device)
+        self.culler = Culler(self.device, bound=self.spec.cull.shape)
 
     @property
     def num_gaussians(self) -> int:
@@ -70,7 +70,7 @@ class ResidentEngine(Engine):
 
     def _cull(self, views: Sequence[View]) -> CullResult:
         p = self.params
-        return self.culler.cull(p["means"], p["scales"], p["opacities"], views)
+        return self.culler.cull(*self.spec.cull_inputs(p), views)
 
     @torch.no_grad()
     def render(self, view: View, sh_degree: int, background: Tensor) -> RenderOutput:
@@ -101,9 +101,10 @@ class ResidentEngine(Engine):
             table.compact(plan)
 
     def reset_opacity(self, max_logit: float) -> None:
-        self.params["opacities"].clamp_(max=max_logit)
-        self.exp_avg["opacities"].zero_()
-        self.exp_avg_sq["opacities"].zero_()
+        name = self.spec.cull.opacity_logit
+        self.params[name].clamp_(max=max_logit)
+        self.exp_avg[name].zero_()
+        self.exp_avg_sq[name].zero_()
 
     def state_chunks(self, rows: int = STREAM_ROWS, lazy: bool = False) -> Iterator[RowChunk]:
         # (every row takes every step here: nothing is lazy)

@@ -70,17 +70,20 @@ def init_from_points(
 ) -> dict[str, Tensor]:
     """Raw parameters ``[N, ...]`` (float32, CPU) for the spec's 3DGS attributes.
 
-    Attributes the recipe does not know (a variant's extra features) start at zero.
+    Every column of the log-scales (three for 3DGS, two for flat splats, one for round ones)
+    gets the neighbour distance. Attributes the recipe does not know (a variant's extra
+    features) start at zero.
     """
     means = torch.as_tensor(np.asarray(points, dtype=np.float32))
     rgb = torch.as_tensor(np.asarray(colors, dtype=np.float32) / 255.0)
     n = means.shape[0]
     dist = mean_neighbour_distance(means) * init_scale
+    roles = spec.cull
     known = {
-        "means": means,
-        "scales": torch.log(dist)[:, None].repeat(1, 3),
+        roles.position: means,
+        roles.log_scales: torch.log(dist)[:, None].repeat(1, spec[roles.log_scales].width),
         "quats": torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1),
-        "opacities": torch.full((n,), float(np.log(init_opacity / (1 - init_opacity)))),
+        roles.opacity_logit: torch.full((n,), float(np.log(init_opacity / (1 - init_opacity)))),
         "sh0": rgb_to_sh0(rgb)[:, None, :],
     }
     params = {}

@@ -8,7 +8,7 @@ memory as columns of one row per Gaussian, and only the rows a camera sees cross
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,20 +55,63 @@ class AttributeSpec:
         return bands * self.shape[1]
 
 
+CULL_SHAPES = ("ellipsoid", "surfel")
+
+
+@dataclass(frozen=True)
+class CullRoles:
+    """Which key attributes culling reads, and the shape its bound is proven for.
+
+    ``ellipsoid``: a 3D Gaussian drawn by gsplat's EWA projection, bounded by its largest
+    scale; ``surfel``: a flat 2D Gaussian drawn by gsplat's ray-splat intersection (2DGS).
+    ``opacity_logit`` is also what density control prunes by and opacity resets clamp;
+    ``log_scales`` what it measures a Gaussian's size by, and ``position`` what it moves.
+    """
+
+    position: str = "means"
+    log_scales: str = "scales"
+    opacity_logit: str = "opacities"
+    shape: str = "ellipsoid"
+
+    @property
+    def names(self) -> tuple[str, str, str]:
+        return self.position, self.log_scales, self.opacity_logit
+
+
 @dataclass(frozen=True)
 class GaussianSpec:
-    """The ordered attributes of a splatting variant."""
+    """The ordered attributes of a splatting variant, and which of them culling reads."""
 
     attributes: tuple[AttributeSpec, ...]
+    cull: CullRoles = CullRoles()
 
     def __post_init__(self) -> None:
         names = [a.name for a in self.attributes]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate attribute names in {names}")
-        if "means" not in names:
-            raise ValueError("a Gaussian spec needs a 'means' attribute")
         if sum(a.sh_rest for a in self.attributes) > 1:
             raise ValueError("at most one attribute may be sh_rest")
+        if self.cull.shape not in CULL_SHAPES:
+            raise ValueError(f"unknown culling shape {self.cull.shape!r}; one of {CULL_SHAPES}")
+        by_name = {a.name: a for a in self.attributes}
+        for role, name in zip(
+            ("position", "log_scales", "opacity_logit"), self.cull.names, strict=True
+        ):
+            attr = by_name.get(name)
+            if attr is None or not attr.key:
+                raise ValueError(
+                    f"culling reads {role} from {name!r}, which must be a key attribute"
+                )
+        if by_name[self.cull.position].shape != (3,):
+            raise ValueError(f"the position {self.cull.position!r} must have shape (3,)")
+        if by_name[self.cull.opacity_logit].shape != ():
+            raise ValueError(f"the opacity {self.cull.opacity_logit!r} must have shape ()")
+
+    def cull_inputs(self, tensors: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Positions, log-scales and opacity logits, as the culler takes them, from ``tensors``
+        (the key attributes by name)."""
+        position, log_scales, opacity = self.cull.names
+        return tensors[position], tensors[log_scales], tensors[opacity].reshape(-1)
 
     def __iter__(self) -> Iterator[AttributeSpec]:
         return iter(self.attributes)

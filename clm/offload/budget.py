@@ -178,15 +178,16 @@ def _cache_for(
     return rows, most
 
 
-def busiest_view_share(params: Mapping[str, Tensor], views: Sequence[View]) -> float:
+def busiest_view_share(
+    spec: GaussianSpec, params: Mapping[str, Tensor], views: Sequence[View]
+) -> float:
     """The largest fraction of ``params``' Gaussians that culling keeps for one of ``views``
     (on the views' device; only the attributes culling reads are moved there)."""
     if not views:
         raise ValueError("no views to measure")
     device = views[0].viewmat.device
-    means, scales = params["means"].to(device), params["scales"].to(device)
-    opacities = params["opacities"].to(device).reshape(-1)
+    means, scales, opacities = (t.to(device) for t in spec.cull_inputs(params))
     if means.shape[0] == 0:
         return 0.0
-    counts = Culler(device).visible_counts(means, scales, opacities, views)
+    counts = Culler(device, bound=spec.cull.shape).visible_counts(means, scales, opacities, views)
     return max(counts) / means.shape[0]

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from clm.model.spec import GaussianSpec
 from clm.offload.culling import MAX_CAMERAS, Culler
 from clm.offload.flush import record_event
 from clm.offload.lazy_rows import HostRows
@@ -29,11 +30,12 @@ from clm.render.base import View
 class CatchUp:
     """The catch-up thread and what it is given to do (see the module docstring)."""
 
-    def __init__(self, host: HostRows, device: torch.device) -> None:
+    def __init__(self, host: HostRows, spec: GaussianSpec, device: torch.device) -> None:
         self.host = host
+        self.spec = spec
         self.device = device
         self.queue = BackgroundQueue("clm-catch-up")
-        self.culler = Culler(device, chunk=1 << 22)
+        self.culler = Culler(device, chunk=1 << 22, bound=spec.cull.shape)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.waited_seconds = 0.0  # the main thread waiting for catch-ups, over the run
         self._upcoming: list[View] = []
@@ -93,7 +95,7 @@ class CatchUp:
         upcoming, self._upcoming = self._upcoming, []
         if not upcoming or len(upcoming) + len(views) > MAX_CAMERAS:
             return
-        args = (keys["means"], keys["scales"], keys["opacities"], upcoming, views)
+        args = (*self.spec.cull_inputs(keys), upcoming, views)
 
         def ahead(rows: Tensor) -> None:  # on the catch-up thread, after the updates it follows
             self.host.catch_up(rows, step, width, self.host.segments_ahead(step))

@@ -7,7 +7,8 @@ Gaussians, projected the same way, as in a whole-image render. (A crop camera, K
 principal point moved, is not the same function: gsplat clamps the projection's Jacobian at
 limits set by the image size, so a Gaussian centred outside a crop would get another
 footprint.) The culler takes the window as that crop camera but with the whole view's clamp
-limits, which keeps it conservative for the whole-view projection (:class:`PieceCuller`).
+limits (and, for 2DGS surfels, its rounding pad), which keeps it conservative for the whole-view
+projection (:class:`PieceCuller`).
 
 Training stays exact, in two passes. Pass 1 renders every piece without gradients and stitches
 the whole image (:class:`Canvas`); the loss is evaluated on it (a leaf tensor) and
@@ -25,14 +26,14 @@ A Gaussian drawn in several pieces gets a partial screen-space gradient from eac
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from clm.errors import ClmError
-from clm.offload.culling import MAX_CAMERAS, Culler
+from clm.offload.culling import MAX_CAMERAS, WHOLE_VIEW_COLUMNS, Culler
 from clm.render.base import RenderOutput, View
 
 TILE = 16  # gsplat's tile size, in pixels
@@ -42,7 +43,6 @@ PIECE_FILL = 0.5
 # Entries of a [units, rows] visibility culled and planned at once (with its int64 and float
 # temporaries about 13 bytes each), when a batch goes in pieces.
 PLAN_ELEMENTS = 1 << 25
-_CLAMP = slice(18, 20)  # 1 + lim_x², 1 + lim_y² in a packed camera (see pack_cameras)
 
 
 @dataclass(frozen=True)
@@ -89,15 +89,17 @@ def whole(view: View) -> Piece:
 
 
 class PieceCuller(Culler):
-    """A :class:`Culler` that culls a :class:`Piece` with its whole view's clamp limits (those
-    its render uses), and counts visible rows without ``[views, rows]`` tensors."""
+    """A :class:`Culler` that culls a :class:`Piece` with its whole view's clamp limits and
+    surfel rounding pad (those its render uses), and counts visible rows without
+    ``[views, rows]`` tensors. Its ``bound`` is the :class:`Culler`'s."""
 
     def cameras(self, views: Sequence[View]) -> Tensor:
         cams = super().cameras(views)
         at = [k for k, v in enumerate(views) if isinstance(v, Piece)]
         if at:
             full = super().cameras([views[k].full for k in at])
-            cams[at, _CLAMP] = full[:, _CLAMP]
+            for cols in WHOLE_VIEW_COLUMNS:
+                cams[at, cols] = full[:, cols]
         return cams
 
     def visible_counts(
@@ -115,10 +117,14 @@ class PieceCuller(Culler):
 
 
 def cut_views(
-    culler: PieceCuller, keys: Mapping[str, Tensor], views: Sequence[View], capacity: int
+    culler: PieceCuller,
+    cull_inputs: tuple[Tensor, Tensor, Tensor],
+    views: Sequence[View],
+    capacity: int,
 ) -> list[list[tuple[Piece, int]]]:
     """Each view's pieces, in raster order, with the rows each may see: at most
-    ``PIECE_FILL * capacity``, or up to ``capacity`` for a piece of one tile.
+    ``PIECE_FILL * capacity``, or up to ``capacity`` for a piece of one tile. ``cull_inputs``:
+    positions, log-scales and opacity logits (:meth:`GaussianSpec.cull_inputs`).
 
     Pieces still too large are halved, all of them in one culling pass per round.
     """
@@ -129,9 +135,7 @@ def cut_views(
         if any(piece.tiles == (1, 1) for _, piece in todo):
             raise ClmError(_tile_too_large(None, capacity))
         parts = [(k, half) for k, piece in todo for half in piece.halves()]
-        counts = culler.visible_counts(
-            keys["means"], keys["scales"], keys["opacities"], [p for _, p in parts]
-        )
+        counts = culler.visible_counts(*cull_inputs, [p for _, p in parts])
         todo = []
         for (k, piece), n in zip(parts, counts, strict=True):
             if n <= target or (piece.tiles == (1, 1) and n <= capacity):

@@ -143,9 +143,12 @@ class ResidentRows:
 
     # ---- visits ---------------------------------------------------------------------------
 
-    def count_views(self, culler: Culler, keys: dict[str, Tensor], views: Sequence[View]) -> None:
-        """Add every view's visits (the training views, once at the start)."""
-        self.seen += culler.visit_counts(keys["means"], keys["scales"], keys["opacities"], views)
+    def count_views(
+        self, culler: Culler, cull_inputs: tuple[Tensor, Tensor, Tensor], views: Sequence[View]
+    ) -> None:
+        """Add every view's visits (the training views, once at the start); ``cull_inputs``:
+        positions, log-scales and opacity logits (:meth:`GaussianSpec.cull_inputs`)."""
+        self.seen += culler.visit_counts(*cull_inputs, views)
         self.views_counted += len(views)
 
     def count_visits(self, ids: Tensor, vis: Tensor) -> None:

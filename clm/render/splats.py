@@ -6,13 +6,14 @@ activations themselves, so engines hand over exactly the tensors they optimise.
 With ``depth=True`` (rendering only, never training) the image gets a fourth channel: the expected
 camera-space z, sum(w_i z_i) / alpha with alpha = sum(w_i), 0 where alpha is 0 (gsplat's "ED").
 It travels as a colour channel, so every engine, and the stitching of views rendered in pieces,
-carries it without knowing about it.
+carries it without knowing about it. ``extra`` names per-Gaussian attributes (a variant's
+features) composited the same way, after RGB and before depth, on a zero background.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -40,12 +41,24 @@ def _expected_depth(image: Tensor, alpha: Tensor) -> Tensor:
     return torch.cat([image[..., :-1], image[..., -1:] / alpha.clamp_min(1e-10)], dim=-1)
 
 
+def _extra_channels(
+    params: Mapping[str, Tensor], extra: Sequence[str], background: Tensor
+) -> tuple[Tensor | None, Tensor]:
+    """The ``extra`` attributes side by side ``[N, D]`` (None without any), and the background
+    padded with their zeros."""
+    if not extra:
+        return None, background
+    values = torch.cat([params[name].reshape(params[name].shape[0], -1) for name in extra], 1)
+    return values, torch.cat([background, background.new_zeros(values.shape[1])])
+
+
 def render_torch(
     params: Mapping[str, Tensor],
     view: View,
     sh_degree: int,
     background: Tensor,
     depth: bool = False,
+    extra: Sequence[str] = (),
 ) -> RenderOutput:
     """3DGS on the CPU (or as a reference on CUDA): the native rasterizer where it is built and
     takes the inputs (float32 on the CPU), else the pure-torch one; both composite the same.
@@ -74,6 +87,9 @@ def render_torch(
         {"sh0": visible(params["sh0"]), "shN": visible(params["shN"])}, sh_degree
     )
     colors = sh_to_rgb(sh_degree, coeffs, visible(means) - view.camera_center)
+    features, background = _extra_channels(params, extra, background)
+    if features is not None:
+        colors = torch.cat([colors, visible(features)], dim=1)
     if depth:
         colors = torch.cat([colors, visible(proj.depths)[:, None]], dim=1)
         background = torch.cat([background, background.new_zeros(1)])
@@ -102,21 +118,28 @@ def render_gsplat(
     sh_degree: int,
     background: Tensor,
     depth: bool = False,
+    extra: Sequence[str] = (),
 ) -> RenderOutput:
-    """3DGS through gsplat 1.5.3's CUDA rasterizer (packed mode: memory scales with visibility)."""
+    """3DGS through gsplat 1.5.3's CUDA rasterizer (packed mode: memory scales with visibility).
+    With ``extra`` channels the colours are evaluated here (gsplat's SH path takes RGB only)."""
     from gsplat import rasterization
 
+    colors, degree = sh_coefficients(params, sh_degree), sh_degree
+    features, background = _extra_channels(params, extra, background)
+    if features is not None:
+        rgb = sh_to_rgb(sh_degree, colors, params["means"] - view.camera_center)
+        colors, degree = torch.cat([rgb, features], dim=1), None
     image, alpha, info = rasterization(
         means=params["means"],
         quats=params["quats"],
         scales=torch.exp(params["scales"]),
         opacities=torch.sigmoid(params["opacities"]),
-        colors=sh_coefficients(params, sh_degree),
+        colors=colors,
         viewmats=view.viewmat[None],
         Ks=view.K[None],
         width=view.width,
         height=view.height,
-        sh_degree=sh_degree,
+        sh_degree=degree,
         packed=True,
         render_mode="RGB+ED" if depth else "RGB",
     )
@@ -130,7 +153,12 @@ def render_gsplat(
     return RenderOutput(image, alpha[0], means2d, info["radii"], info["gaussian_ids"].long())
 
 
-def default_renderer(device: torch.device, depth: bool = False) -> RenderFn:
-    """gsplat on CUDA, the torch rasterizer elsewhere; ``depth`` adds the depth channel."""
+def default_renderer(
+    device: torch.device, depth: bool = False, extra: Sequence[str] = ()
+) -> RenderFn:
+    """gsplat on CUDA, the torch rasterizer elsewhere; ``depth`` adds the depth channel,
+    ``extra`` the named attributes' channels."""
     render = render_gsplat if device.type == "cuda" else render_torch
-    return functools.partial(render, depth=True) if depth else render
+    if not depth and not extra:
+        return render
+    return functools.partial(render, depth=depth, extra=tuple(extra))

@@ -40,6 +40,14 @@ class TrainConfig:
     init_ply: Path | None = _opt(None, "start from a 3DGS PLY instead of the scene's points")
     max_seconds: float | None = _opt(None, "stop training after this many seconds, then finish")
     # model and recipe
+    method: str = _opt("3dgs", "the splatting method (see the list above)")
+    method_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "an option of the method, NAME=VALUE (repeatable; e.g. normal_weight=0.05)",
+            "flag": "--method-option",
+        },
+    )
     sh_degree: int = _opt(3, "maximum spherical-harmonics degree (0..3)")
     sh_degree_every: int = _opt(1000, "raise the SH degree by one every this many images")
     ssim_weight: float = _opt(0.2, "weight of the D-SSIM term in the loss (rest is L1)")
@@ -113,6 +121,10 @@ def _coerce(name: str, value: Any) -> Any:
     if name not in fields:
         raise ClmError(f"unknown option {name!r}")
     kind = fields[name].type
+    if kind.startswith("dict"):
+        if not isinstance(value, dict):
+            raise ClmError(f"option {name} = {value!r} has the wrong type (a table)")
+        return dict(value)
     if value is None and "None" in kind:
         return None
     try:
@@ -198,6 +210,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ClmError(f"--viewer-port must be at most 65535, got {cfg.viewer_port}")
     if cfg.viewer_fps <= 0:
         raise ClmError(f"--viewer-fps must be positive, got {cfg.viewer_fps}")
+    from clm.methods.registry import make_method  # (imports the methods' renderers)
+
+    make_method(cfg.method, cfg.method_options)  # an unknown method or option: one clear line
     if cfg.device not in ("auto", "cuda", "cpu"):
         raise ClmError(f"--device must be auto, cuda or cpu, got {cfg.device!r}")
 

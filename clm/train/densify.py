@@ -1,10 +1,12 @@
-"""Adaptive density control of 3DGS: clone small Gaussians and split large ones where the
-screen-space gradient is high, prune transparent and oversized ones, reset opacities.
+"""Adaptive density control, the 3DGS strategy: clone small Gaussians and split large ones where
+the screen-space gradient is high, prune transparent and oversized ones, reset opacities.
 
-Decisions read only key attributes (position, scale, opacity), which every engine keeps on the
-compute device, and the rotations of the Gaussians being split; the engine copies the rest of
-each row itself. Unlike gsplat 1.5.3's
-DefaultStrategy, the opacity reset really happens every ``reset_every`` images.
+The method says which gradient drives it (:meth:`Method.densify_gradient`: 2DGS has its own)
+and how a Gaussian splits (:meth:`Method.split`); the spec's culling roles say which attributes
+hold sizes and opacities. Decisions read only those key attributes, which every engine keeps on
+the compute device, and what the split reads of the rows being split; the engine copies the
+rest of each row itself. Unlike gsplat 1.5.3's DefaultStrategy, the opacity reset really
+happens every ``reset_every`` images.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import torch
 from torch import Tensor
 
 from clm.engine.base import Engine
+from clm.methods.base import Method
+from clm.model.spec import GaussianSpec
 from clm.model.table import Compaction
 from clm.render.base import RenderOutput, View
-from clm.render.projection import quat_to_rotmat
 from clm.train.recipe import images_to_steps
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,8 @@ class DensityController:
     def __init__(
         self,
         cfg: DensifyConfig,
+        method: Method,
+        spec: GaussianSpec,
         extent: float,
         batch_size: int,
         device: torch.device,
@@ -60,6 +65,7 @@ class DensityController:
         seed: int = 0,
     ) -> None:
         self.cfg = cfg
+        self.method, self.spec = method, spec
         self.extent = extent
         self.batch_size = batch_size
         self.device = device
@@ -81,12 +87,13 @@ class DensityController:
 
     def observe(self, ids: Tensor, out: RenderOutput, view: View, num_gaussians: int) -> None:
         """Accumulate the screen-space gradient of each rendered Gaussian (after backward)."""
-        if self.stop <= 0 or out.means2d.grad is None:
+        grad = self.method.densify_gradient(out) if self.stop > 0 else None
+        if grad is None:
             return
         self._ensure_size(num_gaussians)
         # Undo the 1/B of the batch loss and scale to NDC, as a batched gsplat render would.
         # (Python scalars, not a device tensor: making one would wait for this view's backward.)
-        grad = out.means2d.grad.detach()
+        grad = grad.detach()
         sx, sy = view.width / 2.0 * self.batch_size, view.height / 2.0 * self.batch_size
         norms = torch.hypot(grad[..., 0] * sx, grad[..., 1] * sy)
         ids = ids.to(self.device)
@@ -111,7 +118,7 @@ class DensityController:
         self._ensure_size(n)
         report = DensifyReport()
         grads = self.grad2d / self.count.clamp_min(1)
-        scales = torch.exp(engine.key_param("scales")).max(dim=-1).values
+        scales = self._largest_scales(engine)
         high = grads > self.cfg.grad_threshold
         small = scales <= self.cfg.grow_scale3d * self.extent
         clone, split = high & small, high & ~small
@@ -130,11 +137,10 @@ class DensityController:
         total = engine.num_gaussians
         keep = torch.ones(total, dtype=torch.bool, device=self.device)
         keep[split_ids] = False
-        opacity = torch.sigmoid(engine.key_param("opacities"))
+        opacity = torch.sigmoid(engine.key_param(self.spec.cull.opacity_logit).reshape(-1))
         keep &= opacity >= self.cfg.prune_opacity
         if step > self.reset_every:
-            too_big = torch.exp(engine.key_param("scales")).max(dim=-1).values
-            keep &= too_big <= self.cfg.prune_scale3d * self.extent
+            keep &= self._largest_scales(engine) <= self.cfg.prune_scale3d * self.extent
         report.pruned = int((~keep).sum()) - report.split
         if not bool(keep.all()):
             engine.compact(Compaction.from_keep(keep))
@@ -142,17 +148,13 @@ class DensityController:
         self.count = torch.zeros(engine.num_gaussians, device=self.device)
         return report
 
+    def _largest_scales(self, engine: Engine) -> Tensor:
+        return torch.exp(engine.key_param(self.spec.cull.log_scales)).max(dim=-1).values
+
     def _split(self, engine: Engine, ids: Tensor) -> None:
-        """Two children per Gaussian, sampled from it, each 1.6 times smaller."""
-        scales = torch.exp(engine.key_param("scales")[ids])
-        rot = quat_to_rotmat(engine.attribute_rows("quats", ids))
-        noise = torch.randn(
-            (2, ids.numel(), 3), generator=self.generator, device=self.device, dtype=scales.dtype
-        )
-        offsets = torch.einsum("nij,nj,bnj->bni", rot, scales, noise)
-        means = (engine.key_param("means")[ids][None] + offsets).reshape(-1, 3)
-        child_scales = torch.log(scales / 1.6).repeat(2, 1)
-        engine.append(ids.repeat(2), {"means": means, "scales": child_scales})
+        """Two children per Gaussian, as the method splits it."""
+        parents = {name: engine.attribute_rows(name, ids) for name in self.method.split_reads}
+        engine.append(ids.repeat(2), self.method.split(self.spec, parents, self.generator))
 
     def _cap_growth(
         self, clone: Tensor, split: Tensor, grads: Tensor, n: int

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,13 +30,29 @@ from clm.offload.resident_rows import ResidentBudget
 from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates
 from clm.render.base import RenderFn, View
-from clm.train.config import TrainConfig
 
 log = logging.getLogger("clm")
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """What choosing and sizing an engine depends on (the training options it reads)."""
+
+    offload: str = "clm"
+    batch_size: int = 1
+    max_gpu_gb: float | None = None
+    max_host_gb: float | None = None
+    cpu_threads: int | None = None
+    max_gaussians: int | None = None
+
+    @classmethod
+    def of(cls, config: Any) -> EngineOptions:
+        """The options of a :class:`~clm.train.config.TrainConfig` (or anything with them)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+
 def make_engine(
-    cfg: TrainConfig,
+    cfg: EngineOptions,
     spec: GaussianSpec,
     rows: Mapping[str, Tensor] | RowSource,
     render_fn: RenderFn,
@@ -70,7 +88,7 @@ def make_engine(
             budget = int(0.9 * torch.cuda.get_device_properties(device).total_memory)
         share = None
         if cfg.offload == "clm" and views and source.sample is not None:
-            share = busiest_view_share(source.sample(), views)
+            share = busiest_view_share(spec, source.sample(), views)
             log.info("the busiest training view sees %.1f%% of the Gaussians", 100 * share)
         plan = plan_gpu(spec, cfg.offload, budget, max_pixels, share)
         log.info(plan.describe(cfg.offload))
@@ -132,7 +150,7 @@ def host_bytes_per_gaussian(spec: GaussianSpec, offload: str, device: torch.devi
     return store + (16 * key_width + DENSITY_STATS_BYTES if on_cpu else 0)
 
 
-def host_buffers(spec: GaussianSpec, cfg: TrainConfig, max_pixels: int) -> int:
+def host_buffers(spec: GaussianSpec, cfg: EngineOptions, max_pixels: int) -> int:
     """Host memory training needs whatever the model's size: the pinned gradient staging ring,
     staged and prefetched target images, and the blocks a checkpoint or PLY streams through."""
     width = sum(a.width for a in spec)

@@ -40,7 +40,7 @@ def evaluate(
     rows = []
     for frame, image_id in zip(frames, image_ids, strict=True):
         view = frame_to_view(frame, engine.device)
-        pred = engine.render(view, sh_degree, background).image.clamp(0, 1)
+        pred = engine.render(view, sh_degree, background).image[..., :3].clamp(0, 1)
         target = torch.from_numpy(np.array(images.get(image_id))).to(engine.device) / 255.0
         row = {
             "name": frame.name,

@@ -1,24 +1,19 @@
-"""Between the training frame and the user's: PLY export and import, chunk by chunk.
+"""Models streamed in and out: PLY export and import, checkpoints read by another engine.
 
-Training works in a normalised frame (``x_train = s·(x_world - c)``, see
-:class:`clm.data.types.Similarity`). A uniform scale and a translation leave rotations and
-view-dependent colour unchanged, so only positions and log-scales need converting. Models move
-in chunks (:class:`clm.engine.base.RowSource`), so a PLY of a hundred million splats is never
-in memory whole.
+Models move in chunks (:class:`clm.engine.base.RowSource`), so a PLY of a hundred million
+splats is never in memory whole. What a chunk means (its attributes, and how they convert
+between the training frame and the scene's) is the method's (:class:`clm.methods.base.Method`).
 """
 
 from __future__ import annotations
 
-import logging
-import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from clm.data.types import Similarity
 from clm.engine.base import RowChunk, RowSource
 from clm.errors import ClmError
 from clm.model.ply import open_ply, write_ply_stream
@@ -28,56 +23,34 @@ from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates
 from clm.train.checkpoint import LAST_COLUMN, MOMENT_KINDS, Checkpoint
 
-log = logging.getLogger(__name__)
-
 PLAN_SAMPLE_ROWS = 1 << 20  # rows read ahead of loading a model, to plan its GPU memory
 
 
-def params_to_world(params: Mapping[str, Tensor], to_train: Similarity) -> dict[str, np.ndarray]:
-    out = {k: v.detach().cpu().float().numpy() for k, v in params.items()}
-    out["means"] = to_train.to_world(out["means"].astype(np.float64)).astype(np.float32)
-    out["scales"] = out["scales"] - np.float32(math.log(to_train.scale))
-    return out
-
-
-def world_to_params(
-    splats: Mapping[str, np.ndarray], to_train: Similarity, spec: GaussianSpec
-) -> dict[str, Tensor]:
-    """PLY values as raw parameters in the training frame, fitted to the spec's SH degree."""
-    params = {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in splats.items()}
-    means = to_train.to_train(np.asarray(splats["means"], dtype=np.float64))
-    params["means"] = torch.as_tensor(means.astype(np.float32))
-    params["scales"] = params["scales"] + math.log(to_train.scale)
-    bands = spec["shN"].shape[0]
-    rest = params["shN"]
-    if rest.shape[1] != bands:
-        fitted = torch.zeros(rest.shape[0], bands, 3)
-        keep = min(bands, rest.shape[1])
-        fitted[:, :keep] = rest[:, :keep]
-        params["shN"] = fitted
-    return params
-
-
 def export_ply(
-    path: Path, chunks: Iterable[Mapping[str, Tensor]], count: int, to_train: Similarity
+    path: Path, chunks: Iterable[Mapping[str, np.ndarray]], count: int
 ) -> tuple[int, int]:
-    """Write parameter chunks (training frame, ``count`` rows in all) as the INRIA PLY in the
-    scene's own frame; returns (written, dropped non-finite)."""
+    """Write chunks of splats already in the scene's frame (``count`` rows in all) as a PLY;
+    returns (written, dropped non-finite). The SH bands and the scale count follow the first
+    chunk."""
     it = iter(chunks)
     first = next(it, None)
     if first is None:
         raise ClmError(f"{path}: the model has no Gaussians to export")
 
-    def world() -> Iterator[dict[str, np.ndarray]]:
-        yield params_to_world(first, to_train)
-        for chunk in it:
-            yield params_to_world(chunk, to_train)
+    def world() -> Iterator[Mapping[str, np.ndarray]]:
+        yield first
+        yield from it
 
-    return write_ply_stream(path, first["shN"].shape[1], count, world())
+    return write_ply_stream(
+        path, first["shN"].shape[1], count, world(), num_scales=first["scales"].shape[1]
+    )
 
 
-def ply_source(path: Path, to_train: Similarity, spec: GaussianSpec) -> RowSource:
-    """A PLY's splats as raw parameters in the training frame, streamed from disk.
+def ply_source(
+    path: Path, from_world: Callable[[dict[str, np.ndarray]], dict[str, Tensor]]
+) -> RowSource:
+    """A PLY's splats as raw parameters in the training frame (``from_world`` converts a chunk
+    of them, see :meth:`clm.methods.base.Method.from_world`), streamed from disk.
 
     A row holding NaN or infinity is refused where it is met (the planning sample first): the
     row count is promised before the rows are read, so such rows cannot be dropped on the way.
@@ -85,9 +58,6 @@ def ply_source(path: Path, to_train: Similarity, spec: GaussianSpec) -> RowSourc
     ply = open_ply(path)
     if ply.count == 0:
         raise ClmError(f"{path}: the PLY holds no Gaussians")
-    bands = spec["shN"].shape[0]
-    if ply.num_rest != bands:
-        log.info("%s has %d SH bands beyond degree 0; the model has %d", path, ply.num_rest, bands)
 
     def finite(splats: dict[str, np.ndarray], first_row: int | None) -> dict[str, np.ndarray]:
         """``splats`` if every value is finite; ``first_row`` None: they are the sample."""
@@ -102,16 +72,22 @@ def ply_source(path: Path, to_train: Similarity, spec: GaussianSpec) -> RowSourc
             raise ClmError(f"{path}: {what} NaN or infinite values; remove such rows first")
         return splats
 
+    def convert(splats: dict[str, np.ndarray]) -> dict[str, Tensor]:
+        try:
+            return from_world(splats)
+        except ClmError as exc:
+            raise ClmError(f"{path}: {exc}") from None
+
     def chunks() -> Iterator[RowChunk]:
         start = 0
         for chunk in ply.chunks():
-            yield RowChunk(world_to_params(finite(chunk, start), to_train, spec))
+            yield RowChunk(convert(finite(chunk, start)))
             start += len(chunk["means"])
 
     return RowSource(
         ply.count,
         chunks(),
-        sample=lambda: world_to_params(finite(ply.sample(PLAN_SAMPLE_ROWS), None), to_train, spec),
+        sample=lambda: convert(finite(ply.sample(PLAN_SAMPLE_ROWS), None)),
     )
 
 

@@ -85,7 +85,9 @@ class TensorBoardLog(TrainerHook):
         with torch.no_grad():
             for i, frame in enumerate(trainer.scene.test[:EVAL_IMAGES]):
                 view = frame_to_view(frame, trainer.engine.device)
-                render = to_uint8(trainer.engine.render(view, degree, trainer.background).image)
+                render = to_uint8(
+                    trainer.engine.render(view, degree, trainer.background).image[..., :3]
+                )
                 truth = np.asarray(trainer.images.get(offset + i))
                 side_by_side = np.concatenate([truth, render], axis=1)
                 self.writer.add_image(f"eval/{frame.name}", side_by_side, step, dataformats="HWC")

@@ -1,16 +1,15 @@
 """The training loop: batches of views through an engine, density control, logs, checkpoints,
-evaluation and export. Engines decide where Gaussians live; everything here is the same for all."""
+evaluation and export. Engines decide where Gaussians live and the method (3DGS, 2DGS, yours)
+what they are; everything here is the same for all."""
 
 from __future__ import annotations
 
 import logging
-import random
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -21,26 +20,19 @@ from clm.devices import resolve_device
 from clm.engine.base import STREAM_ROWS, Engine, RowSource
 from clm.errors import ClmError
 from clm.files import write_json
-from clm.model.init import init_from_points
-from clm.model.spec import gaussian_splatting_spec
+from clm.methods.base import Method
+from clm.methods.registry import make_method
 from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.base import RenderOutput, View
-from clm.render.splats import default_renderer
-from clm.train.checkpoint import (
-    Checkpoint,
-    save_checkpoint,
-    state_blocks,
-    state_columns,
-)
+from clm.train.checkpoint import Checkpoint
 from clm.train.config import TrainConfig, config_to_dict
 from clm.train.densify import DensifyConfig, DensityController
-from clm.train.engine_factory import make_engine
+from clm.train.engine_factory import EngineOptions, make_engine
 from clm.train.evaluate import evaluate
-from clm.train.export import checkpoint_source, export_ply, ply_source
+from clm.train.export import checkpoint_source
 from clm.train.hooks import TrainerHook, make_hooks
 from clm.train.log import LogWindow, TrainLog, format_count
-from clm.train.loss import photometric_loss
 from clm.train.recipe import sh_degree_at
 from clm.train.run_setup import (
     attach_file_log,
@@ -49,6 +41,7 @@ from clm.train.run_setup import (
     seed_everything,
 )
 from clm.train.targets import TargetStager
+from clm.train.trainer_checkpoints import TrainerCheckpoints
 from clm.train.views import BatchSampler, frame_to_view
 
 log = logging.getLogger("clm")
@@ -63,9 +56,20 @@ class Interrupted(Exception):
         self.checkpoint = checkpoint
 
 
-class Trainer:
-    def __init__(self, cfg: TrainConfig, checkpoint: Checkpoint | None = None) -> None:
+def method_of(cfg: TrainConfig) -> Method:
+    """The method ``cfg`` names, with its options (``--ssim-weight`` unless an option sets it)."""
+    return make_method(cfg.method, {"ssim_weight": cfg.ssim_weight, **cfg.method_options})
+
+
+class Trainer(TrainerCheckpoints):
+    """Trains ``cfg.scene`` with ``method`` (default: the one ``cfg.method`` names)."""
+
+    def __init__(
+        self, cfg: TrainConfig, checkpoint: Checkpoint | None = None, method: Method | None = None
+    ) -> None:
         self.cfg = cfg
+        self.method = method if method is not None else method_of(cfg)
+        cfg.method = self.method.name
         self.device = resolve_device(cfg.device)
         prepare_output(cfg.output, resuming=checkpoint is not None)
         self._log_handler = attach_file_log(cfg.output)
@@ -93,7 +97,7 @@ class Trainer:
         self.background = torch.tensor(scene.background, dtype=torch.float32, device=self.device)
         self.train_views = [frame_to_view(f, self.device) for f in scene.train]
 
-        self.spec = gaussian_splatting_spec(cfg.sh_degree)
+        self.spec = self.method.spec(cfg.sh_degree)
         self.total_steps = cfg.total_steps()
         batch = min(cfg.batch_size, len(scene.train))
         self.batch_size = batch
@@ -104,19 +108,17 @@ class Trainer:
         if checkpoint is not None:  # rows as they were, for an engine that takes them so
             rows = checkpoint_source(checkpoint, self.spec, lazy=cfg.offload == "clm")
         elif cfg.init_ply is not None:
-            rows = ply_source(cfg.init_ply, scene.to_train, self.spec)
+            rows = self.method.ply_source(cfg.init_ply, self.spec, scene.to_train)
         else:
             rows = RowSource.of(
-                init_from_points(
-                    self.spec, scene.points, scene.colors, init_opacity=cfg.init_opacity
-                )
+                self.method.initial_params(self.spec, scene.points, scene.colors, cfg.init_opacity)
             )
         max_pixels = max(f.width * f.height for f in frames)
         self.engine: Engine = make_engine(
-            cfg,
+            EngineOptions.of(cfg),
             self.spec,
             rows,
-            default_renderer(self.device),
+            self.method.renderer(self.device, training=True),
             lrs,
             adam,
             self.device,
@@ -132,6 +134,8 @@ class Trainer:
         )
         self.density = DensityController(
             densify,
+            self.method,
+            self.spec,
             scene.extent,
             batch,
             self.device,
@@ -148,98 +152,24 @@ class Trainer:
         self._stop_requested = False
         self._saved: tuple[int, Path] | None = None
 
-    # ---- checkpoints -------------------------------------------------------------------------
-
-    def _meta(self) -> dict[str, Any]:
-        """Everything but the per-row columns."""
-        return {
-            "config": config_to_dict(self.cfg),
-            "density": self.density.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "log": self.log.state_dict(),
-            "elapsed": self.elapsed,
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-            },
-            "to_train": {
-                "scale": self.scene.to_train.scale,
-                "center": self.scene.to_train.center.tolist(),
-            },
-            # the steps since the last log row, so a resumed run logs the same window
-            "log_window": self.window.state_dict(),
-            # what the learning rates and Adam were, to catch up rows saved as they were
-            "optimizer": {
-                "total_steps": self.total_steps,
-                "extent": self.scene.extent,
-                "batch_size": self.batch_size,
-                "betas": list(self.engine.adam.betas),
-                "eps": self.engine.adam.eps,
-            },
-        }
-
-    def _restore(self, ckpt: Checkpoint) -> None:
-        meta = ckpt.meta
-        names = [f"density/{n}" for n in self.density.ROW_STATE]
-        self.density.load_state_dict(meta["density"], ckpt.blocks(names), ckpt.count)
-        self.sampler.load_state_dict(meta["sampler"])
-        self.log.load_state_dict(meta["log"], ckpt.step)
-        if "log_window" in meta:
-            self.window.load_state_dict(meta["log_window"], self.device)
-        self.elapsed = float(meta.get("elapsed", 0.0))
-        random.setstate(meta["rng"]["python"])
-        np.random.set_state(meta["rng"]["numpy"])
-        torch.set_rng_state(meta["rng"]["torch"])
-        log.info("resumed from step %d (%s)", ckpt.step, ckpt.path)
-
-    def save_checkpoint(self) -> Path:
-        """Stream the whole training state to a new checkpoint (once per step)."""
-        if self._saved is not None and self._saved[0] == self.engine.step:
-            return self._saved[1]  # already saved at this step
-        saved = save_checkpoint(
-            self.cfg.output,
-            self.engine.step,
-            self._meta(),
-            state_columns(
-                self.spec, {f"density/{n}": () for n in self.density.ROW_STATE}, self.engine.lazy
-            ),
-            state_blocks(
-                self.engine.state_chunks(STREAM_ROWS, lazy=self.engine.lazy),
-                lambda a, b: {f"density/{n}": t for n, t in self.density.row_state(a, b).items()},
-            ),
-            keep=self.cfg.keep_checkpoints,
-            rows=self.engine.num_gaussians,
-        )
-        self._saved = (self.engine.step, saved.path)
-        log.info(
-            "checkpoint at step %d: %.2f GB in %.1f s -> %s",
-            self.engine.step,
-            saved.bytes / 1e9,
-            saved.seconds,
-            saved.path,
-        )
-        return saved.path
-
     # ---- one step ----------------------------------------------------------------------------
 
     def train_step(self, batch: list[int]) -> tuple[Tensor, Tensor]:
         """One optimiser step; returns the summed loss and summed squared error (no host sync)."""
         targets = self.targets.take(batch)
         views: list[View] = [self.train_views[i] for i in batch]
-        degree = sh_degree_at(
-            self.engine.step + 1, self.batch_size, self.cfg.sh_degree, self.cfg.sh_degree_every
-        )
+        step = self.engine.step + 1
+        degree = sh_degree_at(step, self.batch_size, self.cfg.sh_degree, self.cfg.sh_degree_every)
         loss_sum = torch.zeros((), device=self.device)
         mse_sum = torch.zeros((), device=self.device)
         scale = 1.0 / len(batch)
 
         def loss_fn(i: int, out: RenderOutput) -> Tensor:
             nonlocal loss_sum, mse_sum
-            loss = photometric_loss(out.image, targets[i], self.cfg.ssim_weight)
-            loss_sum = loss_sum + loss.detach()
-            mse_sum = mse_sum + torch.mean((out.image.detach() - targets[i]) ** 2)
-            return loss * scale
+            loss = self.method.loss(out, targets[i], views[i], step * self.batch_size)
+            loss_sum = loss_sum + loss.total.detach()
+            mse_sum = mse_sum + torch.mean((out.image[..., :3].detach() - targets[i]) ** 2)
+            return loss.total * scale
 
         def observe(ids: Tensor, out: RenderOutput, view: View) -> None:
             self.density.observe(ids, out, view, self.engine.num_gaussians)
@@ -282,13 +212,14 @@ class Trainer:
         cfg = self.cfg
         log.info(
             "training %s: %d train / %d test images, %s Gaussians, %d steps of %d images, "
-            "offload=%s on %s",
+            "method %s, offload=%s on %s",
             cfg.scene,
             len(self.scene.train),
             len(self.scene.test),
             format_count(self.engine.num_gaussians),
             self.total_steps,
             self.batch_size,
+            self.method.name,
             cfg.offload,
             self.device,
         )
@@ -392,8 +323,9 @@ class Trainer:
         cfg = self.cfg
         path = self.save_checkpoint()
         t0 = time.perf_counter()
-        written, dropped = export_ply(
+        written, dropped = self.method.export_ply(
             cfg.output / "point_cloud.ply",
+            self.spec,
             (chunk.params for chunk in self.engine.state_chunks(STREAM_ROWS)),
             self.engine.num_gaussians,
             self.scene.to_train,

@@ -1,0 +1,165 @@
+"""What a splatting method is to the trainer: everything a variant differs by, in one object.
+
+The trainer, the engines, the planner and density control know a method only through this
+interface and the :class:`~clm.model.spec.GaussianSpec` it declares (whose ``cull`` roles say
+which attributes culling, pruning and opacity resets read, and which culling bound holds).
+They never name a method's attributes themselves, so a variant with other attributes, another
+renderer or another loss trains, offloads, checkpoints and exports without touching them.
+
+A method is a dataclass: its fields are its options (``clm-train --method-option NAME=VALUE``),
+with defaults that are its published recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from clm.data.types import Similarity
+from clm.engine.base import RowSource
+from clm.errors import ClmError
+from clm.model.spec import GaussianSpec
+from clm.render.base import RenderFn, RenderOutput, View
+from clm.train.export import export_ply, ply_source
+from clm.train.loss import photometric_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class LossTerms:
+    """A view's loss and the part of it that is the image's fit (what the log shows)."""
+
+    total: Tensor
+    photometric: Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Method(ABC):
+    """A splatting variant: attributes, initialisation, renderer, loss, densification and PLY.
+
+    Renders put RGB in the first three channels of ``RenderOutput.image``; a method may append
+    channels its loss reads (``renderer(training=True)``), which evaluation and viewers ignore.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+
+    ssim_weight: float = 0.2
+
+    # ---- attributes and their initial values ----------------------------------------------
+
+    @abstractmethod
+    def spec(self, sh_degree: int) -> GaussianSpec:
+        """The attributes at this SH degree, with learning rates and culling roles."""
+
+    @abstractmethod
+    def initial_params(
+        self, spec: GaussianSpec, points: np.ndarray, colors: np.ndarray, init_opacity: float
+    ) -> dict[str, Tensor]:
+        """Raw parameters ``[N, *shape]`` (float32, CPU) from a point cloud (uint8 colours)."""
+
+    # ---- rendering and the loss -----------------------------------------------------------
+
+    @abstractmethod
+    def renderer(
+        self, device: torch.device, depth: bool = False, training: bool = False
+    ) -> RenderFn:
+        """The renderer on ``device`` (CUDA, or the CPU twin elsewhere). ``depth`` adds the
+        expected depth as the fourth channel; ``training`` whatever channels :meth:`loss` reads."""
+
+    def loss(self, out: RenderOutput, target: Tensor, view: View, images: int) -> LossTerms:
+        """The loss of one view, from a ``training`` render; ``images``: the images training
+        has taken, this step's included (the recipe's iteration at batch size 1)."""
+        fit = photometric_loss(out.image[..., :3], target, self.ssim_weight)
+        return LossTerms(fit, fit)
+
+    # ---- density control ------------------------------------------------------------------
+
+    # Attributes :meth:`split` reads from the parents (key ones and host ones alike).
+    split_reads: ClassVar[tuple[str, ...]] = ()
+
+    def densify_gradient(self, out: RenderOutput) -> Tensor | None:
+        """The per-drawn-row screen-space gradient ``[M, 2]`` that drives densification
+        (after backward), or None when this render gave none."""
+        return out.means2d.grad
+
+    @abstractmethod
+    def split(
+        self, spec: GaussianSpec, parents: Mapping[str, Tensor], generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """Two children per parent (rows ``[2n]``, first children then second), as overrides
+        of key attributes; every other attribute is copied from the parent. ``parents``
+        holds :attr:`split_reads` of the rows being split."""
+
+    # ---- files ----------------------------------------------------------------------------
+
+    def to_world(
+        self, spec: GaussianSpec, params: Mapping[str, Tensor], to_train: Similarity
+    ) -> dict[str, np.ndarray]:
+        """Parameters in the scene's own frame, for a PLY: training works in a normalised
+        frame (``x_train = s·(x_world - c)``); a uniform scale and a translation change
+        positions and log-scales only."""
+        out = {k: v.detach().cpu().float().numpy() for k, v in params.items()}
+        position, log_scales = spec.cull.position, spec.cull.log_scales
+        out[position] = to_train.to_world(out[position].astype(np.float64)).astype(np.float32)
+        out[log_scales] = out[log_scales] - np.float32(math.log(to_train.scale))
+        return out
+
+    def from_world(
+        self, spec: GaussianSpec, splats: Mapping[str, np.ndarray], to_train: Similarity
+    ) -> dict[str, Tensor]:
+        """The inverse of :meth:`to_world`, fitted to ``spec``: extra SH bands are cut off,
+        missing ones and attributes the file lacks are zeros."""
+        n = len(next(iter(splats.values())))
+        params = {}
+        for attr in spec:
+            value = splats.get(attr.name)
+            if value is None:
+                params[attr.name] = torch.zeros(n, *attr.shape)
+                continue
+            value = torch.as_tensor(np.asarray(value, dtype=np.float32))
+            if attr.sh_rest and tuple(value.shape[1:]) != attr.shape:
+                fitted = torch.zeros(n, *attr.shape)
+                keep = min(attr.shape[0], value.shape[1])
+                fitted[:, :keep] = value[:, :keep]
+                value = fitted
+            if tuple(value.shape[1:]) != attr.shape:
+                raise ClmError(
+                    f"the file's {attr.name} has shape {tuple(value.shape[1:])}; "
+                    f"{self.name} wants {attr.shape}"
+                )
+            params[attr.name] = value
+        position, log_scales = spec.cull.position, spec.cull.log_scales
+        means = to_train.to_train(np.asarray(splats[position], dtype=np.float64))
+        params[position] = torch.as_tensor(means.astype(np.float32))
+        params[log_scales] = params[log_scales] + math.log(to_train.scale)
+        return params
+
+    def export_ply(
+        self,
+        path: Path,
+        spec: GaussianSpec,
+        chunks: Iterable[Mapping[str, Tensor]],
+        count: int,
+        to_train: Similarity,
+    ) -> tuple[int, int]:
+        """Write parameter chunks (training frame) as this method's PLY; returns (written,
+        dropped non-finite)."""
+        return export_ply(path, (self.to_world(spec, c, to_train) for c in chunks), count)
+
+    def ply_source(self, path: Path, spec: GaussianSpec, to_train: Similarity) -> RowSource:
+        """A PLY's splats as raw parameters in the training frame, streamed from disk."""
+        return ply_source(path, lambda splats: self.from_world(spec, splats, to_train))
+
+    # ---- options --------------------------------------------------------------------------
+
+    def options(self) -> dict[str, Any]:
+        """The option fields and their values (recorded in checkpoints and config.json)."""
+        return dataclasses.asdict(self)
