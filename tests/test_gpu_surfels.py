@@ -124,7 +124,10 @@ def test_gsplat_matches_torch_twin(depth, extras):
     for name in NAMES:
         assert_grad_close(gpu[name].grad, cpu[name].grad, name)
     assert got.means2d.grad is not None and want.means2d.grad is not None
-    assert_grad_close(got.means2d.grad, want.means2d.grad, "means2d (densification)")
+    # The densification signal sums every pixel's gradient of the splat's screen position;
+    # gsplat adds them with float32 atomics in no fixed order, and a pair on the 1/255 alpha
+    # threshold flips it whole: measured 2e-3 to 6e-3 on the H200, against 1e-2 here.
+    assert_grad_close(got.means2d.grad, want.means2d.grad, "means2d (densification)", 1e-2)
 
 
 def test_torch_twin_runs_on_cuda():
