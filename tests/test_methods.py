@@ -14,6 +14,7 @@ from plyfile import PlyData
 from test_engines import H, W, assert_same, make_params, ring_views
 
 from clm.cli.export import main as export_main
+from clm.cli.render import main as render_main
 from clm.cli.train import main as train_main
 from clm.engine.offloaded import OffloadEngine
 from clm.engine.resident import ResidentEngine
@@ -228,6 +229,23 @@ def test_2dgs_ply_round_trip(surfel_run, tmp_path):
         torch.testing.assert_close(
             params[name], stored[name][: len(params[name])], atol=1e-4, rtol=1e-5
         )
+
+
+def test_2dgs_renders_depth_and_normals(surfel_run, tmp_path, capsys):
+    _, out = surfel_run
+    folder = tmp_path / "renders"
+    args = [str(out), "--device", "cpu", "--output", str(folder), "--depth", "--normals"]
+    assert render_main(args) == 0
+    normals = np.load(folder / "00000_aerial_normals.npy")
+    depth = np.load(folder / "00000_aerial_depth.npy")
+    assert normals.shape == (*depth.shape, 3) and (folder / "00000_aerial_normals.png").is_file()
+    length = np.linalg.norm(normals, axis=-1)
+    assert length.max() <= 1.0 + 1e-4  # a sum of unit normals weighted by at most alpha in all
+    assert length.mean() > 0.5  # the scene covers the view, and its splats agree in part
+    assert (depth[length > 0.1] > 0).all()  # where something is drawn, it is in front
+    capsys.readouterr()
+    assert render_main([str(out), "--normals", "--path", "orbit"]) != 0
+    assert "--normals applies to the scene's cameras" in capsys.readouterr().err
 
 
 def test_resume_refuses_another_method(surfel_run, capsys):

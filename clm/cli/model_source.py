@@ -121,9 +121,12 @@ def scene_for(args: argparse.Namespace) -> tuple[Scene, Model]:
     return scene, model
 
 
-def render_engine(model: Model, device_name: str, max_pixels: int, depth: bool = False) -> Engine:
+def render_engine(
+    model: Model, device_name: str, max_pixels: int, depth: bool = False, training: bool = False
+) -> Engine:
     """An engine holding the model, for rendering only (offloaded on CUDA, as in training);
-    with ``depth`` its renders carry the expected depth as a fourth channel."""
+    with ``depth`` its renders carry the expected depth as a fourth channel, with ``training``
+    the channels the method's loss reads (2DGS: depth, normals, distortion)."""
     device = resolve_device(device_name)
     spec = model.method.spec(model.sh_degree)
     values = {k: v for k, v in model.config.items() if k in TrainConfig.__dataclass_fields__}
@@ -134,7 +137,7 @@ def render_engine(model: Model, device_name: str, max_pixels: int, depth: bool =
         options,
         spec,
         model.rows(spec),
-        model.method.renderer(device, depth),
+        model.method.renderer(device, depth, training),
         LearningRates(spec, 1),
         AdamConfig(),
         device,

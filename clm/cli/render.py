@@ -30,7 +30,8 @@ from clm.data.types import Scene
 from clm.engine.base import Engine
 from clm.errors import ClmError
 from clm.files import atomic_write, save_png
-from clm.render.base import View
+from clm.methods.base import Method
+from clm.render.base import RenderOutput, View
 from clm.render.camera_file import read_camera_file
 from clm.render.camera_path import (
     PathCamera,
@@ -103,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         "NAME_depth.mp4 coloured on the range of its first frame",
     )
     parser.add_argument(
+        "--normals",
+        action="store_true",
+        help="also write the rendered normals, for a method that renders them (2dgs): "
+        "world-frame, alpha-weighted, as NAME_normals.npy (float32 [H, W, 3]) and "
+        "NAME_normals.png (x, y, z from [-1, 1] to colour); scene cameras only",
+    )
+    parser.add_argument(
         "--compare",
         action="store_true",
         help="also write NAME_compare.png: ground truth | render | error map (the mean "
@@ -124,6 +132,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ClmError("--split chooses the scene's cameras; it does not apply with --path")
     if args.compare:
         raise ClmError("--compare needs ground truth: the scene's cameras, not a --path")
+    if args.normals:
+        raise ClmError("--normals applies to the scene's cameras, not a --path")
     if args.path not in ("orbit", "interp") and args.frames is not None:
         raise ClmError(f"--frames applies to orbit and interp; {args.path} has its own cameras")
 
@@ -145,10 +155,16 @@ def _render_frame(
     engine: Engine, view: View, model: Model, background: Tensor, depth: bool
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """uint8 RGB, and with ``depth`` the depth in the scene's units and alpha (float32 [H, W])."""
-    out = engine.render(view, model.sh_degree, background)
+    return _frame_outputs(engine.render(view, model.sh_degree, background), model, depth)
+
+
+def _frame_outputs(
+    out: RenderOutput, model: Model, depth: bool
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """What :func:`_render_frame` gives, from a render."""
     if not depth:
-        return to_uint8(out.image), None, None
-    rgb, z = split_depth(out.image)
+        return to_uint8(out.image[..., :3]), None, None
+    rgb, z = split_depth(out.image[..., :4])
     z = (z / model.to_train.scale).cpu().numpy().astype(np.float32)
     return to_uint8(rgb), z, out.alpha[..., 0].cpu().numpy()
 
@@ -157,6 +173,15 @@ def _save_depth(folder: Path, stem: str, depth: np.ndarray, alpha: np.ndarray) -
     atomic_write(folder / f"{stem}_depth.npy", lambda fh: np.save(fh, depth))
     near_far = depth_range(depth, alpha) or (0.0, 1.0)
     save_png(folder / f"{stem}_depth.png", colorize_depth(depth, alpha, *near_far))
+
+
+def _save_normals(folder: Path, stem: str, out: RenderOutput, model: Model) -> None:
+    normals = model.method.normals(out)
+    if normals is None:
+        raise ClmError(f"--normals: method {model.method.name} rendered no normals")
+    values = normals.float().cpu().numpy()
+    atomic_write(folder / f"{stem}_normals.npy", lambda fh: np.save(fh, values))
+    save_png(folder / f"{stem}_normals.png", to_uint8(normals * 0.5 + 0.5))
 
 
 # ---- the scene's cameras --------------------------------------------------------------------
@@ -174,17 +199,26 @@ def _render_split(args: argparse.Namespace, scene: Scene, model: Model, base: Pa
         if args.compare:
             cache_dir = base / "cache" if args.source.is_dir() else scene.root / ".clm-cache"
             images = stack.enter_context(ImageCache(chosen, cache_dir, scene.background))
+        if args.normals and type(model.method).normals is Method.normals:
+            raise ClmError(f"--normals: method {model.method.name} renders no normals")
         engine = render_engine(
-            model, args.device, max(f.width * f.height for f in chosen), args.depth
+            model,
+            args.device,
+            max(f.width * f.height for f in chosen),
+            args.depth,
+            training=args.normals,
         )
         stack.callback(engine.close)
         background = background_of(scene, engine.device)
         with torch.no_grad():
             for i, frame in enumerate(tqdm(chosen, desc="render", unit="img")):
                 view = frame_to_view(frame, engine.device)
-                rgb, depth, alpha = _render_frame(engine, view, model, background, args.depth)
+                out = engine.render(view, model.sh_degree, background)
+                rgb, depth, alpha = _frame_outputs(out, model, args.depth)
                 stem = Path(frame.name).with_suffix("").as_posix().replace("/", "_")
                 save_png(out_dir / f"{stem}.png", rgb)
+                if args.normals:
+                    _save_normals(out_dir, stem, out, model)
                 if depth is not None and alpha is not None:
                     _save_depth(out_dir, stem, depth, alpha)
                 if images is not None:

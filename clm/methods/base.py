@@ -74,6 +74,11 @@ class Method(ABC):
         """The renderer on ``device`` (CUDA, or the CPU twin elsewhere). ``depth`` adds the
         expected depth as the fourth channel; ``training`` whatever channels :meth:`loss` reads."""
 
+    def normals(self, out: RenderOutput) -> Tensor | None:
+        """World-frame normals ``[H, W, 3]`` (alpha-weighted) of a ``training`` render, for a
+        method that renders them; None otherwise."""
+        return None
+
     def loss(self, out: RenderOutput, target: Tensor, view: View, images: int) -> LossTerms:
         """The loss of one view, from a ``training`` render; ``images``: the images training
         has taken, this step's included (the recipe's iteration at batch size 1)."""

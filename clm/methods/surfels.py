@@ -79,6 +79,11 @@ class Surfels(Method):
         extras = training and (self.normal_weight > 0 or self.distortion_weight > 0)
         return surfel_renderer(device, depth=depth, extras=extras)
 
+    def normals(self, out: RenderOutput) -> Tensor | None:
+        if out.image.shape[-1] == 3:
+            return None
+        return split_extras(out.image)[2]
+
     def loss(self, out: RenderOutput, target: Tensor, view: View, images: int) -> LossTerms:
         """The photometric loss, plus the normal and distortion terms once they are due."""
         fit = photometric_loss(out.image[..., :3], target, self.ssim_weight)
