@@ -22,28 +22,20 @@ from torch import Tensor
 from clm.methods.base import LossTerms, Method
 from clm.methods.gaussians import split_in_axes
 from clm.model.init import init_from_points
-from clm.model.spec import AttributeSpec, CullRoles, GaussianSpec
+from clm.model.spec import CullRoles, GaussianSpec, gaussian_splatting_spec
 from clm.render.base import RenderFn, RenderOutput, View
 from clm.render.surfels import normals_from_depth, split_extras, surfel_renderer
 from clm.train.loss import photometric_loss
 
 
 def surfel_spec(sh_degree: int = 3) -> GaussianSpec:
-    """The attributes of 2DGS with the reference learning rates: 3DGS's, with two scales."""
-    rest_bands = (sh_degree + 1) ** 2 - 1
-    return GaussianSpec(
-        (
-            AttributeSpec(
-                "means", (3,), 1.6e-4, key=True, lr_final=1.6e-6, scale_lr_by_extent=True
-            ),
-            AttributeSpec("scales", (2,), 5e-3, key=True, activation="exp"),
-            AttributeSpec("quats", (4,), 1e-3, activation="normalize"),
-            AttributeSpec("opacities", (), 5e-2, key=True, activation="sigmoid"),
-            AttributeSpec("sh0", (1, 3), 2.5e-3),
-            AttributeSpec("shN", (rest_bands, 3), 2.5e-3 / 20, sh_rest=True),
-        ),
-        CullRoles(shape="surfel"),
-    )
+    """The attributes of 2DGS with the reference learning rates: 3DGS's, with two scales, and
+    culled with the bound for flat splats."""
+    flat = [
+        dataclasses.replace(a, shape=(2,)) if a.name == "scales" else a
+        for a in gaussian_splatting_spec(sh_degree)
+    ]
+    return GaussianSpec(tuple(flat), CullRoles(shape="surfel"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,14 +48,14 @@ def _pixel_pairs(
     return pixel, gauss.index_select(0, perm)
 
 
-def _segment_starts(pixel: Tensor, num_pixels: int) -> Tensor:
+def segment_starts(pixel: Tensor, num_pixels: int) -> Tensor:
     """Index of each pair's first pair with the same pixel (pairs sorted by pixel)."""
     per_pixel = torch.bincount(pixel, minlength=num_pixels)
     first = torch.cumsum(per_pixel, 0) - per_pixel
     return first[pixel]
 
 
-def _exclusive_segment_sum(values: Tensor, starts: Tensor) -> Tensor:
+def exclusive_segment_sum(values: Tensor, starts: Tensor) -> Tensor:
     """Sum of the earlier values of each pair's segment, in float64 (no cancellation)."""
     inclusive = torch.cumsum(values.double(), 0)
     before = inclusive - values.double()
@@ -100,13 +100,13 @@ def rasterize(
             t.index_select(0, keep) for t in (pixel, gauss, centers, alpha)
         )
         log_t = torch.log1p(-alpha)
-        after = _exclusive_segment_sum(log_t, _segment_starts(pixel, num_pixels)) + log_t
+        after = exclusive_segment_sum(log_t, segment_starts(pixel, num_pixels)) + log_t
         keep = torch.nonzero(after > math.log(1e-4)).squeeze(1)
         pixel, gauss, centers = (t.index_select(0, keep) for t in (pixel, gauss, centers))
 
     alpha = _alpha(per_pair(means2d), per_pair(conics), per_pair(opacities), centers)
     log_t = torch.log1p(-alpha)
-    trans_before = torch.exp(_exclusive_segment_sum(log_t, _segment_starts(pixel, num_pixels)))
+    trans_before = torch.exp(exclusive_segment_sum(log_t, segment_starts(pixel, num_pixels)))
     weights = alpha * trans_before.to(alpha.dtype)
     channels = colors.shape[1]
     image = colors.new_zeros(num_pixels, channels).index_add(
