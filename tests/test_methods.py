@@ -190,9 +190,9 @@ def surfel_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("surfels")
     scene = generate_scene(root / "scene", "tiny", device="cpu", progress=False)
     out = root / "run"
-    args = [str(scene), "--output", str(out), "--preset", "tiny", "--steps", "300"]
+    args = [str(scene), "--output", str(out), "--preset", "tiny", "--steps", "200"]
     flags = ["--device", "cpu", "--no-progress", "--method", "2dgs"]
-    assert train_main([*args, *flags, "--method-option", "normal_from=100"]) == 0
+    assert train_main([*args, *flags, "--method-option", "normal_from=50"]) == 0
     return scene, out
 
 
