@@ -34,8 +34,8 @@ from clm.train.checkpoint import (
     state_blocks,
     state_columns,
 )
+from clm.train.checkpoint_source import checkpoint_source
 from clm.train.engine_factory import EngineOptions, make_engine
-from clm.train.export import checkpoint_source
 
 SPEC = gaussian_splatting_spec(3)
 ROWS = 1 << 19

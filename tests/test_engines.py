@@ -9,13 +9,13 @@ import torch
 from clm.engine.naive import NaiveEngine
 from clm.engine.offloaded import OffloadEngine
 from clm.engine.resident import ResidentEngine
+from clm.methods.base import photometric_loss
 from clm.model.spec import gaussian_splatting_spec
 from clm.model.table import Compaction
 from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.base import View
 from clm.render.splats import render_torch
-from clm.train.loss import photometric_loss
 
 W, H = 24, 18
 

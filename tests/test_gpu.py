@@ -9,6 +9,7 @@ import torch
 
 from clm.engine.offloaded import OffloadEngine
 from clm.engine.resident import ResidentEngine
+from clm.methods.base import photometric_loss
 from clm.model.spec import gaussian_splatting_spec
 from clm.offload.culling import Culler, cull_bits_torch, pack_cameras
 from clm.offload.gather import RowGather
@@ -17,7 +18,6 @@ from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.base import View
 from clm.render.splats import render_gsplat, render_torch
-from clm.train.loss import photometric_loss
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

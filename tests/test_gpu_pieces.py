@@ -8,13 +8,13 @@ from test_gpu import _train, assert_same_training, ring_views
 
 from clm.engine.offloaded import OffloadEngine
 from clm.engine.resident import ResidentEngine
+from clm.methods.base import photometric_loss
 from clm.model.spec import gaussian_splatting_spec
 from clm.offload import pieces as pieces_module
 from clm.offload.pieces import Canvas, ImageGrad, PieceCuller, cut_views
 from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.splats import render_gsplat
-from clm.train.loss import photometric_loss
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

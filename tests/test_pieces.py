@@ -9,6 +9,7 @@ from test_engines import assert_same, make_engine, train
 
 from clm.engine.offloaded import OffloadEngine
 from clm.errors import ClmError
+from clm.methods.base import photometric_loss
 from clm.model.spec import gaussian_splatting_spec
 from clm.offload import pieces as pieces_module
 from clm.offload.pieces import (
@@ -21,7 +22,6 @@ from clm.offload.pieces import (
 )
 from clm.render.base import View
 from clm.render.splats import render_torch
-from clm.train.loss import photometric_loss
 
 W, H = 96, 64
 CPU = torch.device("cpu")

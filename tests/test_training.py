@@ -22,9 +22,9 @@ from clm.optim.learning_rates import LearningRates
 from clm.render.splats import render_torch
 from clm.synthetic.generate import generate_scene
 from clm.train.checkpoint import MOMENT_KINDS, Checkpoint, list_checkpoints
+from clm.train.checkpoint_source import checkpoint_source
 from clm.train.config import make_config
 from clm.train.densify import DensifyConfig, DensityController
-from clm.train.export import checkpoint_source
 from clm.train.trainer import Interrupted, Trainer
 
 FAST = ["--device", "cpu", "--no-progress", "--log-every", "5", "--eval-every", "0"]

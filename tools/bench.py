@@ -32,6 +32,7 @@ from torch import Tensor
 
 from clm.engine.base import Engine
 from clm.errors import ClmError
+from clm.methods.base import photometric_loss
 from clm.model.spec import gaussian_splatting_spec
 from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates, adam_betas
@@ -41,7 +42,6 @@ from clm.synthetic.surface import surface_params
 from clm.train.config import make_config
 from clm.train.engine_factory import EngineOptions, make_engine
 from clm.train.log import format_count
-from clm.train.loss import photometric_loss
 from clm.train.trainer import Trainer
 
 GIB = 2**30

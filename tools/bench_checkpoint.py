@@ -24,8 +24,8 @@ from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates
 from clm.render.splats import default_renderer
 from clm.train.checkpoint import Checkpoint, save_checkpoint, state_blocks, state_columns
+from clm.train.checkpoint_source import checkpoint_source
 from clm.train.engine_factory import EngineOptions, make_engine
-from clm.train.export import checkpoint_source
 
 SPEC = gaussian_splatting_spec(3)
 CHUNK = 1 << 20

@@ -28,9 +28,9 @@ from clm.model.spec import GaussianSpec
 from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates
 from clm.train.checkpoint import open_checkpoint
+from clm.train.checkpoint_source import checkpoint_source
 from clm.train.config import TrainConfig, config_from_dict
 from clm.train.engine_factory import EngineOptions, make_engine
-from clm.train.export import checkpoint_source
 from clm.train.recipe import sh_degree_at
 
 

@@ -26,10 +26,18 @@ from torch import Tensor
 from clm.data.types import Similarity
 from clm.engine.base import RowSource
 from clm.errors import ClmError
+from clm.methods.ply_rows import export_ply, ply_source
+from clm.metrics import ssim
 from clm.model.spec import GaussianSpec
 from clm.render.base import RenderFn, RenderOutput, View
-from clm.train.export import export_ply, ply_source
-from clm.train.loss import photometric_loss
+
+
+def photometric_loss(pred: Tensor, target: Tensor, ssim_weight: float = 0.2) -> Tensor:
+    """The 3DGS image loss, (1 - λ)·L1 + λ·(1 - SSIM), of ``[H, W, 3]`` images in [0, 1]."""
+    l1 = torch.abs(pred - target).mean()
+    if ssim_weight == 0:
+        return l1
+    return (1.0 - ssim_weight) * l1 + ssim_weight * (1.0 - ssim(pred, target))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,13 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clm.methods.base import LossTerms, Method
+from clm.methods.base import LossTerms, Method, photometric_loss
 from clm.methods.gaussians import split_in_axes
 from clm.model.init import init_from_points
 from clm.model.spec import CullRoles, GaussianSpec, gaussian_splatting_spec
 from clm.render.base import RenderFn, RenderOutput, View
 from clm.render.surfels import normals_from_depth, split_extras, surfel_renderer
-from clm.train.loss import photometric_loss
 
 
 def surfel_spec(sh_degree: int = 3) -> GaussianSpec:

@@ -62,7 +62,9 @@ class TrainConfig:
     offload: str = _opt("clm", "none (all on GPU), naive (all on host) or clm (key attrs on GPU)")
     max_gpu_gb: float | None = _opt(None, "hard cap on GPU memory this process may reserve, GiB")
     max_host_gb: float | None = _opt(None, "cap on pinned host memory for offloaded rows, GiB")
-    cpu_threads: int | None = _opt(None, "threads for the CPU Adam (default: all cores)")
+    cpu_threads: int | None = _opt(
+        None, "threads for the CPU Adam (default: every core this process may use but one)"
+    )
     # outputs
     checkpoint_every: int = _opt(
         1000, "save a checkpoint every this many steps (and on Ctrl-C, and at the end); 0: never"
@@ -202,7 +204,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ClmError(f"--max-seconds must be positive, got {cfg.max_seconds}")
     if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
         raise ClmError(
-            f"--cpu-threads must be at least 1, got {cfg.cpu_threads} (omit it for all cores)"
+            f"--cpu-threads must be at least 1, got {cfg.cpu_threads} "
+            "(omit it for every core but one)"
         )
     if cfg.offload not in ("none", "naive", "clm"):
         raise ClmError(f"--offload must be none, naive or clm, got {cfg.offload!r}")

@@ -26,11 +26,11 @@ from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.base import RenderOutput, View
 from clm.train.checkpoint import Checkpoint
+from clm.train.checkpoint_source import checkpoint_source
 from clm.train.config import TrainConfig, config_to_dict
 from clm.train.densify import DensifyConfig, DensityController
 from clm.train.engine_factory import EngineOptions, make_engine
 from clm.train.evaluate import evaluate
-from clm.train.export import checkpoint_source
 from clm.train.hooks import TrainerHook, make_hooks
 from clm.train.log import LogWindow, TrainLog, format_count
 from clm.train.recipe import sh_degree_at
