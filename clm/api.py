@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from clm.engine.base import Engine
-from clm.methods.base import LossTerms, Method
+from clm.methods.base import Method
 from clm.methods.gaussians import GaussianSplatting, split_in_axes
 from clm.methods.registry import available_methods, make_method
 from clm.methods.surfels import Surfels
@@ -38,7 +38,6 @@ __all__ = [
     "Engine",
     "GaussianSpec",
     "GaussianSplatting",
-    "LossTerms",
     "Method",
     "RenderFn",
     "RenderOutput",

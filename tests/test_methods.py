@@ -159,7 +159,7 @@ def train_surfels(kind: str, staging_rows: int | None = None, steps: int = 6):
     for step, batch in enumerate(batches[:steps], start=1):
 
         def loss_fn(i, out, batch=batch, images=3 * step):
-            return method.loss(out, targets[batch[i]], views[batch[i]], images).total / 3
+            return method.loss(out, targets[batch[i]], views[batch[i]], images) / 3
 
         def observe(ids, out, view):
             density.observe(ids, out, view, engine.num_gaussians)

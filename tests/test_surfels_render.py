@@ -191,7 +191,7 @@ def test_extras_layout_and_no_background_in_extra_channels():
     torch.testing.assert_close(extras.image, both.image, atol=0, rtol=0)
     torch.testing.assert_close(with_depth.image, extras.image[..., :4], atol=0, rtol=0)
     torch.testing.assert_close(plain.image, extras.image[..., :3], atol=0, rtol=0)
-    rgb, depth, normals, distortion = split_extras(extras.image, depth=True)
+    rgb, depth, normals, distortion = split_extras(extras.image)
     empty = extras.alpha[..., 0] == 0
     assert empty.any()
     assert (rgb[empty] == 1).all()

@@ -41,14 +41,6 @@ def photometric_loss(pred: Tensor, target: Tensor, ssim_weight: float = 0.2) -> 
 
 
 @dataclasses.dataclass(frozen=True)
-class LossTerms:
-    """A view's loss and the part of it that is the image's fit (what the log shows)."""
-
-    total: Tensor
-    photometric: Tensor
-
-
-@dataclasses.dataclass(frozen=True)
 class Method(ABC):
     """A splatting variant: attributes, initialisation, renderer, loss, densification and PLY.
 
@@ -87,11 +79,10 @@ class Method(ABC):
         method that renders them; None otherwise."""
         return None
 
-    def loss(self, out: RenderOutput, target: Tensor, view: View, images: int) -> LossTerms:
+    def loss(self, out: RenderOutput, target: Tensor, view: View, images: int) -> Tensor:
         """The loss of one view, from a ``training`` render; ``images``: the images training
         has taken, this step's included (the recipe's iteration at batch size 1)."""
-        fit = photometric_loss(out.image[..., :3], target, self.ssim_weight)
-        return LossTerms(fit, fit)
+        return photometric_loss(out.image[..., :3], target, self.ssim_weight)
 
     # ---- density control ------------------------------------------------------------------
 

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clm.methods.base import LossTerms, Method, photometric_loss
+from clm.methods.base import Method, photometric_loss
 from clm.methods.gaussians import split_in_axes
 from clm.model.init import init_from_points
 from clm.model.spec import CullRoles, GaussianSpec, gaussian_splatting_spec
 from clm.render.base import RenderFn, RenderOutput, View
-from clm.render.surfels import normals_from_depth, split_extras, surfel_renderer
+from clm.render.surfels import has_extras, normals_from_depth, split_extras, surfel_renderer
 
 
 def surfel_spec(sh_degree: int = 3) -> GaussianSpec:
@@ -71,24 +71,22 @@ class Surfels(Method):
         return surfel_renderer(device, depth=depth, extras=extras)
 
     def normals(self, out: RenderOutput) -> Tensor | None:
-        if out.image.shape[-1] == 3:
-            return None
-        return split_extras(out.image)[2]
+        return split_extras(out.image)[2] if has_extras(out.image) else None
 
-    def loss(self, out: RenderOutput, target: Tensor, view: View, images: int) -> LossTerms:
+    def loss(self, out: RenderOutput, target: Tensor, view: View, images: int) -> Tensor:
         """The photometric loss, plus the normal and distortion terms once they are due."""
         fit = photometric_loss(out.image[..., :3], target, self.ssim_weight)
         total = fit
-        if out.image.shape[-1] == 3:  # rendered without the extra channels
-            return LossTerms(total, fit)
-        _, depth, normals, distortion = split_extras(out.image, depth=False)
+        if not has_extras(out.image):  # rendered without the extra channels
+            return total
+        _, depth, normals, distortion = split_extras(out.image)
         if self.normal_weight > 0 and images >= self.normal_from:
             surface = normals_from_depth(depth, view) * out.alpha.detach()
             consistency = 1.0 - (normals * surface).sum(-1)
             total = total + self.normal_weight * consistency.mean()
         if self.distortion_weight > 0 and images >= self.distortion_from:
             total = total + self.distortion_weight * distortion.mean()
-        return LossTerms(total, fit)
+        return total
 
     def split(
         self, spec: GaussianSpec, parents: Mapping[str, Tensor], generator: torch.Generator

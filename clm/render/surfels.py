@@ -70,11 +70,15 @@ NEAR_PLANE, FAR_PLANE = 0.01, 1e10
 BOX_SIGMAS = 3.33
 
 
-def split_extras(image: Tensor, depth: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def has_extras(image: Tensor) -> bool:
+    """Whether ``image`` was rendered with ``extras=True``."""
+    return image.shape[-1] == 3 + EXTRA_CHANNELS
+
+
+def split_extras(image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """RGB ``[H, W, 3]``, expected depth ``[H, W]``, normals ``[H, W, 3]`` and distortion
-    ``[H, W]`` of an image rendered with ``extras=True``. The layout does not depend on
-    ``depth`` (the depth channel is shared); the flag is accepted so callers can pass theirs."""
-    del depth
+    ``[H, W]`` of an image rendered with ``extras=True`` (with or without ``depth``: the
+    depth channel is shared)."""
     if image.shape[-1] != 3 + EXTRA_CHANNELS:
         raise ValueError(f"expected {3 + EXTRA_CHANNELS} channels, got {image.shape[-1]}")
     return image[..., :3], image[..., 3], image[..., 4:7], image[..., 7]

@@ -167,9 +167,9 @@ class Trainer(TrainerCheckpoints):
         def loss_fn(i: int, out: RenderOutput) -> Tensor:
             nonlocal loss_sum, mse_sum
             loss = self.method.loss(out, targets[i], views[i], step * self.batch_size)
-            loss_sum = loss_sum + loss.total.detach()
+            loss_sum = loss_sum + loss.detach()
             mse_sum = mse_sum + torch.mean((out.image[..., :3].detach() - targets[i]) ** 2)
-            return loss.total * scale
+            return loss * scale
 
         def observe(ids: Tensor, out: RenderOutput, view: View) -> None:
             self.density.observe(ids, out, view, self.engine.num_gaussians)
