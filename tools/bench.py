@@ -80,7 +80,9 @@ class StepMeter:
         self.visible = self.host_rows = 0
         self.start: float | None = None
         self.elapsed = 0.0
-        self.flushed = self.stepped = 0  # host rows sent back, and stepped by the CPU Adam
+        # host rows whose gradient was final, those stepped by the CPU Adam, and the gradient
+        # rows that crossed to the host (rows without gradient stay on the GPU on CUDA)
+        self.flushed = self.stepped = self.sent = 0
         inner = engine.train_step
 
         def timed(views, *rest, **kw):
@@ -102,20 +104,21 @@ class StepMeter:
 
         engine.train_step = timed  # type: ignore[method-assign]
 
-    def _flush_counts(self) -> tuple[int, int]:
+    def _flush_counts(self) -> tuple[int, int, int]:
         flusher = getattr(self.engine, "flusher", None)
         if flusher is None:
-            return 0, 0
+            return 0, 0, 0
         flusher.drain()
-        return flusher.rows_flushed, flusher.rows_stepped
+        return flusher.rows_flushed, flusher.rows_stepped, flusher.rows_sent
 
     def stop(self) -> None:
         synchronize()
         if self.start is not None:
             self.elapsed = time.perf_counter() - self.start
-            flushed, stepped = self._flush_counts()
+            flushed, stepped, sent = self._flush_counts()
             self.flushed = flushed - self._counted[0]
             self.stepped = stepped - self._counted[1]
+            self.sent = sent - self._counted[2]
 
     def host_bytes(self, row_bytes: int) -> float:
         """Host memory traffic per step: every byte over PCIe crosses host memory once, and the
@@ -123,8 +126,10 @@ class StepMeter:
         moments (the catch-ups of skipped steps are left out)."""
         if not self.steps:
             return 0.0
-        adam = self.stepped * 7 * row_bytes + (self.flushed - self.stepped) * row_bytes
-        return (self.up + self.down + adam) / self.steps
+        has_flusher = getattr(self.engine, "flusher", None) is not None
+        down = self.sent * row_bytes if has_flusher else self.down
+        adam = self.stepped * 7 * row_bytes + (self.sent - self.stepped) * row_bytes
+        return (self.up + down + adam) / self.steps
 
 
 def synchronize() -> None:

@@ -3,10 +3,13 @@ pinned staging ring on their own CUDA stream, and the CPU Adam thread updates th
 GPU renders the next views.
 
 A row whose batch gradient is zero in every column (it was culled in but occluded, or under
-the alpha threshold everywhere) is read from the staging ring and left alone: its step is a
-skipped step, applied in closed form when the row is next caught up, which is exact. Rows used
-in several stretches of a batch's views have partial gradients; they are *deferred*, summed on
-the host and stepped once at the end of the batch.
+the alpha threshold everywhere) is not stepped: its step is a skipped step, applied in closed
+form when the row is next caught up, which is exact. On CUDA such rows do not even leave the
+GPU: a kernel packs the others into the staging ring with zero-copy writes
+(``kernels/compact.cu``); elsewhere the CPU Adam reads and skips them. Rows used in several
+stretches of a batch's views have partial gradients; they are *deferred*, summed on the host
+and stepped once at the end of the batch (a zero partial gradient adds nothing, so it stays
+behind too).
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from clm.offload.cuda_kernels import cupy_available, kernel, launch, pointer
 from clm.offload.lazy_rows import HostRows
 from clm.offload.worker import BackgroundQueue, StagingRing, wait_for
 
@@ -52,12 +57,15 @@ class GradientFlush:
         self.staging = StagingRing(staging_rows, host.width, pinned=cuda)
         self.worker = BackgroundQueue("clm-cpu-adam")
         self.stream = torch.cuda.Stream(device) if cuda else None
+        self.compact = cuda and cupy_available()  # rows without gradient stay on the GPU
         self._deferred: list[tuple[Tensor, Tensor]] = []  # (the CPU Adam thread's alone)
-        self.rows_flushed = 0  # over the run, rows whose gradient reached the host
-        self.rows_stepped = 0  # of those, rows the CPU Adam updated (the rest had no gradient)
+        self.rows_flushed = 0  # over the run, final gradient rows sent towards the host
+        self.rows_sent = 0  # of those, and of deferred ones, rows that crossed to the host
+        self.rows_stepped = 0  # rows the CPU Adam updated (the rest had no gradient)
 
     def _download(self, grads: Tensor, rows: Tensor) -> tuple[int, torch.cuda.Event | None]:
-        """Copy gradient rows into the staging ring on the D2H stream."""
+        """Gradient rows into the staging ring, on the D2H stream; how many arrived is
+        ``staging.filled[start]`` once the returned event has passed."""
         n = rows.numel()
         start = self.staging.acquire(n)
         ready = record_event(self.device)
@@ -67,14 +75,45 @@ class GradientFlush:
                 # Made on the compute stream, read on this one: not to be reused before.
                 grads.record_stream(self.stream)
                 rows.record_stream(self.stream)
-            self.staging.grads_view(start, n, grads.shape[1]).copy_(grads, non_blocking=True)
-            self.staging.rows[start : start + n].copy_(rows, non_blocking=True)
+            if self.compact:
+                self._compact(grads, rows, start)
+            else:
+                self.staging.grads_view(start, n, grads.shape[1]).copy_(grads, non_blocking=True)
+                self.staging.rows[start : start + n].copy_(rows, non_blocking=True)
+                self.staging.filled[start] = n
             done = record_event(self.device, self.stream)
         return start, done
 
+    def _compact(self, grads: Tensor, rows: Tensor, start: int) -> None:
+        """The rows of ``grads`` with any nonzero value, packed in order at ``start`` of the
+        staging ring, and their count in ``staging.filled[start]`` (on the current stream, no
+        host sync)."""
+        n, width = grads.shape
+        grads = grads.contiguous()
+        kept = torch.cumsum(grads.ne(0).any(dim=1), 0)
+        self.staging.filled[start : start + 1].copy_(kept[-1:], non_blocking=True)
+        args = (
+            pointer(grads),
+            pointer(rows),
+            pointer(kept),
+            np.int64(n),
+            np.int32(width),
+            np.uint64(self.staging.grads_view(start, n, width).data_ptr()),
+            np.uint64(self.staging.rows[start:].data_ptr()),
+        )
+        pieces = (width + 3) // 4  # one thread per 4-float piece of a row
+        launch(kernel("compact.cu", "compact_rows"), n * pieces, args, stream=self.stream)
+
+    def _arrived(self, start: int) -> tuple[Tensor, int]:
+        """The row ids that arrived at ``start`` (after its event), and how many."""
+        m = int(self.staging.filled[start])
+        self.rows_sent += m
+        return self.staging.rows[start : start + m], m
+
     def flush(self, cache_grad: Tensor, ids: Tensor, slots: Tensor, width: int, step: int) -> int:
         """Final gradients of rows ``ids`` (in ``cache_grad[slots]``): to the host, then the
-        CPU Adam, in the background; returns the bytes sent."""
+        CPU Adam, in the background; returns the bytes queued (on CUDA the rows without
+        gradient among them stay on the GPU: :attr:`rows_sent` counts what crossed)."""
         total = 0
         part = self.staging.capacity // 2
         for lo in range(0, ids.numel(), part):
@@ -84,9 +123,9 @@ class GradientFlush:
 
             def job(start=start, n=n, done=done) -> None:
                 wait_for(done)
-                rows = self.staging.rows[start : start + n]
-                grads = self.staging.grads_view(start, n, width)
-                self._stepped(n, self.host.step_rows(rows, grads, width, step))
+                rows, m = self._arrived(start)
+                grads = self.staging.grads_view(start, m, width)
+                self._stepped(n, self.host.step_rows(rows, grads, width, step) if m else 0)
                 self.staging.release()
 
             self.worker.submit(job)
@@ -100,7 +139,7 @@ class GradientFlush:
     def defer(self, cache_grad: Tensor, ids: Tensor, slots: Tensor, width: int) -> int:
         """Partial gradients of rows used in several stretches: kept until the batch ends. They
         leave the GPU like final ones, through the staging ring on the copy stream; the CPU
-        Adam thread sets them aside (no wait here)."""
+        Adam thread sets them aside (no wait here). Returns the bytes queued, as :meth:`flush`."""
         total = 0
         part = self.staging.capacity // 2
         for lo in range(0, ids.numel(), part):
@@ -108,10 +147,10 @@ class GradientFlush:
             start, done = self._download(cache_grad[slots[lo : lo + part], :width], rows)
             n = rows.numel()
 
-            def job(start=start, n=n, done=done) -> None:
+            def job(start=start, done=done) -> None:
                 wait_for(done)
-                rows = self.staging.rows[start : start + n].clone()
-                grads = self.staging.grads_view(start, n, width).clone()
+                rows, m = self._arrived(start)
+                rows, grads = rows.clone(), self.staging.grads_view(start, m, width).clone()
                 self.staging.release()
                 self._deferred.append((rows, grads))
 

@@ -15,12 +15,14 @@ from torch import Tensor
 
 class StagingRing:
     """Pinned ``[capacity, width]`` gradients and ``[capacity]`` row ids, handed out first in,
-    first out. ``acquire`` blocks until the consumer has released enough space."""
+    first out. ``acquire`` blocks until the consumer has released enough space. ``filled[s]``:
+    how many of the rows handed out at ``s`` hold data (the producer may fill fewer)."""
 
     def __init__(self, capacity: int, width: int, pinned: bool) -> None:
         self.capacity = capacity
         self.grads = torch.empty(capacity, width, pin_memory=pinned)
         self.rows = torch.empty(capacity, dtype=torch.int64, pin_memory=pinned)
+        self.filled = torch.zeros(capacity, dtype=torch.int64, pin_memory=pinned)
         self._head = 0  # next free position
         self._used = 0  # rows handed out and not yet released, wrap padding included
         self._sizes: list[int] = []  # each acquisition's size, with the padding before it

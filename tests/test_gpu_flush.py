@@ -1,0 +1,38 @@
+"""GPU test of the gradient flush: rows whose gradient is zero stay on the GPU, the others land
+in the staging ring packed in order (``pytest -m gpu``)."""
+
+import types
+
+import pytest
+import torch
+
+from clm.offload.flush import GradientFlush
+from clm.offload.worker import wait_for
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("width", [3, 12, 48, 45])
+def test_rows_without_gradient_stay_on_the_gpu(width):
+    cuda = torch.device("cuda")
+    g = torch.Generator(device=cuda).manual_seed(width)
+    n = 5000
+    grads = torch.randn(n, width, device=cuda, generator=g)
+    zero = torch.rand(n, device=cuda, generator=g) < 0.75
+    grads[zero] = 0
+    grads[7, width - 1] = -0.0  # a negative zero is no gradient either
+    grads[7, :-1] = 0
+    grads[11, :] = 0
+    grads[11, width - 1] = 1e-30  # one tiny value is a gradient
+    ids = torch.randperm(10 * n, device=cuda, generator=g)[:n]
+    flush = GradientFlush(types.SimpleNamespace(width=48), cuda, staging_rows=1 << 14)
+    assert flush.compact
+    flush.staging.acquire(17)  # start the ring off zero
+    start, done = flush._download(grads, ids)
+    wait_for(done)
+    keep = (grads != 0).any(dim=1)
+    m = int(flush.staging.filled[start])
+    assert m == int(keep.sum()) and 0 < m < n
+    assert torch.equal(flush.staging.rows[start : start + m], ids[keep].cpu())
+    assert torch.equal(flush.staging.grads_view(start, m, width), grads[keep].cpu())
+    flush.close()
