@@ -80,9 +80,9 @@ class StepMeter:
         self.visible = self.host_rows = 0
         self.start: float | None = None
         self.elapsed = 0.0
-        # host rows whose gradient was final, those stepped by the CPU Adam, and the gradient
-        # rows that crossed to the host (rows without gradient stay on the GPU on CUDA)
-        self.flushed = self.stepped = self.sent = 0
+        # host rows stepped by the CPU Adam, and gradient rows that crossed to the host (on
+        # CUDA, rows without gradient stay on the GPU)
+        self.stepped = self.sent = 0
         inner = engine.train_step
 
         def timed(views, *rest, **kw):
@@ -104,21 +104,20 @@ class StepMeter:
 
         engine.train_step = timed  # type: ignore[method-assign]
 
-    def _flush_counts(self) -> tuple[int, int, int]:
+    def _flush_counts(self) -> tuple[int, int]:
         flusher = getattr(self.engine, "flusher", None)
         if flusher is None:
-            return 0, 0, 0
+            return 0, 0
         flusher.drain()
-        return flusher.rows_flushed, flusher.rows_stepped, flusher.rows_sent
+        return flusher.rows_stepped, flusher.rows_sent
 
     def stop(self) -> None:
         synchronize()
         if self.start is not None:
             self.elapsed = time.perf_counter() - self.start
-            flushed, stepped, sent = self._flush_counts()
-            self.flushed = flushed - self._counted[0]
-            self.stepped = stepped - self._counted[1]
-            self.sent = sent - self._counted[2]
+            stepped, sent = self._flush_counts()
+            self.stepped = stepped - self._counted[0]
+            self.sent = sent - self._counted[1]
 
     def host_bytes(self, row_bytes: int) -> float:
         """Host memory traffic per step: every byte over PCIe crosses host memory once, and the
@@ -382,8 +381,9 @@ def run_largest(args, scene, images, all_views, count, mode, cap) -> dict:
             "host rows/step": f"{meter.host_rows / max(meter.steps, 1) / 1e6:.2f}M"
             if resident is not None
             else "-",
-            "no-gradient rows": f"{1 - meter.stepped / meter.flushed:.0%}"
-            if meter.flushed
+            # culled-in host rows whose batch gradient was zero, of all culled-in host rows
+            "no-gradient rows": f"{1 - meter.stepped / meter.host_rows:.0%}"
+            if resident is not None and meter.host_rows
             else "-",
             "host GB/step": f"{host / 1e9:.2f}",
             "host bandwidth": f"{host * steps_per_s / HOST_BANDWIDTH:.0%}",
