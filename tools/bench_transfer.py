@@ -12,8 +12,8 @@ import time
 import torch
 
 from clm.offload.culling import Culler
+from clm.offload.gather import RowGather
 from clm.offload.host_store import HostStore
-from clm.offload.transfer import RowGather
 from clm.render.base import View
 
 

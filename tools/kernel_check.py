@@ -3,11 +3,15 @@ racecheck, initcheck): ``compute-sanitizer --tool memcheck python tools/kernel_c
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from clm.offload.culling import Culler, cull_bits_torch, pack_cameras
+from clm.offload.flush import GradientFlush
+from clm.offload.gather import RowGather
 from clm.offload.host_store import HostStore
-from clm.offload.transfer import RowGather
+from clm.offload.worker import wait_for
 from clm.render.base import View
 
 
@@ -28,6 +32,8 @@ def main() -> None:
     result = culler.cull(means, scales, opac, views)
     twin = cull_bits_torch(means, scales, opac, pack_cameras(views))
     assert torch.equal(result.ids, torch.nonzero(twin).squeeze(1))
+    surfels = Culler(device, chunk=4096, bound="surfel").cull(means, scales[:, :2], opac, views)
+    assert surfels.ids.numel() > 0
 
     store = HostStore(48, chunk_shift=8, pinned=True)
     host = torch.randn(3000, 48, generator=g)
@@ -40,7 +46,19 @@ def main() -> None:
     gather.gather(rows, slots, 27, out, grad)
     torch.cuda.synchronize()
     assert torch.equal(out[slots, :27].cpu(), host[rows.cpu(), :27])
-    print(f"kernels ok: {result.ids.numel()} culled rows, 700 gathered rows")
+
+    flush = GradientFlush(types.SimpleNamespace(width=48), device, staging_rows=4096)
+    grads = torch.randn(700, 27, device=device)
+    grads[::3] = 0
+    start, done = flush._download(grads, rows)
+    wait_for(done)
+    kept = int(flush.staging.filled[start])
+    assert kept == int((grads != 0).any(1).sum())
+    flush.close()
+    print(
+        f"kernels ok: {result.ids.numel()} culled rows ({surfels.ids.numel()} as surfels), "
+        f"700 gathered rows, {kept} of 700 gradient rows packed"
+    )
 
 
 if __name__ == "__main__":
