@@ -76,17 +76,25 @@ def final_params(output):
 
 
 @pytest.mark.parametrize(
-    ("offload", "stop"),
-    [("none", 11), ("naive", 11), ("clm", 11), ("clm", 20)],  # 20: on the checkpoint schedule
+    ("offload", "stop", "method"),
+    [
+        ("none", 11, "3dgs"),
+        ("naive", 11, "3dgs"),
+        ("clm", 11, "3dgs"),
+        ("clm", 20, "3dgs"),  # 20: on the checkpoint schedule
+        ("clm", 11, "2dgs"),  # with its normal and distortion terms from the start
+    ],
 )
-def test_ctrl_c_then_resume_continues_exactly(scene, tmp_path, offload, stop):
+def test_ctrl_c_then_resume_continues_exactly(scene, tmp_path, offload, stop, method):
     """A stop at any step, a checkpoint there, and a resume give the run that never stopped,
     bit for bit: parameters, both moments, lazy rows' steps and density statistics."""
-    straight = Trainer(short_config(scene, tmp_path / "a", offload))
+    options = {"normal_from": 0, "distortion_weight": 10.0, "distortion_from": 0}
+    extra = {"method": method, "method_options": options if method == "2dgs" else {}}
+    straight = Trainer(short_config(scene, tmp_path / "a", offload, **extra))
     straight.run()
     straight.close()
 
-    stopped = Trainer(short_config(scene, tmp_path / "b", offload))
+    stopped = Trainer(short_config(scene, tmp_path / "b", offload, **extra))
     inner = stopped.engine.train_step
 
     def step_then_interrupt(*args, **kwargs):
