@@ -125,6 +125,26 @@ REFUSED = [
     pytest.param(fresh(["--grad-threshold", "inf"]), "--grad-threshold must", id="grad-inf"),
     pytest.param(fresh(["--max-seconds", "nan"]), "--max-seconds must be", id="seconds-nan"),
     pytest.param(fresh(["--max-seconds", "-1"]), "--max-seconds must be", id="seconds-neg"),
+    pytest.param(fresh(["--method", "4dgs"]), "invalid choice: '4dgs'", id="method-unknown"),
+    pytest.param(
+        fresh(["--method-option", "normal_weight"]), "want NAME=VALUE", id="method-option-form"
+    ),
+    pytest.param(
+        fresh(["--method", "2dgs", "--method-option", "colour=1"]),
+        "method 2dgs has no option 'colour'",
+        id="method-option-unknown",
+    ),
+    pytest.param(
+        fresh(["--method", "2dgs", "--method-option", "normal_from=soon"]),
+        "normal_from: 'soon' is not a valid int",
+        id="method-option-type",
+    ),
+    pytest.param(
+        lambda scene, run, tmp: [*init_ply(unit_rows)(scene, run, tmp), "--method", "2dgs"],
+        "the file's scales has shape (3,); 2dgs wants (2,)",
+        id="init-ply-of-another-method",
+    ),
+    pytest.param(resume(["--method", "2dgs"]), "--method 3dgs;", id="resume-method"),
     pytest.param(resume(["--batch-size", "2"]), "--batch-size 1;", id="resume-batch-size"),
     pytest.param(resume(["--sh-degree", "1"]), "--sh-degree 3;", id="resume-sh-degree"),
     pytest.param(resume(["--test-every", "2"]), "--test-every 8;", id="resume-test-every"),

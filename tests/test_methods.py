@@ -49,7 +49,7 @@ def test_options_are_converted_and_checked():
         make_method("nope")
     with pytest.raises(ClmError, match="no option 'colour'"):
         make_method("3dgs", {"colour": "1"})
-    with pytest.raises(ClmError, match="normal_from: 'x' is not a int"):
+    with pytest.raises(ClmError, match="normal_from: 'x' is not a valid int"):
         make_method("2dgs", {"normal_from": "x"})
     with pytest.raises(ClmError, match="want NAME=VALUE"):
         parse_options(["normal_weight"])

@@ -84,7 +84,7 @@ def _convert(method: str, key: str, text: str, kind: Any) -> Any:
         return kind(text)
     except (TypeError, ValueError):
         raise ClmError(
-            f"method {method} option {key}: {text!r} is not a {getattr(kind, '__name__', kind)}"
+            f"method {method} option {key}: {text!r} is not a valid {getattr(kind, '__name__', kind)}"
         ) from None
 
 
