@@ -83,9 +83,8 @@ def _convert(method: str, key: str, text: str, kind: Any) -> Any:
             raise ValueError(text)
         return kind(text)
     except (TypeError, ValueError):
-        raise ClmError(
-            f"method {method} option {key}: {text!r} is not a valid {getattr(kind, '__name__', kind)}"
-        ) from None
+        name = getattr(kind, "__name__", kind)
+        raise ClmError(f"method {method} option {key}: {text!r} is not a valid {name}") from None
 
 
 def parse_options(items: list[str]) -> dict[str, str]:
