@@ -7,7 +7,8 @@ rendered by ray-splat intersection (gsplat's ``rasterization_2dgs`` on CUDA, the
 depth) from 7000 images on, and the depth-distortion term from 3000 images on (weight 0 for
 unbounded scenes, as the reference sets it; 1000 for object captures). Splats are culled with
 the bound proven for flat splats, densified by the 2DGS screen-space gradient (the full sum,
-see :mod:`clm.render.surfels`), split within their plane, and exported in the 2DGS reference PLY layout (two ``scale_*`` columns).
+see :mod:`clm.render.surfels`), split within their plane, and exported in the 2DGS reference
+PLY layout (two ``scale_*`` columns).
 """
 
 from __future__ import annotations
