@@ -89,9 +89,20 @@ class Observed:
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-9)
 
 
-def train(engine, views, targets, batches, sh_degrees, densify_at=None, hints=None, observe=None):
+def train(
+    engine,
+    views,
+    targets,
+    batches,
+    sh_degrees,
+    densify_at=None,
+    hints=None,
+    observe=None,
+    loss_of=None,
+):
     """``hints``: tell the engine the next batch ("right"), or another one ("wrong");
-    ``observe``: an :class:`Observed` to record the density statistics in."""
+    ``observe``: an :class:`Observed` to record the density statistics in; ``loss_of(targets,
+    views, step)``: the batch's loss function (else the 3DGS loss, written out here)."""
     bg = torch.zeros(3)
     for step, (batch, degree) in enumerate(zip(batches, sh_degrees, strict=True), start=1):
         chosen = [views[i] for i in batch]
@@ -102,6 +113,8 @@ def train(engine, views, targets, batches, sh_degrees, densify_at=None, hints=No
         def loss_fn(i, out, batch=batch):
             return photometric_loss(out.image, targets[batch[i]]) / len(batch)
 
+        if loss_of is not None:
+            loss_fn = loss_of([targets[i] for i in batch], chosen, step)
         if observe is not None:
             observe.steps.append({})
         sink = observe if observe is not None else (lambda ids, out, view: None)

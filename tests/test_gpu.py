@@ -18,6 +18,7 @@ from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.base import View
 from clm.render.splats import render_gsplat, render_torch
+from clm.train.batch_loss import batch_loss
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -152,12 +153,18 @@ def test_gather_kernel_matches_twin_across_chunks():
         assert (grad[slots, :width] == 0).all() and (grad[untouched.to(CUDA)] == 1).all()
 
 
-def _train(engine, views, targets, batches, degrees):
+def _train(engine, views, targets, batches, degrees, method=None):
+    """``method``: train with its batch loss (a local one trains pieces in one pass), else
+    with the 3DGS loss written out here."""
     bg = torch.zeros(3, device=CUDA)
     for batch, degree in zip(batches, degrees, strict=True):
 
         def loss_fn(i, out, batch=batch):
             return photometric_loss(out.image, targets[batch[i]]) / len(batch)
+
+        if method is not None:
+            chosen = [views[i] for i in batch]
+            loss_fn = batch_loss(method, [targets[i] for i in batch], chosen, 1)
 
         engine.train_step([views[i] for i in batch], loss_fn, lambda *a: None, degree, bg)
     return engine.snapshot()

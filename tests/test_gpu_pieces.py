@@ -9,12 +9,15 @@ from test_gpu import _train, assert_same_training, ring_views
 from clm.engine.offloaded import OffloadEngine
 from clm.engine.resident import ResidentEngine
 from clm.methods.base import photometric_loss
+from clm.methods.gaussians import GaussianSplatting
 from clm.model.spec import gaussian_splatting_spec
 from clm.offload import pieces as pieces_module
-from clm.offload.pieces import Canvas, ImageGrad, PieceCuller, cut_views
+from clm.offload.piece_grads import Canvas, CropGrad, ImageGrad
+from clm.offload.pieces import PieceCuller, cut_views, margin_for
 from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.splats import render_gsplat
+from clm.train.batch_loss import batch_loss
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -99,8 +102,47 @@ def test_gsplat_pieces_give_the_whole_image_and_its_gradients():
     assert relative_error(observed.means2d.grad, whole.means2d.grad[order]) < 1e-4
 
 
+def test_gsplat_pieces_in_one_pass_give_the_whole_image_gradients():
+    """Each piece culled with its loss's margin and backpropagating its crop's loss: gsplat's
+    whole-image gradients."""
+    params = scene(30_000, seed=0, device=CUDA)
+    view = ring_views(5, W, H, radius=1.0, device=CUDA)[1]
+    bg = torch.tensor([0.2, 0.1, 0.3], device=CUDA)
+    target = torch.rand(H, W, 3, generator=torch.Generator().manual_seed(4)).to(CUDA)
+    method = GaussianSplatting()
+
+    leaves = {k: t.clone().requires_grad_() for k, t in params.items()}
+    whole = render_gsplat(leaves, view, 3, bg)
+    method.loss(whole, target, view, 1).backward()
+
+    culler = PieceCuller(CUDA)
+    keys = (params["means"], params["scales"], params["opacities"])
+    capacity = rows_seen(params, [view])[0] // 2
+    margin = margin_for(method.loss_reach())
+    cut = cut_views(culler, SPEC3.cull_inputs(params), [view], capacity, margin)[0]
+    assert len(cut) > 4
+    loss = batch_loss(method, [target], [view], 1)
+    grads = CropGrad(0, loss)
+    split = {k: t.clone().requires_grad_() for k, t in params.items()}
+    for piece, _ in cut:
+        ids = culler.cull(*keys, [piece]).ids
+        assert ids.numel() <= capacity
+        grads.backward(
+            piece, render_gsplat({k: t[ids] for k, t in split.items()}, view, 3, bg), ids
+        )
+    for name, leaf in leaves.items():  # gsplat's backward sums with atomics: order-level noise
+        assert relative_error(split[name].grad, leaf.grad) < 1e-4, name
+    ids, observed = grads.observed()
+    order = torch.argsort(whole.ids)
+    assert torch.equal(ids, whole.ids[order])
+    assert relative_error(observed.means2d.grad, whole.means2d.grad[order]) < 1e-4
+
+
+@pytest.mark.parametrize("one_pass", [False, True])
 @pytest.mark.parametrize("plan_elements", [None, 60_000])  # one group a step, or several
-def test_offload_engine_with_a_tiny_cache_matches_the_resident_engine(monkeypatch, plan_elements):
+def test_offload_engine_with_a_tiny_cache_matches_the_resident_engine(
+    monkeypatch, plan_elements, one_pass
+):
     if plan_elements is not None:
         monkeypatch.setattr(pieces_module, "PLAN_ELEMENTS", plan_elements)
     spec = gaussian_splatting_spec(3)
@@ -128,6 +170,18 @@ def test_offload_engine_with_a_tiny_cache_matches_the_resident_engine(monkeypatc
         a, b = engine.render(view, 3, bg), resident.render(view, 3, bg)
         torch.testing.assert_close(a.image, b.image, rtol=0, atol=1e-5)
     ref = _train(resident, views, targets, batches, degrees)
-    got = _train(engine, views, targets, batches, degrees)
+    if one_pass:
+        made = []
+
+        class Counted(CropGrad):
+            def __init__(self, i, loss):
+                super().__init__(i, loss)
+                made.append(i)
+
+        monkeypatch.setattr("clm.engine.offloaded_pieces.CropGrad", Counted)
+        got = _train(engine, views, targets, batches, degrees, GaussianSplatting())
+        assert made
+    else:
+        got = _train(engine, views, targets, batches, degrees)
     engine.close()
     assert_same_training(got, ref)

@@ -1,27 +1,34 @@
-"""Views larger than the row cache, rendered in pieces: stitched renders, the two-pass
-gradients and an offloaded engine with a tiny cache all match whole-image rendering."""
+"""Views larger than the row cache, rendered in pieces: stitched renders, the one-pass and
+two-pass gradients and an offloaded engine with a tiny cache all match whole-image rendering."""
 
 import math
 
 import pytest
 import torch
-from test_engines import assert_same, make_engine, train
+from test_engines import Observed, assert_same, make_engine, train
 
+from clm.engine.base import LocalLoss
 from clm.engine.offloaded import OffloadEngine
+from clm.engine.resident import ResidentEngine
 from clm.errors import ClmError
 from clm.methods.base import photometric_loss
+from clm.methods.gaussians import GaussianSplatting
+from clm.methods.surfels import Surfels
 from clm.model.spec import gaussian_splatting_spec
 from clm.offload import pieces as pieces_module
+from clm.offload.piece_grads import Canvas, CropGrad, ImageGrad
 from clm.offload.pieces import (
     TILE,
-    Canvas,
-    ImageGrad,
     PieceCuller,
     cut_views,
     group_units,
+    margin_for,
 )
+from clm.optim.lazy_adam import AdamConfig
+from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.base import View
 from clm.render.splats import render_torch
+from clm.train.batch_loss import BatchLoss, LocalBatchLoss, batch_loss
 
 W, H = 96, 64
 CPU = torch.device("cpu")
@@ -136,6 +143,82 @@ def test_two_passes_give_the_whole_image_gradients():
     )
 
 
+# 2DGS with every term of its loss from the first image on.
+SURFELS = Surfels(normal_from=0, distortion_weight=100.0, distortion_from=0)
+
+
+def surfel_scene(seed: int = 0) -> dict[str, torch.Tensor]:
+    params = scene(seed=seed)
+    params["scales"] = params["scales"][:, :2].contiguous()
+    return params
+
+
+@pytest.mark.parametrize("method", ["3dgs", "2dgs"])
+@pytest.mark.parametrize("margin", ["reach", "tiles", "short"])
+def test_one_pass_gives_the_whole_image_gradients(method, margin):
+    """Each piece, culled with a margin of the loss's reach, backpropagates its crop's loss
+    to its window: the whole image's gradients, screen-space gradients and logged loss. A
+    margin short of the reach gets them wrong (the check can fail)."""
+    chosen = GaussianSplatting() if method == "3dgs" else SURFELS
+    params = scene(seed=3) if method == "3dgs" else surfel_scene(seed=3)
+    spec = chosen.spec(3)
+    render = chosen.renderer(CPU, training=True)
+    bg, view = torch.tensor([0.2, 0.1, 0.3]), ring_views(6)[2]
+    target = torch.rand(H, W, 3, generator=torch.Generator().manual_seed(5))
+    reach = chosen.loss_reach()
+    assert reach == 10
+    pixels = {"reach": reach, "tiles": margin_for(reach), "short": 2}[margin]
+
+    leaves = {k: t.clone().requires_grad_() for k, t in params.items()}
+    whole = render(leaves, view, 3, bg)
+    want_loss = chosen.loss(whole, target, view, 1)
+    want_loss.backward()
+
+    culler = PieceCuller(CPU, bound=spec.cull.shape)
+    inputs = spec.cull_inputs(params)
+    capacity = visible(params, [view])[0] - 1
+    cut = cut_views(culler, inputs, [view], capacity, margin=pixels)[0]
+    assert len(cut) > 2
+    loss = LocalBatchLoss(chosen, [target], [view], 1, reach)
+    grads = CropGrad(0, loss)
+    pieces = {k: t.clone().requires_grad_() for k, t in params.items()}
+    for piece, n in cut:
+        ids = culler.cull(*inputs, [piece]).ids
+        assert ids.numel() == n <= capacity
+        out = render({k: t[ids] for k, t in pieces.items()}, view, 3, bg)
+        grads.backward(piece, out, ids)
+    errors = {
+        name: float((pieces[name].grad - leaf.grad).abs().max() / leaf.grad.abs().max())
+        for name, leaf in leaves.items()
+    }
+    if margin == "short":
+        assert max(errors.values()) > 1e-2
+        return
+    assert max(errors.values()) < 1e-5, errors
+    ids, out = grads.observed()
+    assert torch.equal(ids, whole.ids)
+    scale = whole.means2d.grad.abs().max()
+    torch.testing.assert_close(
+        out.means2d.grad / scale, whole.means2d.grad / scale, atol=1e-5, rtol=0
+    )
+    # the log sees the stitched view's loss, evaluated once
+    torch.testing.assert_close(loss.loss_sum, want_loss.detach(), rtol=1e-5, atol=0)
+
+
+def test_only_a_loss_that_says_its_reach_is_local():
+    views, targets = ring_views(2), [torch.zeros(H, W, 3)] * 2
+    assert isinstance(batch_loss(GaussianSplatting(), targets, views, 1), LocalLoss)
+    assert not isinstance(BatchLoss(GaussianSplatting(), targets, views, 1), LocalLoss)
+
+    class OwnLoss(GaussianSplatting):
+        def loss(self, out, target, view, images):
+            return out.image.mean()
+
+    assert OwnLoss().loss_reach() is None
+    assert not isinstance(batch_loss(OwnLoss(), targets, views, 1), LocalLoss)
+    assert GaussianSplatting(ssim_weight=0.0).loss_reach() == 0
+
+
 def test_a_tile_larger_than_the_cache_is_refused():
     params, view = scene(), ring_views(6)[0]
     with pytest.raises(ClmError, match="16x16-pixel tile"):
@@ -163,6 +246,23 @@ def setup():
     return views, targets, batches, degrees
 
 
+def count_one_pass(monkeypatch) -> list[int]:
+    """Views the engine trained in one pass (each one's batch position), call by call."""
+    made: list[int] = []
+
+    class Counted(CropGrad):
+        def __init__(self, i, loss):
+            super().__init__(i, loss)
+            made.append(i)
+
+    monkeypatch.setattr("clm.engine.offloaded_pieces.CropGrad", Counted)
+    return made
+
+
+def local_3dgs(targets, views, step):
+    return batch_loss(GaussianSplatting(), targets, views, step)
+
+
 def count_cuts(monkeypatch) -> list[int]:
     """Pieces per view the engine cut, call by call."""
     made: list[int] = []
@@ -178,32 +278,99 @@ def count_cuts(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("cache_rows", "plan_elements", "resident"),
+    ("one_pass", "cache_rows", "plan_elements", "resident"),
     [
-        (245, None, 0),  # some views whole, some in pieces, one group a step
-        (150, None, 0),  # every view in pieces
-        (150, 4000, 0),  # pieces in several groups a step: rows shared by groups deferred
-        (150, None, 200),  # pieces that render resident rows too
+        (False, 245, None, 0),  # some views whole, some in pieces, one group a step
+        (False, 150, None, 0),  # every view in pieces
+        (False, 150, 4000, 0),  # pieces in several groups a step: rows shared by groups deferred
+        (False, 150, None, 200),  # pieces that render resident rows too
+        # The same in one pass; at these image sizes a margin is a large part of a piece,
+        # which then needs a larger cache.
+        (True, 245, None, 0),
+        (True, 200, 4000, 0),
+        (True, 200, None, 200),
     ],
 )
 def test_engine_with_a_tiny_cache_matches_the_resident_engine(
-    setup, monkeypatch, cache_rows, plan_elements, resident
+    setup, monkeypatch, one_pass, cache_rows, plan_elements, resident
 ):
     views, targets, batches, degrees = setup
     params = scene()
     if plan_elements is not None:
         monkeypatch.setattr(pieces_module, "PLAN_ELEMENTS", plan_elements)
-    made = count_cuts(monkeypatch)
+    made, single = count_cuts(monkeypatch), count_one_pass(monkeypatch)
     steps = len(batches)
+    want, seen = Observed(), Observed()
     ref = make_engine("none", params, 3, steps)
-    ref = train(ref, views, targets, batches, degrees, densify_at=2)
+    ref = train(ref, views, targets, batches, degrees, densify_at=2, observe=want)
     extra = {"resident": resident, "views": views} if resident else {}
     engine = make_engine("clm", params, 3, steps, cache_rows=cache_rows, staging_rows=64, **extra)
-    got = train(engine, views, targets, batches, degrees, densify_at=2)
+    loss_of = local_3dgs if one_pass else None
+    got = train(
+        engine, views, targets, batches, degrees, densify_at=2, observe=seen, loss_of=loss_of
+    )
     engine.close()
     assert made and min(made) > 1
+    assert bool(single) == one_pass
     assert engine.resident.count == resident
     assert_same(got, ref)
+    seen.assert_same(want)
+
+
+def test_one_pass_falls_back_to_two_when_a_tile_and_its_margin_overflow(setup, monkeypatch):
+    """A cache that holds the busiest tile but not with its margin: two passes, still exact."""
+    views, targets, batches, degrees = setup
+    params = scene()
+    culler, inputs = PieceCuller(CPU), SPEC3.cull_inputs(params)
+    capacity = 150
+    with pytest.raises(ClmError):
+        cut_views(culler, inputs, views, capacity, margin=margin_for(10))
+    cut_views(culler, inputs, views, capacity)  # without the margin it fits
+    single = count_one_pass(monkeypatch)
+    ref = train(make_engine("none", params, 3, 2), views, targets, batches[:2], degrees[:2])
+    engine = make_engine("clm", params, 3, 2, cache_rows=capacity)
+    got = train(engine, views, targets, batches[:2], degrees[:2], loss_of=local_3dgs)
+    engine.close()
+    assert single == []
+    assert_same(got, ref)
+
+
+def surfel_engine(kind, params, steps, **extra):
+    spec = SURFELS.spec(3)
+    common = {
+        "spec": spec,
+        "render_fn": SURFELS.renderer(CPU, training=True),
+        "lrs": LearningRates(spec, steps, extent=2.0, batch_size=3),
+        "adam": AdamConfig(betas=adam_betas(3)),
+        "device": CPU,
+    }
+    if kind == "none":
+        return ResidentEngine(params, **common)
+    return OffloadEngine(params, chunk_shift=6, **common, **extra)
+
+
+def test_2dgs_in_one_pass_matches_the_resident_engine(setup, monkeypatch):
+    """2DGS's whole loss (normals from depth, distortion) trains views in pieces in one pass."""
+    views, targets, batches, degrees = setup
+    params = surfel_scene()
+    made, single = count_cuts(monkeypatch), count_one_pass(monkeypatch)
+    want, seen = Observed(), Observed()
+
+    def whole(targets, views, step):
+        return BatchLoss(SURFELS, targets, views, step)
+
+    def local(targets, views, step):
+        return batch_loss(SURFELS, targets, views, step)
+
+    batches, degrees = batches[:3], degrees[:3]
+    ref = surfel_engine("none", params, 3)
+    ref = train(ref, views, targets, batches, degrees, densify_at=2, observe=want, loss_of=whole)
+    engine = surfel_engine("clm", params, 3, cache_rows=245, staging_rows=64)
+    got = train(engine, views, targets, batches, degrees, densify_at=2, observe=seen, loss_of=local)
+    engine.close()
+    assert made and min(made) > 1 and single
+    assert_same(got, ref)
+    seen.assert_same(want)
 
 
 def test_density_statistics_match_whole_views(setup):

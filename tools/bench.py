@@ -3,7 +3,8 @@
   python tools/bench.py train   --scene S [--offload none] [--max-seconds 420] [--batch-size 1]
       one full training run (densification on): steps/s, peak GPU memory, held-out PSNR/SSIM.
   python tools/bench.py compare --scene S --steps 300 --batch-size 8 [--modes none,naive,clm]
-      the three offload modes on the same scene and steps, side by side in one process.
+      the three offload modes on the same scene and steps, side by side in one process, with
+      every image decoded beforehand (200 steps of batch 4 is the peer's protocol, 800 images).
   python tools/bench.py largest --scene S --counts 10e6,40e6 --modes none,clm@24 --steps 12
       Gaussians initialised on the scene's surfaces, trained by each mode in turn with the
       same seed and batches (``MODE@GB``: under ``--max-gpu-gb GB``, else uncapped): whether
@@ -32,14 +33,14 @@ from torch import Tensor
 
 from clm.engine.base import Engine
 from clm.errors import ClmError
-from clm.methods.base import photometric_loss
-from clm.model.spec import gaussian_splatting_spec
+from clm.methods.gaussians import GaussianSplatting
 from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.splats import default_renderer
 from clm.synthetic.geometry import load_geometry
 from clm.synthetic.surface import surface_params
 from clm.train.config import make_config
+from clm.train.batch_loss import batch_loss
 from clm.train.engine_factory import EngineOptions, make_engine
 from clm.train.log import format_count
 from clm.train.trainer import Trainer
@@ -202,6 +203,7 @@ def run_mode(args: argparse.Namespace, mode: str, tmp: Path) -> dict[str, object
         "checkpoint_every": 10**9,
         "log_every": 50,
         "seed": 0,
+        "cache_dir": args.cache_dir,
     }
     if args.max_gpu_gb:
         given["max_gpu_gb"] = args.max_gpu_gb
@@ -238,9 +240,26 @@ def run_mode(args: argparse.Namespace, mode: str, tmp: Path) -> dict[str, object
     return row
 
 
+def decode_images(scene_dir: str, cache_dir: Path) -> None:
+    """Decode every image of the scene into ``cache_dir`` with all cores, before any run is
+    timed (the peer's protocol: images decoded first)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clm.data.images import ImageCache
+    from clm.data.scene import load_scene
+
+    scene = load_scene(Path(scene_dir), 1, 8)
+    frames = scene.train + scene.test
+    with ImageCache(frames, cache_dir, scene.background) as images:
+        with ThreadPoolExecutor() as pool:
+            list(pool.map(images.get, range(len(frames))))
+
+
 def bench_compare(args: argparse.Namespace) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        args.cache_dir = Path(tmp) / "images"
+        decode_images(args.scene, args.cache_dir)
         for mode in args.modes.split(","):
             rows.append(run_mode(args, mode, Path(tmp)))
             print(rows[-1], flush=True)
@@ -301,7 +320,8 @@ def view_psnr(engine: Engine, views: list, targets: list, background: Tensor) ->
 def run_largest(args, scene, images, all_views, count, mode, cap) -> dict:
     """Train ``count`` surface Gaussians with ``mode`` under ``cap`` GiB (None: uncapped)."""
     device = torch.device(args.device)
-    spec = gaussian_splatting_spec(3)
+    method = GaussianSplatting()
+    spec = method.spec(3)
     label = mode if cap is None else f"{mode} @ {cap:g} GiB"
     reset_gpu()
     given = {"scene": args.scene, "offload": mode, "batch_size": args.batch_size}
@@ -354,10 +374,9 @@ def run_largest(args, scene, images, all_views, count, mode, cap) -> dict:
                 batch = rng.choice(len(views), args.batch_size, replace=False).tolist()
                 targets = [target(i) for i in batch]
 
-                def loss_fn(i, out, targets=targets):
-                    return photometric_loss(out.image, targets[i]) / len(targets)
-
-                engine.train_step([views[i] for i in batch], loss_fn, lambda *a: None, 3, bg)
+                chosen = [views[i] for i in batch]
+                loss_fn = batch_loss(method, targets, chosen, (k + 1) * args.batch_size)
+                engine.train_step(chosen, loss_fn, lambda *a: None, 3, bg)
             meter.stop()
         if clock is not None:
             done = max(meter.steps, 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -23,6 +24,27 @@ from clm.render.base import RenderFn, RenderOutput, View
 
 # loss_fn(position in the batch as given, render) -> scalar loss, already divided by the batch size
 LossFn = Callable[[int, RenderOutput], Tensor]
+# A box of pixels (x0, y0, x1, y1): columns x0 to x1 - 1, rows y0 to y1 - 1.
+Box = tuple[int, int, int, int]
+
+
+@runtime_checkable
+class LocalLoss(Protocol):
+    """A :data:`LossFn` that is a mean over the image's pixels of terms that each look at
+    most ``reach`` pixels away (L1 and SSIM do). The loss of a crop then gives the pixels
+    ``reach`` inside it their whole-image gradients, so an engine may train a view in pieces
+    in one pass, from the pieces' own renders."""
+
+    reach: int
+
+    def __call__(self, i: int, out: RenderOutput) -> Tensor: ...
+
+    def crop(self, i: int, out: RenderOutput, box: Box) -> Tensor:
+        """The loss of view ``i``'s pixels ``box``, which ``out`` holds, weighted by their
+        share of the image (and divided by the batch size, as the loss is); not logged."""
+        ...
+
+
 # observe(global row ids of out.ids, render, view), called after each backward
 ObserveFn = Callable[[Tensor, RenderOutput, View], None]
 

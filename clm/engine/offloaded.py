@@ -45,7 +45,8 @@ from clm.offload.culling import CullResult
 from clm.offload.flush import STAGING_ROWS, GradientFlush, on_stream, record_event
 from clm.offload.gather import RowGather
 from clm.offload.lazy_rows import DeviceRows, HostRows
-from clm.offload.pieces import ImageGrad, Piece, PieceCuller
+from clm.offload.piece_grads import CropGrad, ImageGrad
+from clm.offload.pieces import Piece, PieceCuller
 from clm.offload.plan import BatchPlan, overlap_and_uses, plan_batch
 from clm.offload.resident_rows import ResidentBudget, ResidentRows, Split
 from clm.offload.row_inputs import RowInputs, Source
@@ -68,7 +69,7 @@ class _Batch:
     stats: StepStats
     rows: Tensor  # ascending rows the batch renders
     key_grads: Tensor  # [rows, key width]
-    in_pieces: dict[int, ImageGrad] = field(default_factory=dict)  # views rendered in pieces
+    in_pieces: dict[int, ImageGrad | CropGrad] = field(default_factory=dict)  # views in pieces
     ahead: bool = True  # the next batch's catch-up is still to be started
 
 
@@ -335,14 +336,11 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
     ) -> None:
         """Render view ``i`` of the batch, or a piece of it, from ``rows`` and backpropagate."""
         if isinstance(unit, Piece):
-            if rows.numel() == 0:  # only background there: nothing to backpropagate
+            grads = batch.in_pieces[i]
+            if rows.numel() == 0 and not grads.paints:  # background: nothing to backpropagate
                 return
-            image_grad = batch.in_pieces[i]
             out = self.render_fn(params, unit.full, batch.sh_degree, batch.background)
-            loss = image_grad.loss(unit, out)
-            if loss is not None:
-                loss.backward()
-            image_grad.record(out, rows)
+            grads.backward(unit, out, rows)
             return
         out = self.render_fn(params, unit, batch.sh_degree, batch.background)
         batch.loss_fn(i, out).backward()

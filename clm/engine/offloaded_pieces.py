@@ -1,21 +1,26 @@
 """The offload engine's renders of views larger than its row cache, and without gradients.
 
 A training view larger than the cache is rendered in pieces, each planned like a view, with
-the same gradients as the whole image (:mod:`clm.offload.pieces`); the pieces' first pass and
-evaluation render from rows gathered and caught up on the spot (:meth:`InPieces._render_rows`).
+the same gradients as the whole image (:mod:`clm.offload.pieces`): in one pass when the loss is
+local (:class:`clm.engine.base.LocalLoss`), else in two. The first of two passes and evaluation
+render from rows gathered and caught up on the spot (:meth:`InPieces._render_rows`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from clm.engine.base import LocalLoss
+from clm.errors import ClmError
 from clm.model.spec import unpack_rows
 from clm.offload.culling import CullResult
-from clm.offload.pieces import Canvas, ImageGrad, Piece, cut_views, group_units
+from clm.offload.piece_grads import Canvas, CropGrad, ImageGrad
+from clm.offload.pieces import Piece, cut_views, group_units, margin_for
 from clm.render.base import RenderOutput, View
 
 if TYPE_CHECKING:
@@ -24,27 +29,34 @@ if TYPE_CHECKING:
 
 class InPieces:
     """Mixed into :class:`clm.engine.offloaded.OffloadEngine`: a batch with views larger than
-    the cache, trained in two passes (see :meth:`_train_in_pieces`), and evaluation."""
+    the cache, trained in one pass or two (see :meth:`_train_in_pieces`), and evaluation."""
 
     def _train_in_pieces(
         self, batch: _Batch, per_view: Sequence[int], big: Sequence[int], capacity: int
     ) -> None:
         """The batch with views ``big`` (too large for the cache) cut into pieces.
 
-        Pass 1 stitches each such view from its pieces, without gradients, and backpropagates
-        its loss to the image (:mod:`clm.offload.pieces`). Pass 2 plans pieces and whole views
-        through the cache like views, in groups of bounded size; rows used by several groups
-        have their gradients deferred, so Adam still sees each row's batch gradient once.
+        With a :class:`LocalLoss`, pieces are culled with a margin of the loss's reach and
+        each backpropagates its own region's loss: one pass (:class:`CropGrad`). Otherwise
+        pass 1 stitches each such view from its pieces, without gradients, and backpropagates
+        its loss to the image (:class:`ImageGrad`). Either way the pieces and whole views are
+        then planned through the cache like views, in groups of bounded size; rows used by
+        several groups have their gradients deferred, so Adam still sees each row's batch
+        gradient once.
         """
-        self._drain()  # pass 1 renders from host rows caught up here, on this thread
+        local = batch.loss_fn if isinstance(batch.loss_fn, LocalLoss) else None
         wanted = [batch.views[i] for i in big]
-        cuts = dict(
-            zip(
-                big,
-                cut_views(self.culler, self.spec.cull_inputs(self.key.views()), wanted, capacity),
-                strict=True,
-            )
-        )
+        cull_inputs = self.spec.cull_inputs(self.key.views())
+        cut = None
+        if local is not None:
+            # Refused when a tile with its margin sees more than the cache: then two passes.
+            with contextlib.suppress(ClmError):
+                cut = cut_views(self.culler, cull_inputs, wanted, capacity, margin_for(local.reach))
+        if cut is None:
+            local = None
+            self._drain()  # pass 1 renders from host rows caught up here, on this thread
+            cut = cut_views(self.culler, cull_inputs, wanted, capacity)
+        cuts = dict(zip(big, cut, strict=True))
         units: list[View] = []
         owner: list[int] = []
         counts: list[int] = []
@@ -54,16 +66,23 @@ class InPieces:
             owner += [i] * len(parts)
             counts += [n for _, n in parts]
         groups = group_units(counts)
-        canvases = {i: Canvas() for i in big}
         rows: list[Tensor] = []  # each group's
-        for group in groups:
-            part = self._cull([units[k] for k in group])
-            rows.append(part.ids)
-            batch.stats.bytes_to_gpu += self._paint(
-                canvases, units, owner, group, part, batch.sh_degree, batch.background, batch.width
-            )
-        for i, canvas in canvases.items():
-            batch.in_pieces[i] = ImageGrad(canvas, lambda out, i=i: batch.loss_fn(i, out))
+        if local is None:
+            canvases = {i: Canvas() for i in big}
+            for group in groups:
+                part = self._cull([units[k] for k in group])
+                rows.append(part.ids)
+                settings = (batch.sh_degree, batch.background, batch.width)
+                batch.stats.bytes_to_gpu += self._paint(
+                    canvases, units, owner, group, part, *settings
+                )
+            for i, canvas in canvases.items():
+                batch.in_pieces[i] = ImageGrad(canvas, lambda out, i=i: batch.loss_fn(i, out))
+        else:
+            for group in groups:
+                part = self._cull([units[k] for k in group])
+                rows.append(part.ids)
+            batch.in_pieces.update((i, CropGrad(i, local)) for i in big)
         if len(groups) == 1:
             batch.rows = part.ids
             batch.key_grads = torch.zeros(batch.rows.numel(), self.key.width, device=self.device)
@@ -71,8 +90,8 @@ class InPieces:
         else:
             del part  # culled again, group by group: all their visibility at once could be large
             self._train_groups(batch, units, owner, groups, rows, capacity)
-        for i, image_grad in batch.in_pieces.items():
-            batch.observe(*image_grad.observed(), batch.views[i])
+        for i, grads in batch.in_pieces.items():
+            batch.observe(*grads.observed(), batch.views[i])
 
     def _train_groups(
         self,

@@ -27,7 +27,7 @@ from clm.data.types import Similarity
 from clm.engine.base import RowSource
 from clm.errors import ClmError
 from clm.methods.ply_rows import export_ply, ply_source
-from clm.metrics import ssim
+from clm.metrics import SSIM_WINDOW, ssim
 from clm.model.spec import GaussianSpec
 from clm.render.base import RenderFn, RenderOutput, View
 
@@ -38,6 +38,13 @@ def photometric_loss(pred: Tensor, target: Tensor, ssim_weight: float = 0.2) -> 
     if ssim_weight == 0:
         return l1
     return (1.0 - ssim_weight) * l1 + ssim_weight * (1.0 - ssim(pred, target))
+
+
+def photometric_reach(ssim_weight: float) -> int:
+    """How many pixels away :func:`photometric_loss`'s gradient at a pixel looks: SSIM's
+    statistics at a pixel cover its window, and a pixel's gradient comes from every window
+    it is in, so twice the window's half-width (L1 alone looks nowhere else)."""
+    return 2 * (SSIM_WINDOW // 2) if ssim_weight != 0 else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +90,16 @@ class Method(ABC):
         """The loss of one view, from a ``training`` render; ``images``: the images training
         has taken, this step's included (the recipe's iteration at batch size 1)."""
         return photometric_loss(out.image[..., :3], target, self.ssim_weight)
+
+    def loss_reach(self) -> int | None:
+        """How many pixels away the gradient of :meth:`loss` at a pixel looks, when the loss
+        is a mean over the image's pixels of terms that each look that far at most; None
+        when it is not such a mean. A view rendered in pieces then trains in one pass, each
+        piece cropping its render with this margin (:class:`clm.engine.base.LocalLoss`),
+        instead of two. A subclass with a loss of its own says its reach, or gets None."""
+        if type(self).loss is not Method.loss:
+            return None
+        return photometric_reach(self.ssim_weight)
 
     # ---- density control ------------------------------------------------------------------
 

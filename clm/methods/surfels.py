@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clm.methods.base import Method, photometric_loss
+from clm.methods.base import Method, photometric_loss, photometric_reach
 from clm.methods.gaussians import split_in_axes
 from clm.model.init import init_from_points
 from clm.model.spec import CullRoles, GaussianSpec, gaussian_splatting_spec
@@ -88,6 +88,13 @@ class Surfels(Method):
         if self.distortion_weight > 0 and images >= self.distortion_from:
             total = total + self.distortion_weight * distortion.mean()
         return total
+
+    def loss_reach(self) -> int | None:
+        """The photometric reach, or the normal term's: a normal from depth looks one pixel
+        away, so a depth's gradient through the normals near it looks two."""
+        if type(self).loss is not Surfels.loss:
+            return None
+        return max(photometric_reach(self.ssim_weight), 2)
 
     def split(
         self, spec: GaussianSpec, parents: Mapping[str, Tensor], generator: torch.Generator

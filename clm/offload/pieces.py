@@ -10,31 +10,29 @@ footprint.) The culler takes the window as that crop camera but with the whole v
 limits (and, for 2DGS surfels, its rounding pad), which keeps it conservative for the whole-view
 projection (:class:`PieceCuller`).
 
-Training stays exact, in two passes. Pass 1 renders every piece without gradients and stitches
-the whole image (:class:`Canvas`); the loss is evaluated on it (a leaf tensor) and
-backpropagated to the image alone. Pass 2 renders each piece again with gradients and
-backpropagates its window times that image gradient (:class:`ImageGrad`). The loss is a
-function of the pixels and each pixel depends only on Gaussians its piece kept, so parameter
-gradients add up to the whole-image render's. The loss sees the stitched image and alpha; the
-centres and radii it gets are merged from the pieces and carry no gradient.
-
-A Gaussian drawn in several pieces gets a partial screen-space gradient from each;
-:class:`ImageGrad` sums them per view, so density control sees what a whole-image render gives
-(one visit per view, with the full gradient).
+Training stays exact. When the loss is a mean over pixels of terms that each look at most
+``reach`` pixels away (L1, SSIM, 2DGS's normal and distortion terms), a piece is culled over its
+window widened by a margin of at least ``reach``, so the render is exact over that region, and
+the loss of that crop gives the window's pixels their whole-image gradients: one pass
+(:class:`clm.offload.piece_grads.CropGrad`). Otherwise two passes: the first renders every piece
+without gradients and stitches the whole image, the loss is backpropagated to it, and the
+second renders each piece again and backpropagates its window times that image gradient
+(:class:`clm.offload.piece_grads.ImageGrad`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
 from clm.errors import ClmError
 from clm.offload.culling import MAX_CAMERAS, WHOLE_VIEW_COLUMNS, Culler
-from clm.render.base import RenderOutput, View
+from clm.render.base import View
 
 TILE = 16  # gsplat's tile size, in pixels
 # Pieces are cut to at most this share of the cache: two fit at once, so the planner loads the
@@ -47,15 +45,37 @@ PLAN_ELEMENTS = 1 << 25
 
 @dataclass(frozen=True)
 class Piece(View):
-    """The window ``[x0, x0 + width) x [y0, y0 + height)`` of ``full``'s image.
+    """The window ``[x0, x0 + width) x [y0, y0 + height)`` of ``full``'s image, culled over
+    that window widened by ``margin`` pixels on each side (within the image): its region.
 
-    As a View it is the crop camera (K's principal point moved by the window's origin), kept on
-    the host: it is only packed for culling. Renders use ``full``.
+    As a View it is the window's crop camera (K's principal point moved by the window's
+    origin), kept on the host: it is only packed for culling. Renders use ``full``.
     """
 
     full: View
     x0: int
     y0: int
+    margin: int = 0
+
+    @cached_property
+    def box(self) -> tuple[int, int, int, int]:
+        """The region ``(x0, y0, x1, y1)``: the window and its margin, within the image."""
+        m, full = self.margin, self.full
+        return (
+            max(self.x0 - m, 0),
+            max(self.y0 - m, 0),
+            min(self.x0 + self.width + m, full.width),
+            min(self.y0 + self.height + m, full.height),
+        )
+
+    @cached_property
+    def region(self) -> View:
+        """The crop camera of :attr:`box`, what the culler culls (the piece itself without a
+        margin)."""
+        if self.margin == 0:
+            return self
+        x0, y0, x1, y1 = self.box
+        return replace(self.part(x0, y0, x1, y1), margin=0)
 
     @property
     def tiles(self) -> tuple[int, int]:
@@ -70,7 +90,7 @@ class Piece(View):
         K = self.K.clone()
         K[0, 2] -= x0 - self.x0
         K[1, 2] -= y0 - self.y0
-        return Piece(self.viewmat, K, x1 - x0, y1 - y0, self.full, x0, y0)
+        return Piece(self.viewmat, K, x1 - x0, y1 - y0, self.full, x0, y0, self.margin)
 
     def halves(self) -> tuple[Piece, Piece]:
         """Two pieces, split at a tile boundary across the longer side (at least two tiles)."""
@@ -82,18 +102,24 @@ class Piece(View):
         return self.part(self.x0, self.y0, x1, mid), self.part(self.x0, mid, x1, y1)
 
 
-def whole(view: View) -> Piece:
+def whole(view: View, margin: int = 0) -> Piece:
     """The piece that covers all of ``view`` (its camera copied to the host once)."""
     viewmat, K = view.viewmat.detach().cpu(), view.K.detach().cpu()
-    return Piece(viewmat, K, view.width, view.height, view, 0, 0)
+    return Piece(viewmat, K, view.width, view.height, view, 0, 0, margin)
+
+
+def margin_for(reach: int) -> int:
+    """The margin, in whole tiles, of pieces whose loss looks ``reach`` pixels away."""
+    return TILE * math.ceil(reach / TILE)
 
 
 class PieceCuller(Culler):
-    """A :class:`Culler` that culls a :class:`Piece` with its whole view's clamp limits and
-    surfel rounding pad (those its render uses), and counts visible rows without
-    ``[views, rows]`` tensors. Its ``bound`` is the :class:`Culler`'s."""
+    """A :class:`Culler` that culls a :class:`Piece` over its region, with its whole view's
+    clamp limits and surfel rounding pad (those its render uses), and counts visible rows
+    without ``[views, rows]`` tensors. Its ``bound`` is the :class:`Culler`'s."""
 
     def cameras(self, views: Sequence[View]) -> Tensor:
+        views = [v.region if isinstance(v, Piece) else v for v in views]
         cams = super().cameras(views)
         at = [k for k, v in enumerate(views) if isinstance(v, Piece)]
         if at:
@@ -121,16 +147,18 @@ def cut_views(
     cull_inputs: tuple[Tensor, Tensor, Tensor],
     views: Sequence[View],
     capacity: int,
+    margin: int = 0,
 ) -> list[list[tuple[Piece, int]]]:
-    """Each view's pieces, in raster order, with the rows each may see: at most
-    ``PIECE_FILL * capacity``, or up to ``capacity`` for a piece of one tile. ``cull_inputs``:
-    positions, log-scales and opacity logits (:meth:`GaussianSpec.cull_inputs`).
+    """Each view's pieces, in raster order, with the rows each may see over its region (the
+    window and ``margin``): at most ``PIECE_FILL * capacity``, or up to ``capacity`` for a
+    piece of one tile. ``cull_inputs``: positions, log-scales and opacity logits
+    (:meth:`GaussianSpec.cull_inputs`).
 
     Pieces still too large are halved, all of them in one culling pass per round.
     """
     target = max(1, int(capacity * PIECE_FILL))
     done: list[list[tuple[Piece, int]]] = [[] for _ in views]
-    todo = [(k, whole(view)) for k, view in enumerate(views)]
+    todo = [(k, whole(view, margin)) for k, view in enumerate(views)]
     while todo:
         if any(piece.tiles == (1, 1) for _, piece in todo):
             raise ClmError(_tile_too_large(None, capacity))
@@ -171,71 +199,3 @@ def group_units(counts: Sequence[int]) -> list[list[int]]:
     if current:
         groups.append(current)
     return groups
-
-
-class Canvas:
-    """A whole view stitched from its pieces' renders (no gradients), with the rows they drew."""
-
-    def __init__(self) -> None:
-        self.image: Tensor | None = None
-        self.alpha: Tensor | None = None
-        self._drawn: list[tuple[Tensor, Tensor, Tensor]] = []  # global rows, centres, radii
-
-    def paint(self, piece: Piece, out: RenderOutput, rows: Tensor) -> None:
-        """Keep the window of ``out``, a render of ``piece.full`` from ``rows`` alone."""
-        if self.image is None or self.alpha is None:
-            self.image, self.alpha = torch.empty_like(out.image), torch.empty_like(out.alpha)
-        piece.cut(self.image).copy_(piece.cut(out.image))
-        piece.cut(self.alpha).copy_(piece.cut(out.alpha))
-        self._drawn.append((rows[out.ids], out.means2d.detach(), out.radii))
-
-    def output(self) -> RenderOutput:
-        """The whole render; ``ids`` are the drawn rows (global, ascending), as each piece's
-        render projects a row the same way their centres and radii are taken from any one."""
-        if self.image is None or self.alpha is None:
-            raise ValueError("nothing painted")
-        ids, inverse = torch.unique(torch.cat([d[0] for d in self._drawn]), return_inverse=True)
-        means2d = torch.cat([d[1] for d in self._drawn])
-        radii = torch.cat([d[2] for d in self._drawn])
-        means2d = means2d.new_zeros(ids.numel(), 2).index_copy_(0, inverse, means2d)
-        radii = radii.new_zeros(ids.numel(), radii.shape[1]).index_copy_(0, inverse, radii)
-        return RenderOutput(self.image, self.alpha, means2d, radii, ids)
-
-
-class ImageGrad:
-    """Pass 2 of a view rendered in pieces: the loss gradient with respect to its stitched
-    image (and alpha), and the pieces' screen-space gradients summed per row."""
-
-    def __init__(self, canvas: Canvas, loss: Callable[[RenderOutput], Tensor]) -> None:
-        self.whole = canvas.output()
-        image = self.whole.image.requires_grad_()
-        alpha = self.whole.alpha.requires_grad_()
-        loss(self.whole).backward()
-        self.wrt_image, self.wrt_alpha = image.grad, alpha.grad
-        self._grads: list[tuple[Tensor, Tensor]] = []  # global rows, their centres' gradients
-
-    def loss(self, piece: Piece, out: RenderOutput) -> Tensor | None:
-        """What a render of ``piece.full`` backpropagates: its window times the image gradient
-        (None when the loss does not depend on the image)."""
-        pairs = ((out.image, self.wrt_image), (out.alpha, self.wrt_alpha))
-        terms = [(piece.cut(o) * piece.cut(g)).sum() for o, g in pairs if g is not None]
-        return torch.stack(terms).sum() if terms else None
-
-    def record(self, out: RenderOutput, rows: Tensor) -> None:
-        """Keep the screen-space gradients of ``out`` (rendered from ``rows``, after backward)."""
-        if out.means2d.grad is not None:
-            self._grads.append((rows[out.ids], out.means2d.grad))
-
-    def observed(self) -> tuple[Tensor, RenderOutput]:
-        """Global rows and the whole render, its ``means2d.grad`` the sum of the pieces': what
-        ``observe`` gets for a view rendered whole."""
-        whole = self.whole
-        out = RenderOutput(
-            whole.image.detach(), whole.alpha.detach(), whole.means2d, whole.radii, whole.ids
-        )
-        if self._grads:
-            grad = torch.zeros_like(whole.means2d)
-            for rows, g in self._grads:
-                grad.index_add_(0, torch.searchsorted(whole.ids, rows), g)
-            out.means2d.grad = grad
-        return whole.ids, out

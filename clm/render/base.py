@@ -27,6 +27,13 @@ class View:
     def to(self, device: torch.device | str) -> View:
         return View(self.viewmat.to(device), self.K.to(device), self.width, self.height)
 
+    def crop(self, x0: int, y0: int, x1: int, y1: int) -> View:
+        """The camera of pixels ``[x0, x1) x [y0, y1)``: each sees the same ray as here."""
+        K = self.K.clone()
+        K[0, 2] -= x0
+        K[1, 2] -= y0
+        return View(self.viewmat, K, x1 - x0, y1 - y0)
+
 
 @dataclass
 class RenderOutput:

@@ -25,6 +25,7 @@ from clm.methods.registry import make_method
 from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.base import RenderOutput, View
+from clm.train.batch_loss import batch_loss
 from clm.train.checkpoint import Checkpoint
 from clm.train.checkpoint_source import checkpoint_source
 from clm.train.config import TrainConfig, config_to_dict
@@ -160,22 +161,13 @@ class Trainer(TrainerCheckpoints):
         views: list[View] = [self.train_views[i] for i in batch]
         step = self.engine.step + 1
         degree = sh_degree_at(step, self.batch_size, self.cfg.sh_degree, self.cfg.sh_degree_every)
-        loss_sum = torch.zeros((), device=self.device)
-        mse_sum = torch.zeros((), device=self.device)
-        scale = 1.0 / len(batch)
-
-        def loss_fn(i: int, out: RenderOutput) -> Tensor:
-            nonlocal loss_sum, mse_sum
-            loss = self.method.loss(out, targets[i], views[i], step * self.batch_size)
-            loss_sum = loss_sum + loss.detach()
-            mse_sum = mse_sum + torch.mean((out.image[..., :3].detach() - targets[i]) ** 2)
-            return loss * scale
+        loss_fn = batch_loss(self.method, targets, views, step * self.batch_size)
 
         def observe(ids: Tensor, out: RenderOutput, view: View) -> None:
             self.density.observe(ids, out, view, self.engine.num_gaussians)
 
         self.engine.train_step(views, loss_fn, observe, degree, self.background)
-        return loss_sum, mse_sum
+        return loss_fn.loss_sum, loss_fn.mse_sum
 
     # ---- the loop ----------------------------------------------------------------------------
 
