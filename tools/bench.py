@@ -39,8 +39,8 @@ from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.splats import default_renderer
 from clm.synthetic.geometry import load_geometry
 from clm.synthetic.surface import surface_params
-from clm.train.config import make_config
 from clm.train.batch_loss import batch_loss
+from clm.train.config import make_config
 from clm.train.engine_factory import EngineOptions, make_engine
 from clm.train.log import format_count
 from clm.train.trainer import Trainer
@@ -250,9 +250,8 @@ def decode_images(scene_dir: str, cache_dir: Path) -> None:
 
     scene = load_scene(Path(scene_dir), 1, 8)
     frames = scene.train + scene.test
-    with ImageCache(frames, cache_dir, scene.background) as images:
-        with ThreadPoolExecutor() as pool:
-            list(pool.map(images.get, range(len(frames))))
+    with ImageCache(frames, cache_dir, scene.background) as images, ThreadPoolExecutor() as pool:
+        list(pool.map(images.get, range(len(frames))))
 
 
 def bench_compare(args: argparse.Namespace) -> None:

@@ -29,6 +29,7 @@ from bench import synchronize, table  # tools/ is this script's folder
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import clm.engine.offloaded as offloaded
+from clm.engine.base import LocalLoss
 from clm.train.config import make_config
 from clm.train.trainer import Trainer
 
@@ -60,6 +61,26 @@ def labelled(fn, name: str):
     return inner
 
 
+class LabelledLocalLoss:
+    """A :class:`LocalLoss` timed as the "loss" phase, still local: the engine takes the path
+    it takes untimed (one pass over pieces)."""
+
+    def __init__(self, loss: LocalLoss) -> None:
+        self.reach = loss.reach
+        self.crop = labelled(loss.crop, "loss")
+        self._loss = labelled(loss, "loss")
+
+    def __call__(self, i, out):
+        return self._loss(i, out)
+
+
+def labelled_loss(loss_fn):
+    """``loss_fn`` timed as the "loss" phase, keeping what the engine reads from it."""
+    if isinstance(loss_fn, LocalLoss):
+        return LabelledLocalLoss(loss_fn)
+    return labelled(loss_fn, "loss")
+
+
 @contextlib.contextmanager
 def phase_labels(engine) -> Iterator[None]:
     """Wrap the engine's phases in profiler ranges and host timers; the engine's code is left
@@ -76,7 +97,7 @@ def phase_labels(engine) -> Iterator[None]:
     step = engine.train_step
 
     def train_step(views, loss_fn, observe, *rest):
-        loss_fn, observe = labelled(loss_fn, "loss"), labelled(observe, "observe")
+        loss_fn, observe = labelled_loss(loss_fn), labelled(observe, "observe")
         return labelled(step, "step")(views, loss_fn, observe, *rest)
 
     engine.train_step = train_step
