@@ -25,10 +25,22 @@ from clm.render.sh import sh_to_rgb
 from clm.render.torch_rasterizer import rasterize
 
 
-def sh_coefficients(params: Mapping[str, Tensor], sh_degree: int) -> Tensor:
-    """``[N, (d + 1)², 3]``: degree 0 and the active higher bands side by side."""
+def sh_coefficients(
+    params: Mapping[str, Tensor], sh_degree: int, ids: Tensor | None = None
+) -> Tensor:
+    """``[N, (d + 1)², 3]``: degree 0 and the active higher bands side by side, of rows ``ids``
+    only when given (selected before they are joined: no copy of the other rows)."""
     bands = (sh_degree + 1) ** 2 - 1
-    return torch.cat([params["sh0"], params["shN"][:, :bands]], dim=1)
+    sh0, shN = params["sh0"], params["shN"][:, :bands]
+    if ids is not None:
+        sh0, shN = sh0.index_select(0, ids), shN.index_select(0, ids)
+    return torch.cat([sh0, shN], dim=1)
+
+
+def visible_colors(params: Mapping[str, Tensor], ids: Tensor, sh_degree: int, view: View) -> Tensor:
+    """``[M, 3]`` RGB of rows ``ids`` seen from ``view``'s centre (the torch renderers')."""
+    coeffs = sh_coefficients(params, sh_degree, ids)
+    return sh_to_rgb(sh_degree, coeffs, params["means"].index_select(0, ids) - view.camera_center)
 
 
 def split_depth(image: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,10 +95,7 @@ def render_torch(
     means2d = visible(proj.means2d)
     if means2d.requires_grad:
         means2d.retain_grad()
-    coeffs = sh_coefficients(
-        {"sh0": visible(params["sh0"]), "shN": visible(params["shN"])}, sh_degree
-    )
-    colors = sh_to_rgb(sh_degree, coeffs, visible(means) - view.camera_center)
+    colors = visible_colors(params, ids, sh_degree, view)
     features, background = _extra_channels(params, extra, background)
     if features is not None:
         colors = torch.cat([colors, visible(features)], dim=1)

@@ -61,8 +61,7 @@ from torch import Tensor
 
 from clm.render.base import RenderFn, RenderOutput, View
 from clm.render.projection import quat_to_rotmat
-from clm.render.sh import sh_to_rgb
-from clm.render.splats import sh_coefficients
+from clm.render.splats import sh_coefficients, visible_colors
 from clm.render.surfel_raster import TILE_SIZE, rasterize_surfels
 
 EXTRA_CHANNELS = 5  # expected depth, normal (3), distortion: the channels after RGB
@@ -230,10 +229,7 @@ def render_surfels_torch(
     means2d, transforms = _densification_probe(centres, visible(proj.transforms))
     if means2d.requires_grad:
         means2d.retain_grad()
-    coeffs = sh_coefficients(
-        {"sh0": visible(params["sh0"]), "shN": visible(params["shN"])}, sh_degree
-    )
-    features = [sh_to_rgb(sh_degree, coeffs, visible(means) - view.camera_center)]
+    features = [visible_colors(params, ids, sh_degree, view)]
     if depth or extras:
         features.append(depths[:, None])
     if extras:
@@ -308,7 +304,7 @@ def render_surfels_gsplat(
     means2d, probed = _densification_probe(centres, transforms)
     if means2d.requires_grad:
         means2d.retain_grad()
-    coeffs = sh_coefficients(params, sh_degree).index_select(0, ids)
+    coeffs = sh_coefficients(params, sh_degree, ids)
     dirs = means.index_select(0, ids) - view.camera_center
     colors = torch.clamp_min(spherical_harmonics(sh_degree, dirs, coeffs) + 0.5, 0.0)
     if depth or extras:  # the kernels read the last channel as depth (distortion)
