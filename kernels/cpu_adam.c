@@ -161,12 +161,14 @@ int64_t clm_adam_step_rows(const clm_store *store, int64_t width, const int64_t 
 }
 
 /* Apply every pending zero-gradient step up to and including `upto` to rows[0..n), or to rows
- * 0..n-1 when rows is NULL, and set last = upto. Segment skip tables cover steps up to upto. */
-void clm_adam_catch_up(const clm_store *store, int64_t width, const int64_t *rows, int64_t n,
-                       int32_t upto, const clm_segment *segs, int32_t n_segs,
-                       const double *decay1, const double *decay2, int32_t n_threads)
+ * 0..n-1 when rows is NULL, and set last = upto. Segment skip tables cover steps up to upto.
+ * Returns how many rows had steps pending (those whose values were read and written). */
+int64_t clm_adam_catch_up(const clm_store *store, int64_t width, const int64_t *rows, int64_t n,
+                          int32_t upto, const clm_segment *segs, int32_t n_segs,
+                          const double *decay1, const double *decay2, int32_t n_threads)
 {
-#pragma omp parallel for num_threads(n_threads) schedule(static)
+    int64_t pending = 0;
+#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(+ : pending)
     for (int64_t i = 0; i < n; i++) {
         /* Rows are often already up to date (caught up ahead): look at `last` two distances
          * ahead, and fetch a row's values only when it has steps pending. */
@@ -178,7 +180,9 @@ void clm_adam_catch_up(const clm_store *store, int64_t width, const int64_t *row
                 prefetch_row(store, ahead, width);
         }
         const row_ref ref = locate(store, rows ? rows[i] : i);
+        pending += *ref.last < upto;
         catch_up_row(ref.p, ref.m, ref.v, width, *ref.last, upto, segs, n_segs, decay1, decay2);
         *ref.last = upto;
     }
+    return pending;
 }

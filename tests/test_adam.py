@@ -182,6 +182,28 @@ def test_catch_up_of_some_rows_then_continue(use_native: bool) -> None:
 
 
 @pytest.mark.parametrize("use_native", [True, False])
+def test_catch_up_counts_the_rows_it_moves(use_native: bool) -> None:
+    """A catch-up returns how many rows had steps pending: rows last stepped before ``upto``
+    (and never-stepped ones), not rows already up to date or listed twice after their first."""
+    gen = torch.Generator().manual_seed(4)
+    config = AdamConfig()
+    adam = CpuRowAdam(
+        _store(torch.randn(N, W, generator=gen)), config, threads=2, use_native=use_native
+    )
+    table = SkipTable(config)
+    both, first = torch.arange(0, N // 4), torch.arange(N // 4, N // 2)
+    for t, rows in ((1, torch.cat([both, first])), (2, both)):
+        segs = [Segment(0, W, 1e-3, table)]
+        adam.step_rows(rows, torch.randn(rows.numel(), W, generator=gen), W, t, segs)
+        table.advance(t, segs[0].lr)
+    some = torch.arange(0, N, 5)  # from all three kinds
+    want = int((some >= N // 4).sum())
+    assert adam.catch_up(some, 2, segs) == want
+    assert adam.catch_up(some, 2, segs) == 0
+    assert adam.catch_up(None, 2, segs) == N - N // 4 - want
+
+
+@pytest.mark.parametrize("use_native", [True, False])
 def test_inactive_columns_untouched(use_native: bool) -> None:
     gen = torch.Generator().manual_seed(3)
     config = AdamConfig()

@@ -128,6 +128,7 @@ class HostRows(SkipTables):
         super().__init__(attrs, lrs, config, torch.device("cpu"))
         self.store = HostStore(self.width, chunk_shift, pinned=pinned, max_bytes=max_bytes)
         self.adam = CpuRowAdam(self.store, config, threads=threads)
+        self.rows_caught_up = 0  # rows whose skipped steps were applied (read and written)
         self._copies = CaughtUpCopies(self.width, config, threads)  # for exports
 
     def __len__(self) -> int:
@@ -158,7 +159,7 @@ class HostRows(SkipTables):
             self.advance_to(step)
             segments = self.segments(step)
         if len(self.store):
-            self.adam.catch_up(rows, step, segments, width)
+            self.rows_caught_up += self.adam.catch_up(rows, step, segments, width)
 
     def append(self, params: Mapping[str, Tensor], step: int) -> None:
         self.store.append(pack_rows(dict(params), self.layout), step)

@@ -81,7 +81,7 @@ def _load_kernel() -> ctypes.CDLL | None:
         lib.clm_adam_step_rows.argtypes = [*head, *step_args, *tail[:-1], i32, i32]
         lib.clm_adam_step_rows.restype = ctypes.c_int64
         lib.clm_adam_catch_up.argtypes = [*head, i32, *tail]  # i32: upto
-        lib.clm_adam_catch_up.restype = None
+        lib.clm_adam_catch_up.restype = ctypes.c_int64
     return lib
 
 
@@ -187,25 +187,29 @@ class CpuRowAdam:
         step: int,
         segments: Sequence[Segment],
         width: int | None = None,
-    ) -> None:
+    ) -> int:
         """Apply every pending zero-gradient step up to and including ``step`` to ``rows`` (all
         rows when None) without a new gradient, leaving ``last = step``; for checkpoints, export
         and densification. Segment tables must be at ``step``. ``width`` (default: all columns)
         limits the columns touched; inactive columns have zero state, so leaving them is exact.
+        Returns how many rows had steps pending (their values were read and written).
         """
         n_cols = self._check_store()
         self._check_segments(segments, n_cols, step)
         width = active_width(width, n_cols)
         if self._lib is None:
             if rows is None:
-                for chunk in self._chunks():
-                    lazy_catch_up(*chunk, None, step, segments, width)
-            else:
-                self._check_rows(rows)
-                self._per_chunk(
-                    rows, None, lambda c, r, _: lazy_catch_up(*c, r, step, segments, width)
+                return sum(
+                    lazy_catch_up(*chunk, None, step, segments, width) for chunk in self._chunks()
                 )
-            return
+            self._check_rows(rows)
+            pending = [0]
+
+            def catch_up(chunk, r, _) -> None:
+                pending[0] += lazy_catch_up(*chunk, r, step, segments, width)
+
+            self._per_chunk(rows, None, catch_up)
+            return pending[0]
         n = (
             len(self.store.param_chunks) * self._rows_per_chunk()
             if rows is None
@@ -216,7 +220,7 @@ class CpuRowAdam:
             *(_Segment(s.start, s.end, 0.0, s.table.sums.data_ptr()) for s in segments)
         )
         view = self._pointers()
-        self._lib.clm_adam_catch_up(
+        return self._lib.clm_adam_catch_up(
             ctypes.byref(view),
             width,
             None if rows is None else rows.data_ptr(),

@@ -290,27 +290,32 @@ def lazy_catch_up(
     step: int,
     segments: Sequence[Segment],
     width: int | None = None,
-) -> None:
+) -> int:
     """Apply every pending zero-gradient step up to and including ``step`` to ``rows`` (all rows
-    when None), leaving ``last = step``; the segment tables must be at ``step``."""
+    when None), leaving ``last = step``; the segment tables must be at ``step``. Returns how
+    many rows had steps pending."""
     width = active_width(width, param.shape[1])
     check_segments(segments, param.shape[1], step)
     n = param.shape[0] if rows is None else rows.numel()
+    pending = 0
     for lo in range(0, n, _ROW_BLOCK):
         if rows is None:
             r = slice(lo, min(n, lo + _ROW_BLOCK))
             # Views: the catch-up writes straight into the tensors.
             p, m, v = param[r, :width], exp_avg[r, :width], exp_avg_sq[r, :width]
+            pending += int((last[r] < step).sum())
             _catch_up_block(p, m, v, last[r], step, segments, width)
             last[r].fill_(step)
         else:
             r = rows[lo : lo + _ROW_BLOCK]
             p, m, v = param[r, :width], exp_avg[r, :width], exp_avg_sq[r, :width]
+            pending += int((last[r] < step).sum())
             _catch_up_block(p, m, v, last[r], step, segments, width)
             param[r, :width] = p
             exp_avg[r, :width] = m
             exp_avg_sq[r, :width] = v
             last.index_fill_(0, r, step)
+    return pending
 
 
 def _catch_up_block(
