@@ -200,13 +200,14 @@ class CpuRowAdam:
         if self._lib is None:
             if rows is None:
                 return sum(
-                    lazy_catch_up(*chunk, None, step, segments, width) for chunk in self._chunks()
+                    int(lazy_catch_up(*chunk, None, step, segments, width))
+                    for chunk in self._chunks()
                 )
             self._check_rows(rows)
             pending = [0]
 
             def catch_up(chunk, r, _) -> None:
-                pending[0] += lazy_catch_up(*chunk, r, step, segments, width)
+                pending[0] += int(lazy_catch_up(*chunk, r, step, segments, width))
 
             self._per_chunk(rows, None, catch_up)
             return pending[0]

@@ -290,26 +290,26 @@ def lazy_catch_up(
     step: int,
     segments: Sequence[Segment],
     width: int | None = None,
-) -> int:
+) -> Tensor:
     """Apply every pending zero-gradient step up to and including ``step`` to ``rows`` (all rows
     when None), leaving ``last = step``; the segment tables must be at ``step``. Returns how
-    many rows had steps pending."""
+    many rows had steps pending, a 0-d tensor on their device (no host sync)."""
     width = active_width(width, param.shape[1])
     check_segments(segments, param.shape[1], step)
     n = param.shape[0] if rows is None else rows.numel()
-    pending = 0
+    pending = torch.zeros((), dtype=torch.int64, device=last.device)
     for lo in range(0, n, _ROW_BLOCK):
         if rows is None:
             r = slice(lo, min(n, lo + _ROW_BLOCK))
             # Views: the catch-up writes straight into the tensors.
             p, m, v = param[r, :width], exp_avg[r, :width], exp_avg_sq[r, :width]
-            pending += int((last[r] < step).sum())
+            pending += (last[r] < step).sum()
             _catch_up_block(p, m, v, last[r], step, segments, width)
             last[r].fill_(step)
         else:
             r = rows[lo : lo + _ROW_BLOCK]
             p, m, v = param[r, :width], exp_avg[r, :width], exp_avg_sq[r, :width]
-            pending += int((last[r] < step).sum())
+            pending += (last[r] < step).sum()
             _catch_up_block(p, m, v, last[r], step, segments, width)
             param[r, :width] = p
             exp_avg[r, :width] = m
