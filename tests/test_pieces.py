@@ -419,21 +419,29 @@ def test_evaluation_renders_large_views_in_pieces(setup, monkeypatch):
     assert len(made) == len(views) and min(made) > 1
 
 
-def test_pieces_that_see_nothing(setup):
-    """Gaussians on the left of view 0 only: its right-hand pieces are background."""
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_pieces_that_see_nothing(setup, monkeypatch, one_pass):
+    """Gaussians on the left of view 0 only: its right-hand pieces are background (in one
+    pass they are painted, never backpropagated)."""
     views, targets = setup[0], setup[1]
     params = scene()
     vm, K = views[0].viewmat, views[0].K
     cam = params["means"] @ vm[:3, :3].T + vm[:3, 3]
-    keep = (cam[:, 2] > 1.0) & (cam[:, 0] / cam[:, 2] * K[0, 0] + K[0, 2] < W / 4)
+    keep = (cam[:, 2] > 1.0) & (cam[:, 0] / cam[:, 2] * K[0, 0] + K[0, 2] < W / 8)
     params = {k: t[keep] for k, t in params.items()}
     rows = visible(params, views[:1])[0]
     cut = cut_views(PieceCuller(CPU), SPEC3.cull_inputs(params), views[:1], rows - 1)[0]
     assert min(n for _, n in cut) == 0
+    if one_pass:
+        margin = margin_for(10)
+        cut = cut_views(PieceCuller(CPU), SPEC3.cull_inputs(params), views[:1], rows - 1, margin)
+        assert min(n for _, n in cut[0]) == 0
+    single = count_one_pass(monkeypatch)
     batches, degrees = [[0, 3], [0, 3]], [1, 1]
     ref = train(make_engine("none", params, 2, 2), views, targets, batches, degrees)
     engine = make_engine("clm", params, 2, 2, cache_rows=rows - 1)
-    got = train(engine, views, targets, batches, degrees)
+    got = train(engine, views, targets, batches, degrees, loss_of=local_3dgs if one_pass else None)
+    assert bool(single) == one_pass
     bg = torch.tensor([0.3, 0.2, 0.1])
     image = engine.render(views[0], 1, bg).image
     engine.close()
