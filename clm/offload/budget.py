@@ -20,7 +20,8 @@ cache holds).
 How large the cache should be depends on the scene: a street-level view sees a few percent of a
 city, an aerial view half of it. A view that sees more rows than the cache holds is rendered in
 pieces (:mod:`clm.offload.pieces`), so the cache need not hold the busiest view; holding it saves
-the pieces' second render pass. When the training views are known, the planner culls them
+the pieces' margins and the rows they share crossing again (and, for a loss that is not local,
+a second render pass). When the training views are known, the planner culls them
 against the initial Gaussians and sizes the cache for the busiest view's share (with a margin
 for densification) at the largest Gaussian count that then fits, as long as that cache takes at
 most half of what is left after the pixel workspace. Otherwise the Gaussians get the other half
