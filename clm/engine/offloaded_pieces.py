@@ -67,21 +67,19 @@ class InPieces:
             counts += [n for _, n in parts]
         groups = group_units(counts)
         rows: list[Tensor] = []  # each group's
-        if local is None:
-            canvases = {i: Canvas() for i in big}
-            for group in groups:
-                part = self._cull([units[k] for k in group])
-                rows.append(part.ids)
-                settings = (batch.sh_degree, batch.background, batch.width)
+        canvases = {i: Canvas() for i in big} if local is None else {}
+        settings = (batch.sh_degree, batch.background, batch.width)
+        for group in groups:
+            part = self._cull([units[k] for k in group])
+            rows.append(part.ids)
+            if local is None:  # pass 1
                 batch.stats.bytes_to_gpu += self._paint(
                     canvases, units, owner, group, part, *settings
                 )
+        if local is None:
             for i, canvas in canvases.items():
                 batch.in_pieces[i] = ImageGrad(canvas, lambda out, i=i: batch.loss_fn(i, out))
         else:
-            for group in groups:
-                part = self._cull([units[k] for k in group])
-                rows.append(part.ids)
             batch.in_pieces.update((i, CropGrad(i, local)) for i in big)
         if len(groups) == 1:
             batch.rows = part.ids

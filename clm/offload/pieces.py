@@ -30,6 +30,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from clm.engine.base import Box
 from clm.errors import ClmError
 from clm.offload.culling import MAX_CAMERAS, WHOLE_VIEW_COLUMNS, Culler
 from clm.render.base import View
@@ -58,7 +59,7 @@ class Piece(View):
     margin: int = 0
 
     @cached_property
-    def box(self) -> tuple[int, int, int, int]:
+    def box(self) -> Box:
         """The region ``(x0, y0, x1, y1)``: the window and its margin, within the image."""
         m, full = self.margin, self.full
         return (
