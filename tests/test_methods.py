@@ -125,25 +125,33 @@ def surfel_params(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return params
 
 
-def train_surfels(kind: str, staging_rows: int | None = None, steps: int = 6):
-    """A few steps of 2DGS with its full loss and density control, in one engine."""
-    method = Surfels(normal_from=0, distortion_weight=100.0, distortion_from=0)
-    spec = method.spec(3)
+# 2DGS with every term of its loss from the first image on.
+SURFELS = Surfels(normal_from=0, distortion_weight=100.0, distortion_from=0)
+
+
+def surfel_engine(kind: str, params, steps: int, **extra):
+    """A CPU engine (``none``, or ``clm`` with ``extra``) training :data:`SURFELS` in batches
+    of 3."""
+    spec = SURFELS.spec(3)
     cpu = torch.device("cpu")
     common = {
         "spec": spec,
-        "render_fn": method.renderer(cpu, training=True),
+        "render_fn": SURFELS.renderer(cpu, training=True),
         "lrs": LearningRates(spec, steps, extent=2.0, batch_size=3),
         "adam": AdamConfig(betas=adam_betas(3)),
         "device": cpu,
     }
-    params = surfel_params(300)
+    if kind == "none":
+        return ResidentEngine(params, **common)
+    return OffloadEngine(params, chunk_shift=6, **common, **extra)
+
+
+def train_surfels(kind: str, staging_rows: int | None = None, steps: int = 6):
+    """A few steps of 2DGS with its full loss and density control, in one engine."""
+    method, spec, cpu = SURFELS, SURFELS.spec(3), torch.device("cpu")
     staging = {} if staging_rows is None else {"staging_rows": staging_rows}
-    engine = (
-        ResidentEngine(params, **common)
-        if kind == "none"
-        else OffloadEngine(params, chunk_shift=6, cache_rows=None, **common, **staging)
-    )
+    extra = {} if kind == "none" else {"cache_rows": None, **staging}
+    engine = surfel_engine(kind, surfel_params(300), steps, **extra)
     views = ring_views(6)
     g = torch.Generator().manual_seed(1)
     targets = [torch.rand(H, W, 3, generator=g) for _ in views]

@@ -6,14 +6,13 @@ import math
 import pytest
 import torch
 from test_engines import Observed, assert_same, make_engine, train
+from test_methods import SURFELS, surfel_engine
 
 from clm.engine.base import LocalLoss
 from clm.engine.offloaded import OffloadEngine
-from clm.engine.resident import ResidentEngine
 from clm.errors import ClmError
 from clm.methods.base import photometric_loss
 from clm.methods.gaussians import GaussianSplatting
-from clm.methods.surfels import Surfels
 from clm.model.spec import gaussian_splatting_spec
 from clm.offload import pieces as pieces_module
 from clm.offload.piece_grads import Canvas, CropGrad, ImageGrad
@@ -24,8 +23,6 @@ from clm.offload.pieces import (
     group_units,
     margin_for,
 )
-from clm.optim.lazy_adam import AdamConfig
-from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.base import View
 from clm.render.splats import render_torch
 from clm.train.batch_loss import BatchLoss, LocalBatchLoss, batch_loss
@@ -141,10 +138,6 @@ def test_two_passes_give_the_whole_image_gradients():
     torch.testing.assert_close(
         out.means2d.grad / scale, whole.means2d.grad / scale, atol=1e-5, rtol=0
     )
-
-
-# 2DGS with every term of its loss from the first image on.
-SURFELS = Surfels(normal_from=0, distortion_weight=100.0, distortion_from=0)
 
 
 def surfel_scene(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -333,20 +326,6 @@ def test_one_pass_falls_back_to_two_when_a_tile_and_its_margin_overflow(setup, m
     engine.close()
     assert single == []
     assert_same(got, ref)
-
-
-def surfel_engine(kind, params, steps, **extra):
-    spec = SURFELS.spec(3)
-    common = {
-        "spec": spec,
-        "render_fn": SURFELS.renderer(CPU, training=True),
-        "lrs": LearningRates(spec, steps, extent=2.0, batch_size=3),
-        "adam": AdamConfig(betas=adam_betas(3)),
-        "device": CPU,
-    }
-    if kind == "none":
-        return ResidentEngine(params, **common)
-    return OffloadEngine(params, chunk_shift=6, **common, **extra)
 
 
 def test_2dgs_in_one_pass_matches_the_resident_engine(setup, monkeypatch):
