@@ -7,9 +7,9 @@ the alpha threshold everywhere) is not stepped: its step is a skipped step, appl
 form when the row is next caught up, which is exact. On CUDA such rows do not even leave the
 GPU: a kernel packs the others into the staging ring with zero-copy writes
 (``kernels/compact.cu``); elsewhere the CPU Adam reads and skips them. Rows used in several
-stretches of a batch's views have partial gradients; they are *deferred*, summed on the host
-and stepped once at the end of the batch (a zero partial gradient adds nothing, so it stays
-behind too).
+stretches of a batch's views have partial gradients; they are *deferred*, summed per row on
+the host as they arrive (:mod:`clm.offload.row_sums`) and stepped once at the end of the batch
+(a zero partial gradient adds nothing, so it stays behind too).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from clm.offload.cuda_kernels import cupy_available, kernel, launch, pointer
 from clm.offload.lazy_rows import HostRows
+from clm.offload.row_sums import RowSums
 from clm.offload.worker import BackgroundQueue, StagingRing, wait_for
 
 STAGING_ROWS = 1 << 20  # gradient rows the pinned staging ring holds
@@ -58,7 +59,7 @@ class GradientFlush:
         self.worker = BackgroundQueue("clm-cpu-adam")
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.compact = cuda and cupy_available()  # rows without gradient stay on the GPU
-        self._deferred: list[tuple[Tensor, Tensor]] = []  # (the CPU Adam thread's alone)
+        self.deferred = RowSums(host.width, host.adam.threads)  # (the CPU Adam thread's alone)
         self.rows_flushed = 0  # over the run, final gradient rows sent towards the host
         self.rows_sent = 0  # of those, and of deferred ones, rows that crossed to the host
         self.rows_stepped = 0  # rows the CPU Adam updated (the rest had no gradient)
@@ -139,7 +140,8 @@ class GradientFlush:
     def defer(self, cache_grad: Tensor, ids: Tensor, slots: Tensor, width: int) -> int:
         """Partial gradients of rows used in several stretches: kept until the batch ends. They
         leave the GPU like final ones, through the staging ring on the copy stream; the CPU
-        Adam thread sets them aside (no wait here). Returns the bytes queued, as :meth:`flush`."""
+        Adam thread adds them to their rows' sums (no wait here). Returns the bytes queued, as
+        :meth:`flush`."""
         total = 0
         part = self.staging.capacity // 2
         for lo in range(0, ids.numel(), part):
@@ -150,9 +152,8 @@ class GradientFlush:
             def job(start=start, done=done) -> None:
                 wait_for(done)
                 rows, m = self._arrived(start)
-                rows, grads = rows.clone(), self.staging.grads_view(start, m, width).clone()
+                self.deferred.add(rows, self.staging.grads_view(start, m, width), len(self.host))
                 self.staging.release()
-                self._deferred.append((rows, grads))
 
             self.worker.submit(job)
             total += n * width * 4
@@ -163,14 +164,9 @@ class GradientFlush:
         after every part has arrived)."""
 
         def job() -> None:
-            if not self._deferred:
-                return
-            rows = torch.cat([r for r, _ in self._deferred])
-            grads = torch.cat([g for _, g in self._deferred])
-            self._deferred.clear()
-            unique, inverse = torch.unique(rows, return_inverse=True)
-            summed = torch.zeros(unique.numel(), width).index_add_(0, inverse, grads)
-            self._stepped(unique.numel(), self.host.step_rows(unique, summed, width, step))
+            for rows, summed in self.deferred.sums(width):
+                self._stepped(rows.numel(), self.host.step_rows(rows, summed, width, step))
+            self.deferred.clear()
 
         self.worker.submit(job)
 
