@@ -96,19 +96,14 @@ def train(
     batches,
     sh_degrees,
     densify_at=None,
-    hints=None,
     observe=None,
     loss_of=None,
 ):
-    """``hints``: tell the engine the next batch ("right"), or another one ("wrong");
-    ``observe``: an :class:`Observed` to record the density statistics in; ``loss_of(targets,
+    """``observe``: an :class:`Observed` to record the density statistics in; ``loss_of(targets,
     views, step)``: the batch's loss function (else the 3DGS loss, written out here)."""
     bg = torch.zeros(3)
     for step, (batch, degree) in enumerate(zip(batches, sh_degrees, strict=True), start=1):
         chosen = [views[i] for i in batch]
-        if hints is not None:
-            nxt = batches[step % len(batches)] if hints == "right" else batches[step - 1]
-            engine.expect([views[i] for i in nxt])
 
         def loss_fn(i, out, batch=batch):
             return photometric_loss(out.image, targets[batch[i]]) / len(batch)
@@ -186,33 +181,6 @@ def test_offload_modes_match_gpu_resident(setup, kind, extra):
         assert engine.resident.count == resident
         assert stats.host_rows < stats.visible_rows
         assert (stats.host_rows == 0) == (resident == engine.num_gaussians)
-
-
-@pytest.mark.parametrize("hints", ["right", "wrong"])
-def test_rows_caught_up_ahead_give_the_same_result(setup, hints):
-    views, targets, batches, degrees = setup
-    params = make_params(400)
-    ref = train(make_engine("none", params, 3, 6), views, targets, batches, degrees, densify_at=3)
-    engine = make_engine("clm", params, 3, 6, cache_rows=None)
-    got = train(engine, views, targets, batches, degrees, densify_at=3, hints=hints)
-    engine.close()
-    assert_same(got, ref)
-
-
-def test_the_next_batch_is_caught_up_during_this_step(setup):
-    views, targets, batches, degrees = setup
-    engine = make_engine("clm", make_params(400), 3, 6, cache_rows=None)
-    engine.expect([views[i] for i in batches[1]])
-    train(engine, views, targets, batches[:1], degrees[:1])
-    engine._drain()
-    last = torch.cat(engine.host.store.last_chunks)[: engine.num_gaussians]
-    # Rows batch 2 will load that batch 1 did not see are already at step 1.
-    unseen = torch.ones(engine.num_gaussians, dtype=torch.bool)
-    unseen[engine._cull([views[i] for i in batches[0]]).ids] = False
-    ahead = set(engine._cull([views[i] for i in batches[1]]).ids.tolist())
-    caught = set(torch.nonzero(unseen & (last == 1)).squeeze(1).tolist())
-    assert caught and caught <= ahead
-    engine.close()
 
 
 def test_tight_cache_splits_batches(setup):

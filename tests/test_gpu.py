@@ -6,11 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_offload_parts import lazily_stepped_rows
 
 from clm.engine.offloaded import OffloadEngine
 from clm.engine.resident import ResidentEngine
 from clm.methods.base import photometric_loss
 from clm.model.spec import gaussian_splatting_spec
+from clm.offload.catch_up import SkipSums
 from clm.offload.culling import Culler, cull_bits_torch, pack_cameras
 from clm.offload.gather import RowGather
 from clm.offload.host_store import HostStore
@@ -100,10 +102,6 @@ def test_cull_kernel_matches_torch_twin_and_is_conservative():
     packed = torch.cat([params["means"], params["opacities"][:, None], params["scales"]], dim=1)
     strided = culler.cull(packed[:, :3], packed[:, 4:7], packed[:, 3], views)
     assert torch.equal(strided.ids, result.ids) and torch.equal(strided.vis, result.vis)
-    # Rows the next views may see that this batch's views do not (the catch-up ahead).
-    new = culler.cull_new(packed[:, :3], packed[:, 4:7], packed[:, 3], views[:5], views[5:])
-    expect = result.ids[result.vis[:5].any(0) & ~result.vis[5:].any(0)]
-    assert torch.equal(new, expect) and new.numel() > 0
     # Every Gaussian gsplat projects with a non-zero radius must survive culling.
     radii, *_ = fully_fused_projection(
         params["means"],
@@ -151,6 +149,36 @@ def test_gather_kernel_matches_twin_across_chunks():
         assert (out[untouched.to(CUDA)] == -7.0).all()
         assert (out[slots, width:] == -7.0).all()
         assert (grad[slots, :width] == 0).all() and (grad[untouched.to(CUDA)] == 1).all()
+
+
+def test_gather_kernel_catches_rows_up_as_the_cpu_adam_does():
+    """Rows with skipped steps pending, gathered by the kernel: bit for bit the twin's values
+    and the CPU Adam's own catch-up, across chunks and at every active width."""
+    host, spec, lrs, config, _ = lazily_stepped_rows(3000, steps=5, pinned=True, chunk_shift=10)
+    store = host.store
+    kernel = RowGather(store, CUDA)
+    twin = RowGather(store, torch.device("cpu"))
+    assert kernel.use_kernel and not twin.use_kernel
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randperm(3000, generator=g)[:2000]
+    slots = torch.randperm(2500, generator=g)[:2000]
+    last = torch.cat(store.last_chunks)[rows]
+    catch_up = SkipSums(spec.host, lrs, config, CUDA).to(5)
+    twin_catch_up = SkipSums(spec.host, lrs, config, torch.device("cpu")).to(5)
+    for width in (7, 16, 31, host.width):
+        out = torch.full((2500, host.width), -7.0, device=CUDA)
+        grad = torch.ones(2500, host.width, device=CUDA)
+        kernel.gather(rows.to(CUDA), slots.to(CUDA), width, out, grad, catch_up=catch_up)
+        want = torch.full((2500, host.width), -7.0)
+        twin.gather(rows, slots, width, want, catch_up=twin_catch_up)
+        assert torch.equal(out.cpu(), want)
+        assert (grad[slots.to(CUDA), :width] == 0).all()
+    assert kernel.rows_caught_up == 4 * int((last < 5).sum()) > 0
+    before = torch.cat(store.param_chunks)[rows].clone()
+    host.catch_up(rows, 5)
+    caught = torch.cat(store.param_chunks)[rows]
+    assert torch.equal(out[slots.to(CUDA)].cpu(), caught)
+    assert not torch.equal(before, caught)
 
 
 def _train(engine, views, targets, batches, degrees, method=None):

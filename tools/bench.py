@@ -82,8 +82,9 @@ class StepMeter:
         self.start: float | None = None
         self.elapsed = 0.0
         # host rows stepped by the CPU Adam, gradient rows that crossed to the host (on CUDA,
-        # rows without gradient stay on the GPU), and rows whose skipped steps were caught up
-        self.stepped = self.sent = self.caught_up = 0
+        # rows without gradient stay on the GPU), rows whose skipped steps were caught up in
+        # host memory, and rows gathered with skipped steps pending (caught up on the GPU)
+        self.stepped = self.sent = self.caught_up = self.gathered_stale = 0
         inner = engine.train_step
 
         def timed(views, *rest, **kw):
@@ -105,33 +106,33 @@ class StepMeter:
 
         engine.train_step = timed  # type: ignore[method-assign]
 
-    def _flush_counts(self) -> tuple[int, int, int]:
+    def _flush_counts(self) -> tuple[int, int, int, int]:
         flusher = getattr(self.engine, "flusher", None)
         if flusher is None:
-            return 0, 0, 0
-        self.engine._drain()  # the CPU Adam and the catch-ups
-        return flusher.rows_stepped, flusher.rows_sent, self.engine.host.rows_caught_up
+            return 0, 0, 0, 0
+        self.engine._drain()  # the CPU Adam
+        host, gather = self.engine.host, self.engine.gather
+        return flusher.rows_stepped, flusher.rows_sent, host.rows_caught_up, gather.rows_caught_up
 
     def stop(self) -> None:
         synchronize()
         if self.start is not None:
             self.elapsed = time.perf_counter() - self.start
-            stepped, sent, caught_up = self._flush_counts()
-            self.stepped = stepped - self._counted[0]
-            self.sent = sent - self._counted[1]
-            self.caught_up = caught_up - self._counted[2]
+            counts = [b - a for a, b in zip(self._counted, self._flush_counts(), strict=True)]
+            self.stepped, self.sent, self.caught_up, self.gathered_stale = counts
 
     def host_bytes(self, row_bytes: int) -> float:
         """Host memory traffic per step: every byte over PCIe crosses host memory once, the
         CPU Adam reads a gradient row and reads and writes a stepped row's parameters and
-        moments, and a catch-up reads and writes a row's parameters and moments (all columns:
-        the benchmark trains at its full SH degree)."""
+        moments, a catch-up in host memory reads and writes a row's parameters and moments, and
+        a gather that catches a row up reads its moments too (all columns: the benchmark trains
+        at its full SH degree)."""
         if not self.steps:
             return 0.0
         has_flusher = getattr(self.engine, "flusher", None) is not None
         down = self.sent * row_bytes if has_flusher else self.down
         adam = self.stepped * 7 * row_bytes + (self.sent - self.stepped) * row_bytes
-        catch_up = self.caught_up * 6 * row_bytes
+        catch_up = (self.caught_up * 6 + self.gathered_stale * 2) * row_bytes
         return (self.up + down + adam + catch_up) / self.steps
 
 
@@ -222,7 +223,7 @@ def run_mode(args: argparse.Namespace, mode: str, tmp: Path) -> dict[str, object
         host_bytes = engine.host.store.allocated_bytes if hasattr(engine, "host") else 0
         busy = 0.0
         if hasattr(engine, "flusher"):
-            busy = engine.flusher.worker.busy_seconds + engine.catch.queue.busy_seconds
+            busy = engine.flusher.worker.busy_seconds
         exposed = getattr(engine, "exposed_seconds", 0.0)
         trainer.close()
     peak = torch.cuda.max_memory_reserved() / GIB if torch.cuda.is_available() else 0.0
@@ -378,8 +379,6 @@ def run_largest(args, scene, images, all_views, count, mode, cap) -> dict:
                 if clock is not None:
                     clock.active = k >= meter.warmup
                 targets = [target(i) for i in batch]
-                if k + 1 < len(batches):  # as the trainer does: the next batch is known
-                    engine.expect([views[i] for i in batches[k + 1]])
                 chosen = [views[i] for i in batch]
                 loss_fn = batch_loss(method, targets, chosen, (k + 1) * args.batch_size)
                 engine.train_step(chosen, loss_fn, lambda *a: None, 3, bg)

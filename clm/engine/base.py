@@ -163,10 +163,6 @@ class Engine(ABC):
     ) -> None:
         """Render each view, backpropagate its loss, then apply optimiser step ``self.step + 1``."""
 
-    def expect(self, views: Sequence[View]) -> None:  # noqa: B027 (a hint engines may ignore)
-        """The views of the batch after the next :meth:`train_step`: an engine may start
-        preparing their rows while that step runs. A wrong hint costs time, never results."""
-
     @abstractmethod
     def render(self, view: View, sh_degree: int, background: Tensor) -> RenderOutput:
         """Render without gradients (evaluation, previews)."""

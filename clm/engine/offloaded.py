@@ -6,14 +6,13 @@ One step, for a batch of views; each stage has its module in :mod:`clm.offload`:
 1. **cull** all views against the key attributes, no PCIe traffic (``culling``), and split the
    visible rows into resident rows and host rows (``resident_rows``);
 2. **plan** the host rows of the batch through the row cache (``plan``);
-3. **catch up** the host rows each view will load, on a background thread, as soon as the plan
-   names them (``catch_up``; host rows take their skipped Adam steps lazily);
-4. for each view in the planned order: **gather** its new host rows from pinned memory into
-   cache slots (a kernel on the copy stream, one view ahead of rendering, ``gather``), render
+3. for each view in the planned order: **gather** its new host rows from pinned memory into
+   cache slots (a kernel on the copy stream, one view ahead of rendering, ``gather``), caught
+   up on the way where they have skipped Adam steps pending (``catch_up``), render
    from the cache and the resident rows, backpropagate, accumulate gradients, and **flush** the
    host rows whose last use this was to the CPU Adam thread, which updates them while the GPU
    renders the next views (``flush``);
-5. dense Adam on the GPU for the key attributes and the resident rows; the next batch's
+4. dense Adam on the GPU for the key attributes and the resident rows; the next batch's
    culling overlaps the CPU Adam tail.
 
 A view that sees more host rows than the cache holds is rendered in pieces, with the same
@@ -24,7 +23,7 @@ kernels and no streams.
 
 from __future__ import annotations
 
-import time
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -40,7 +39,7 @@ from clm.engine.base import (
 from clm.engine.offloaded_pieces import InPieces
 from clm.engine.offloaded_rows import RowsAcrossSets
 from clm.model.spec import active_row_width, unpack_rows
-from clm.offload.catch_up import CatchUp
+from clm.offload.catch_up import CatchUpTo, SkipSums
 from clm.offload.culling import CullResult
 from clm.offload.flush import STAGING_ROWS, GradientFlush, on_stream, record_event
 from clm.offload.gather import RowGather
@@ -69,8 +68,9 @@ class _Batch:
     stats: StepStats
     rows: Tensor  # ascending rows the batch renders
     key_grads: Tensor  # [rows, key width]
+    settled: threading.Event  # set once the CPU Adam of the batches before is done
+    catch_up: CatchUpTo  # what loads need to catch rows up to the last step
     in_pieces: dict[int, ImageGrad | CropGrad] = field(default_factory=dict)  # views in pieces
-    ahead: bool = True  # the next batch's catch-up is still to be started
 
 
 class OffloadEngine(InPieces, RowsAcrossSets, Engine):
@@ -128,9 +128,9 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         self.cache_param = torch.empty(0, width, device=self.device)
         self.cache_grad = torch.empty(0, width, device=self.device)
         self.flusher = GradientFlush(self.host, self.device, staging_rows)
-        self.catch = CatchUp(self.host, self.spec, self.device)
+        self.skips = SkipSums(self.spec.host, self.lrs, config, self.device)
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
-        self._drained_seconds = 0.0
+        self._waited_seconds = 0.0
 
     # ---- basic facts ----------------------------------------------------------------------
 
@@ -140,8 +140,8 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
 
     @property
     def exposed_seconds(self) -> float:
-        """Seconds the main thread waited for CPU work (Adam, catch-up) over the run."""
-        return self._drained_seconds + self.catch.waited_seconds
+        """Seconds the main thread waited for the CPU Adam over the run."""
+        return self._waited_seconds
 
     def key_param(self, name: str) -> Tensor:
         return self.key.views()[name]
@@ -199,9 +199,9 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
             self._drain()
             self._choose_resident()
         # No drain: the CPU Adam of the last batch goes on while this one is culled and
-        # planned; the catch-up thread waits for it before its first catch-up of this step,
-        # and a load waits only for its own rows' catch-up.
-        self.catch.after(self.flusher.worker)
+        # planned; the first load waits for it (loads read the rows it writes).
+        settled = self.flusher.worker.mark()
+        catch_up = self.skips.to(step - 1)
         culled = self._cull(views)
         self.resident.count_visits(culled.ids, culled.vis)
         stats = StepStats(visible_rows=int(culled.ids.numel()))
@@ -226,6 +226,8 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
             stats,
             culled.ids,
             torch.zeros(culled.ids.numel(), self.key.width, device=self.device),
+            settled,
+            catch_up,
         )
         if everything:
             self._train_resident(batch, culled)
@@ -234,7 +236,6 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         else:
             self._train_group(batch, views, range(len(views)), culled, capacity, survey, split)
         self.flusher.flush_deferred(width, step)
-        self.catch.after_reads()
         self.key.step_sparse(batch.rows, batch.key_grads, step)
         self.resident.step(step, width)
         self.step = step  # the CPU Adam of this batch finishes while the next batch culls
@@ -260,12 +261,10 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         split = split if split is not None else self.resident.split(culled)
         host, at = split.host, split.at
         host_to_batch = at if to_batch is None else (to_batch if at is None else to_batch[at])
-        ready = []  # the catch-up starts while the plan is being built
         plan = plan_batch(
             host.ids,
             host.vis,
             capacity,
-            lambda rows, counts: ready.extend(self.catch.loads(rows, counts, step - 1, width)),
             survey=survey,
             keep=keep if keep is None or at is None else keep[at],
         )
@@ -274,9 +273,6 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         stats.cache_lookups += plan.uses
         stats.cache_hits += plan.uses - plan.loads
         stats.bytes_to_gpu += plan.loads * width * 4
-        if batch.ahead:
-            self.catch.ahead(self.key.views(), batch.views, step, width, self.resident.on_host)
-            batch.ahead = False
         if self.copy_stream is not None:  # the loads read the plan, made on this stream
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         cache_grad = self.cache_grad[:, :width]
@@ -290,7 +286,7 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
                 and len(loaded) < len(plan.micro)
                 and plan.micro[len(loaded)].load_after < len(flushed)
             ):
-                loaded.append(self._load(plan, len(loaded), width, ready, flushed))
+                loaded.append(self._load(batch, plan, len(loaded), flushed))
             if loaded[k] is not None:
                 torch.cuda.current_stream(self.device).wait_event(loaded[k])
             gids = mb.render_ids
@@ -352,25 +348,20 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
 
     def _drain(self) -> None:
         """Wait for all background CPU work, counting the seconds waited."""
-        t0 = time.perf_counter()
-        self.catch.drain()
-        self.flusher.drain()
-        self._drained_seconds += time.perf_counter() - t0
-
-    def expect(self, views: Sequence[View]) -> None:
-        self.catch.expect(views)
+        self._waited_seconds += self.flusher.worker.drain()
 
     def _load(
         self,
+        batch: _Batch,
         plan: BatchPlan,
         k: int,
-        width: int,
-        ready: Sequence,
         flushed: Sequence[torch.cuda.Event | None] = (),
     ) -> torch.cuda.Event | None:
-        """Gather micro-batch k's new rows on the copy stream; returns its completion event."""
+        """Gather micro-batch k's new rows on the copy stream, once the CPU Adam of the batches
+        before has written them; returns its completion event."""
         mb = plan.micro[k]
-        self.catch.wait(ready[k])
+        if not batch.settled.is_set():
+            self._waited_seconds += self.flusher.worker.wait(batch.settled)
         with on_stream(self.copy_stream):
             if mb.load_after >= 0 and self.copy_stream is not None:
                 after = flushed[mb.load_after]
@@ -379,13 +370,13 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
             self.gather.gather(
                 mb.load_ids,
                 mb.load_slots,
-                width,
+                batch.width,
                 self.cache_param,
                 self.cache_grad,
                 self.copy_stream,
+                batch.catch_up,
             )
             return self._event(self.copy_stream)
 
     def close(self) -> None:
-        self.catch.close()
         self.flusher.close()

@@ -3,7 +3,7 @@
 A training view larger than the cache is rendered in pieces, each planned like a view, with
 the same gradients as the whole image (:mod:`clm.offload.pieces`): in one pass when the loss is
 local (:class:`clm.engine.base.LocalLoss`), else in two. The first of two passes and evaluation
-render from rows gathered and caught up on the spot (:meth:`InPieces._render_rows`).
+render from rows gathered on the spot (:meth:`InPieces._render_rows`).
 """
 
 from __future__ import annotations
@@ -181,8 +181,7 @@ class InPieces:
         at = torch.arange(rows.numel(), device=self.device)
         if self.resident.count:
             at = at[self.resident.slots(rows) < 0]
-        self.host.catch_up(rows[at].cpu(), self.step, width)
-        self.gather.gather(rows[at], at, width, values)
+        self.gather.gather(rows[at], at, width, values, catch_up=self.skips.to(self.step))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.resident.patch(rows, values, width)

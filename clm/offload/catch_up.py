@@ -1,140 +1,81 @@
-"""Host rows brought up to date before the GPU reads them.
+"""Host rows caught up as the GPU reads them.
 
-Host rows are updated lazily: a row that went unseen for some steps has not taken the
-zero-gradient steps dense Adam would have applied, and the render must see them. A background
-thread catches rows up in closed form:
+Host rows take their skipped zero-gradient Adam steps lazily (:mod:`clm.optim.lazy_adam`): a
+row unseen for some steps has not yet moved with its momentum, and the render must see it where
+dense Adam would have put it. The row is not brought up to date in host memory first (a read
+and a write of the row and both moments, on the CPU, before the load may start). The gather
+reads the moments of a row with steps pending too, and computes its caught-up parameters on
+the way (``kernels/gather.cu``), with the CPU Adam's float64 operations in the same order. The
+host row stays as it was; the CPU Adam applies the same skipped steps when it next steps the
+row, so the render saw exactly the parameters that step starts from. A row without gradient in
+the batch is not stepped, and nothing of it is written anywhere.
 
-* each micro-batch's load rows, queued as soon as the planner knows them, ahead of their gather
-  (:meth:`CatchUp.loads`; the gather waits on the returned event);
-* the rows the *next* batch will load, culled from the next views (:meth:`CatchUp.expect`)
-  while this batch renders (:meth:`CatchUp.ahead`); most loads then find their rows ready.
+:class:`SkipSums` holds what the gather needs: the skip sums of every attribute, on the device.
+It keeps its own copies of the host rows' tables, advanced by the main thread while the CPU Adam
+thread uses the host's; both are folded the same way from the same rates, so they agree bit for
+bit.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from clm.model.spec import GaussianSpec
-from clm.offload.culling import MAX_CAMERAS, Culler
-from clm.offload.flush import record_event
-from clm.offload.lazy_rows import HostRows
-from clm.offload.worker import BackgroundQueue
-from clm.render.base import View
+from clm.model.spec import AttributeSpec
+from clm.offload.lazy_rows import SkipTables
+from clm.optim.lazy_adam import AdamConfig, Segment
+from clm.optim.learning_rates import LearningRates
 
 
-class CatchUp:
-    """The catch-up thread and what it is given to do (see the module docstring)."""
+@dataclass(frozen=True)
+class CatchUpTo:
+    """What a gather needs to catch rows up to ``step``."""
 
-    def __init__(self, host: HostRows, spec: GaussianSpec, device: torch.device) -> None:
-        self.host = host
-        self.spec = spec
-        self.device = device
-        self.queue = BackgroundQueue("clm-catch-up")
-        self.culler = Culler(device, chunk=1 << 22, bound=spec.cull.shape)
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.waited_seconds = 0.0  # the main thread waiting for catch-ups, over the run
-        self._upcoming: list[View] = []
-        self._read: tuple[threading.Event, list[torch.cuda.Event]] | None = None
+    step: int
+    sums: Tensor  # [segments, >= step + 1] float64 on the device: skip sums by a row's last
+    column_segment: Tensor  # [width] int32 on the device: the row of ``sums`` of each column
+    segments: list[Segment]  # the same sums on the CPU (the torch twin of the gather)
 
-    def after(self, worker: BackgroundQueue) -> None:
-        """Start nothing queued from now on before ``worker`` (the CPU Adam) is idle: rows are
-        caught up from their last update, and tables advance in step order."""
-        self.queue.submit(worker.drain)
 
-    def expect(self, views: Sequence[View]) -> None:
-        """The views of the next batch, when known."""
-        self._upcoming = list(views)
+class SkipSums(SkipTables):
+    """The skip tables of the host rows' attributes, with a copy of their sums on ``device``
+    (see the module docstring)."""
 
-    def loads(
-        self, rows: Tensor, counts: Sequence[int], upto: int, width: int
-    ) -> list[threading.Event]:
-        """Queue the catch-up of each micro-batch's load rows (``rows`` split by ``counts``);
-        returns one event per micro-batch."""
-        done = [threading.Event() for _ in counts]
-        start = 0
-        for k, n in enumerate(counts):
-
-            def job(lo=start, hi=start + n, event=done[k]) -> None:
-                if hi > lo:
-                    self.host.catch_up(rows[lo:hi], upto, width)
-                event.set()
-
-            self.queue.submit(job)
-            start += n
-        return done
-
-    def wait(self, ready: threading.Event) -> None:
-        """Block until ``ready`` (a load's catch-up) is set, surfacing the thread's errors."""
-        t0 = time.perf_counter()
-        while not ready.wait(timeout=0.1):
-            self.queue.raise_error()
-        self.waited_seconds += time.perf_counter() - t0
-
-    def ahead(
+    def __init__(
         self,
-        keys: dict[str, Tensor],
-        views: Sequence[View],
-        step: int,
-        width: int,
-        on_host: Callable[[Tensor], Tensor],
+        attrs: Sequence[AttributeSpec],
+        lrs: LearningRates,
+        config: AdamConfig,
+        device: torch.device,
     ) -> None:
-        """Catch up, while this step runs, the rows the next batch (:meth:`expect`) will load.
+        super().__init__(attrs, lrs, config, torch.device("cpu"))
+        self.device = device
+        self.window = next(iter(self.tables.values())).window
+        column_segment = torch.zeros(self.width, dtype=torch.int32)
+        for i, seg in enumerate(self.layout):
+            column_segment[seg.start : seg.end] = i
+        self.column_segment = column_segment.to(device)
+        self._sums = torch.zeros(len(self.layout), 1024, dtype=torch.float64, device=device)
+        self._copied = 0  # the table step the device copy holds
 
-        The next views are culled against the key attributes as they are now; rows this batch
-        (``views``) sees are left out (their Adam step comes from this batch's gradients), and
-        ``on_host`` keeps those the host path serves. The others skip this step, so they are
-        brought up to ``step`` on copies of the skip tables. A row the guess misses is caught
-        up before its load as usual; one it wrongly includes was only brought forward: the
-        result is the same either way.
-        """
-        upcoming, self._upcoming = self._upcoming, []
-        if not upcoming or len(upcoming) + len(views) > MAX_CAMERAS:
-            return
-        args = (*self.spec.cull_inputs(keys), upcoming, views)
-
-        def ahead(rows: Tensor) -> None:  # on the catch-up thread, after the updates it follows
-            self.host.catch_up(rows, step, width, self.host.segments_ahead(step))
-
-        if self.stream is None:  # on the CPU: cull here, deterministically
-            rows = on_host(self.culler.cull_new(*args))
-            self.queue.submit(lambda: ahead(rows))
-            return
-        # On the GPU the culling runs on its own stream, from the catch-up thread; the key Adam
-        # of this step waits until it has read the key attributes (see after_reads).
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        launched, read = threading.Event(), []
-        self._read = (launched, read)
-
-        def job() -> None:
-            with torch.cuda.stream(self.stream):
-                try:
-                    fresh = on_host(self.culler.cull_new(*args))
-                    read.append(record_event(self.device, self.stream))
-                finally:
-                    launched.set()
-                rows = fresh.cpu()
-            ahead(rows)
-
-        self.queue.submit(job)
-
-    def after_reads(self) -> None:
-        """Order what follows on the compute stream after the ahead culling's reads."""
-        if self._read is None:
-            return
-        launched, read = self._read
-        self._read = None
-        while not launched.wait(timeout=0.1):
-            self.queue.raise_error()
-        if read:
-            torch.cuda.current_stream(self.device).wait_event(read[0])
-
-    def drain(self) -> None:
-        self.queue.drain()
-
-    def close(self) -> None:
-        self.queue.close()
+    def to(self, step: int) -> CatchUpTo:
+        """Advance the tables to ``step`` (never back) and bring the device copy up to date:
+        only the entries an advance changed, a few hundred per step, are copied."""
+        if step < self._copied:
+            raise ValueError(f"skip sums are at step {self._copied}; cannot serve step {step}")
+        self.advance_to(step)
+        lo, hi = max(0, self._copied + 1 - self.window), step + 1
+        if self._sums.shape[1] < hi:
+            grown = torch.zeros(len(self.layout), 2 * hi, dtype=torch.float64, device=self.device)
+            grown[:, : self._sums.shape[1]] = self._sums
+            self._sums = grown
+        if hi > lo:
+            changed = torch.stack([self.tables[s.attr.name].sums[lo:hi] for s in self.layout])
+            if self.device.type == "cuda":
+                changed = changed.pin_memory()  # (an asynchronous copy, without a host sync)
+            self._sums[:, lo:hi].copy_(changed, non_blocking=True)
+        self._copied = step
+        return CatchUpTo(step, self._sums, self.column_segment, self.segments(step))

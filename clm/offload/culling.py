@@ -308,27 +308,3 @@ class Culler:
             )
         bits = torch.cat(bits_parts)
         return CullResult(torch.cat(ids_parts), unpack_bits(bits, len(views)))
-
-    def cull_new(
-        self,
-        means: Tensor,
-        log_scales: Tensor,
-        opacity_logits: Tensor,
-        views: Sequence[View],
-        seen: Sequence[View],
-    ) -> Tensor:
-        """Ascending rows some view of ``views`` may see and no view of ``seen`` does."""
-        want = _signed((1 << len(views)) - 1)
-        skip = _signed(((1 << len(seen)) - 1) << len(views))
-        parts = []
-        for start, bits in self._chunk_bits(means, log_scales, opacity_logits, [*views, *seen]):
-            keep = (bits & want != 0) & (bits & skip == 0)
-            parts.append(torch.nonzero(keep).squeeze(1) + start)
-        if not parts:
-            return torch.zeros(0, dtype=torch.int64, device=means.device)
-        return torch.cat(parts)
-
-
-def _signed(mask: int) -> int:
-    """A 64-bit mask as the int64 value with the same bits."""
-    return mask - (1 << 64) if mask >= 1 << 63 else mask

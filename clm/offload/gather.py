@@ -1,5 +1,6 @@
-"""Host rows into GPU cache slots (a zero-copy kernel reading pinned memory over PCIe), and the
-torch twin that does the same on machines without CUDA."""
+"""Host rows into GPU cache slots (a zero-copy kernel reading pinned memory over PCIe), caught
+up on the way where they have skipped Adam steps pending (:mod:`clm.offload.catch_up`), and
+the torch twin that does the same on machines without CUDA."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clm.offload.catch_up import CatchUpTo
 from clm.offload.cuda_kernels import cupy_available, kernel, launch, pointer
 from clm.offload.host_store import HostStore
+from clm.optim.lazy_adam import catch_up_block
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +46,23 @@ class RowGather:
         )
         self._pointers: Tensor | None = None
         self._pointer_key: tuple[int, ...] = ()
+        # Rows the gathers caught up, over the run (on the device: counted without a sync).
+        self._caught_up = torch.zeros((), dtype=torch.int64, device=device)
+
+    @property
+    def rows_caught_up(self) -> int:
+        """Rows gathered with skipped steps pending, over the run (waits for the device)."""
+        return int(self._caught_up)
 
     def _chunk_pointers(self) -> Tensor:
-        """Device addresses of the chunks (cached until the chunk list changes). Registered,
-        mapped host memory has the same address on the GPU (checked in ``__init__``)."""
-        key = tuple(t.data_ptr() for t in self.store.param_chunks)
+        """Device addresses ``[4, chunks]`` of the parameter, both moment and ``last`` chunks
+        (cached until a chunk list changes). Registered, mapped host memory has the same
+        address on the GPU (checked in ``__init__``)."""
+        store = self.store
+        lists = (store.param_chunks, store.exp_avg_chunks, store.exp_avg_sq_chunks)
+        key = tuple(t.data_ptr() for chunks in (*lists, store.last_chunks) for t in chunks)
         if key != self._pointer_key:
-            ptrs = np.array(key, dtype=np.uint64).view(np.int64)
+            ptrs = np.array(key, dtype=np.uint64).view(np.int64).reshape(4, -1)
             self._pointers = torch.from_numpy(ptrs).to(self.device)
             self._pointer_key = key
         assert self._pointers is not None
@@ -63,18 +76,25 @@ class RowGather:
         out: Tensor,
         grad_out: Tensor | None = None,
         stream: torch.cuda.Stream | None = None,
+        catch_up: CatchUpTo | None = None,
     ) -> None:
-        """``out[slots, :width] = host[rows, :width]`` and zero ``grad_out`` there."""
+        """``out[slots, :width] = host[rows, :width]`` and zero ``grad_out`` there; with
+        ``catch_up``, the rows as they are once caught up to its step (the host rows are not
+        changed)."""
         if rows.numel() == 0:
             return
         if not self.use_kernel:
-            values = self.store.gather_params(rows)[:, :width].to(out.device)
-            out[slots, :width] = values
+            if catch_up is None:
+                values = self.store.gather_params(rows)[:, :width]
+            else:
+                values = self._caught_up_twin(rows, width, catch_up)
+            out[slots, :width] = values.to(out.device)
             if grad_out is not None:
                 grad_out[slots, :width] = 0
             return
-        args = (
-            pointer(self._chunk_pointers()),
+        pointers = self._chunk_pointers()
+        args = [
+            pointer(pointers) if catch_up is not None else pointer(pointers[0]),
             np.int32(self.store.chunk_shift),
             np.int64(self.store.width),
             pointer(rows),
@@ -84,6 +104,25 @@ class RowGather:
             pointer(out),
             pointer(grad_out) if grad_out is not None else np.uint64(0),
             np.int64(out.shape[1]),
-        )
+        ]
+        name = "gather_rows"
+        if catch_up is not None:
+            name = "gather_rows_caught_up"
+            args.insert(1, np.int64(pointers.shape[1]))
+            args += [
+                np.int32(catch_up.step),
+                pointer(catch_up.sums),
+                np.int64(catch_up.sums.stride(0)),
+                pointer(catch_up.column_segment),
+                pointer(self._caught_up),
+            ]
         pieces = (width + 3) // 4  # one thread per 4-float piece of a row
-        launch(kernel("gather.cu", "gather_rows"), rows.numel() * pieces, args, stream=stream)
+        launch(kernel("gather.cu", name), rows.numel() * pieces, tuple(args), stream=stream)
+
+    def _caught_up_twin(self, rows: Tensor, width: int, catch_up: CatchUpTo) -> Tensor:
+        """The kernel's catch-up in torch, on copies of the rows."""
+        p, m, v = (x[:, :width] for x in self.store.read_rows(rows))
+        last = self.store.last_of(rows)
+        self._caught_up += (last < catch_up.step).sum().to(self.device)
+        catch_up_block(p, m, v, last, catch_up.step, catch_up.segments, width)
+        return p

@@ -242,6 +242,10 @@ class HostStore:
         """Copies of the parameters and both moments of ``rows``."""
         return tuple(self._gather(chunks, rows) for chunks in self._arrays()[:3])
 
+    def last_of(self, rows: Tensor) -> Tensor:
+        """Copies of the steps ``rows`` are up to date at."""
+        return self._gather(self.last_chunks, rows)
+
     def write_rows(
         self, rows: Tensor, param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int
     ) -> None:

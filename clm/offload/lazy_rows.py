@@ -54,18 +54,6 @@ class SkipTables:
             if s.end > s.start
         ]
 
-    def segments_ahead(self, step: int) -> list[Segment]:
-        """Segments on copies of the tables advanced to ``step`` (while the tables themselves
-        stay where running updates need them)."""
-        segments = []
-        for s in self.layout:
-            if s.end == s.start:
-                continue
-            table = self.tables[s.attr.name].copy()
-            self._advance(table, s.attr.name, step)
-            segments.append(Segment(s.start, s.end, self.lrs.at(s.attr.name, step), table))
-        return segments
-
 
 class _ScratchChunk:
     """One chunk of ``rows`` (a power of two) host rows, laid out as a store for the CPU Adam."""
@@ -147,19 +135,15 @@ class HostRows(SkipTables):
         rows: Tensor | None,
         step: int,
         width: int | None = None,
-        segments: Sequence[Segment] | None = None,
     ) -> None:
         """Bring ``rows`` (all when None) up to ``step``, the last step applied.
 
         ``width`` limits the columns touched: columns of SH bands not yet active have never had
         a gradient, so their moments are zero and their skipped steps change nothing.
-        ``segments`` (from :meth:`segments_ahead`) catch up past the tables' own step.
         """
-        if segments is None:
-            self.advance_to(step)
-            segments = self.segments(step)
+        self.advance_to(step)
         if len(self.store):
-            self.rows_caught_up += self.adam.catch_up(rows, step, segments, width)
+            self.rows_caught_up += self.adam.catch_up(rows, step, self.segments(step), width)
 
     def append(self, params: Mapping[str, Tensor], step: int) -> None:
         self.store.append(pack_rows(dict(params), self.layout), step)

@@ -13,15 +13,14 @@ After culling, the batch's whole access sequence is known. The planner
    are *deferred* (summed on the host, updated at the end of the batch), so Adam still sees the
    batch's total gradient exactly once.
 
-The host learns the overlap and view sizes (one sync), then each view's loads and frees with the
-rows to catch up (one more); splitting a batch takes a few more per stretch. Every per-row
+The host learns the overlap and view sizes (one sync), then each view's loads and frees (one
+more); splitting a batch takes a few more per stretch. Every per-row
 result stays on the device, and each micro-batch's tensors are slices of a few per-stretch ones,
 so building the schedule launches a dozen kernels whatever the batch size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -120,13 +119,10 @@ class _Stretch:
     frees: list[int]  # rows last used at each view of the stretch
     first: Tensor
     last: Tensor
-    by_first: Tensor | None = None  # rows by first use (when already sorted)
-    load_ids_host: Tensor | None = None  # ids[by_first] of the present rows, on the host
 
 
-def _counts(vis_o: Tensor, start: int, stop: int, ids: Tensor | None = None) -> _Stretch:
-    """Loads and frees per view of ``vis_o[start:stop]``, in one host sync. With ``ids``, the
-    rows in load order come along in the same transfer (for their catch-up on the host)."""
+def _counts(vis_o: Tensor, start: int, stop: int) -> _Stretch:
+    """Loads and frees per view of ``vis_o[start:stop]``, in one host sync."""
     vis_seg = vis_o[start:stop]
     num = stop - start
     first, last = _first_last(vis_seg)
@@ -134,34 +130,16 @@ def _counts(vis_o: Tensor, start: int, stop: int, ids: Tensor | None = None) -> 
     ones = torch.ones_like(first)
     counts[0].scatter_add_(0, first, ones)  # (bincount would sync to find its length)
     counts[1].scatter_add_(0, last, ones)
-    counts = counts[:, :num].flatten()
-    if ids is None:
-        both = counts.cpu().tolist()  # the one host sync of a stretch
-        return _Stretch(start, stop, both[:num], both[num:], first, last)
-    by_first = torch.argsort(first, stable=True)
-    packed = _to_host(torch.cat([counts, ids[by_first].to(torch.int64)]))
-    both = packed[: 2 * num].tolist()
-    present = sum(both[:num])
-    host_ids = packed[2 * num : 2 * num + present]
-    return _Stretch(start, stop, both[:num], both[num:], first, last, by_first, host_ids)
+    both = counts[:, :num].flatten().cpu().tolist()  # the one host sync of a stretch
+    return _Stretch(start, stop, both[:num], both[num:], first, last)
 
 
-def _to_host(values: Tensor) -> Tensor:
-    """A host copy, through pinned memory from a GPU (a pageable copy is several times slower)."""
-    if values.device.type != "cuda":
-        return values.cpu()
-    out = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-    out.copy_(values, non_blocking=True)
-    torch.cuda.current_stream(values.device).synchronize()
-    return out
-
-
-def _stretches(vis_o: Tensor, capacity: int, ids: Tensor) -> list[_Stretch]:
+def _stretches(vis_o: Tensor, capacity: int) -> list[_Stretch]:
     """Consecutive view ranges whose schedules fit; the whole batch when it fits."""
     num = vis_o.shape[0]
     stretches, start = [], 0
     while start < num:
-        whole = _counts(vis_o, start, num, ids if start == 0 else None)
+        whole = _counts(vis_o, start, num)
         if _fits(whole.loads, whole.frees, capacity):
             stretches.append(whole)
             break
@@ -223,12 +201,7 @@ def _schedule(
     ids, num, union = plan.ids, stretch.stop - stretch.start, vis_o.shape[1]
     present = sum(stretch.loads)
     plan.slots_needed = max(plan.slots_needed, min(capacity, present))
-    by_first = (
-        stretch.by_first
-        if stretch.by_first is not None
-        else torch.argsort(stretch.first, stable=True)
-    )
-    by_first = by_first[:present]
+    by_first = torch.argsort(stretch.first, stable=True)[:present]
     if shared is None:
         by_last = torch.argsort(stretch.last, stable=True)[:present]
         finals, defers = stretch.frees, [0] * num
@@ -278,16 +251,13 @@ def plan_batch(
     ids: Tensor,
     vis: Tensor,
     capacity: int,
-    on_loads: Callable[[Tensor, list[int]], None] | None = None,
     *,
     survey: tuple[Tensor, list[int]] | None = None,
     keep: Tensor | None = None,
 ) -> BatchPlan:
     """Schedule a culled batch (``vis [B, U]`` over rows ``ids``) through ``capacity`` slots.
 
-    ``on_loads(rows, counts)`` is called as soon as the rows each micro-batch loads are known
-    on the host (``rows`` in load order, ``counts`` per micro-batch), before the rest of the
-    schedule is built: their catch-up can start meanwhile. ``survey``: what
+    ``survey``: what
     :func:`overlap_and_uses` gave for ``vis``, if the caller already has it. ``keep [U]``
     marks rows that other plans of the same step also use: their gradients are deferred.
     """
@@ -299,15 +269,10 @@ def plan_batch(
     vis_o = vis[order]
     uses = [per_view[v] for v in order]
     plan = BatchPlan(ids=ids, order=order, uses=sum(uses))
-    stretches = _stretches(vis_o, capacity, ids)
-    if len(stretches) == 1 and on_loads is not None:
-        on_loads(stretches[0].load_ids_host, stretches[0].loads)
+    stretches = _stretches(vis_o, capacity)
     shared = _shared_rows(vis_o, stretches) if len(stretches) > 1 else None
     if keep is not None:
         shared = keep if shared is None else shared | keep
     for stretch in stretches:
         _schedule(plan, stretch, vis_o, uses, capacity, shared)
-    if len(stretches) > 1 and on_loads is not None:
-        loads = torch.cat([mb.load_ids for mb in plan.micro]).cpu()
-        on_loads(loads, [mb.load_ids.numel() for mb in plan.micro])
     return plan

@@ -1,6 +1,6 @@
-"""The CPU side of the pipeline: a pinned staging ring that gradients land in, and background
-queues that run CPU work (Adam on rows whose gradients have arrived, catch-up of rows about to be
-gathered) while the main thread goes on rendering."""
+"""The CPU side of the pipeline: a pinned staging ring that gradients land in, and a background
+queue that runs CPU work (Adam on rows whose gradients have arrived) while the main thread goes
+on rendering."""
 
 from __future__ import annotations
 
@@ -87,6 +87,20 @@ class BackgroundQueue:
 
     def submit(self, job: Callable[[], None]) -> None:
         self._jobs.put(job)
+
+    def mark(self) -> threading.Event:
+        """An event set once every job submitted so far has run."""
+        done = threading.Event()
+        self.submit(done.set)
+        return done
+
+    def wait(self, event: threading.Event) -> float:
+        """Block until ``event`` (from :meth:`mark`) is set, surfacing the thread's errors
+        (after one, later jobs do not run); returns the seconds spent waiting."""
+        t0 = time.perf_counter()
+        while not event.wait(timeout=0.1):
+            self.raise_error()
+        return time.perf_counter() - t0
 
     def drain(self) -> float:
         """Wait for every submitted job; returns the seconds spent waiting."""

@@ -269,7 +269,7 @@ def lazy_step_rows(
             r, g = r[live], g[live]
         stepped += r.numel()
         p, m, v = param[r, :width], exp_avg[r, :width], exp_avg_sq[r, :width]
-        _catch_up_block(p, m, v, last[r], step - 1, segments, width)
+        catch_up_block(p, m, v, last[r], step - 1, segments, width)
         for seg in segments:
             cols = slice(seg.start, min(seg.end, width))
             if cols.start < cols.stop:
@@ -304,13 +304,13 @@ def lazy_catch_up(
             # Views: the catch-up writes straight into the tensors.
             p, m, v = param[r, :width], exp_avg[r, :width], exp_avg_sq[r, :width]
             pending += (last[r] < step).sum()
-            _catch_up_block(p, m, v, last[r], step, segments, width)
+            catch_up_block(p, m, v, last[r], step, segments, width)
             last[r].fill_(step)
         else:
             r = rows[lo : lo + _ROW_BLOCK]
             p, m, v = param[r, :width], exp_avg[r, :width], exp_avg_sq[r, :width]
             pending += (last[r] < step).sum()
-            _catch_up_block(p, m, v, last[r], step, segments, width)
+            catch_up_block(p, m, v, last[r], step, segments, width)
             param[r, :width] = p
             exp_avg[r, :width] = m
             exp_avg_sq[r, :width] = v
@@ -318,7 +318,7 @@ def lazy_catch_up(
     return pending
 
 
-def _catch_up_block(
+def catch_up_block(
     p: Tensor,
     m: Tensor,
     v: Tensor,

@@ -236,7 +236,6 @@ class Trainer(TrainerCheckpoints):
                 upcoming = self.sampler.peek()
                 self.images.prefetch(upcoming)  # decode ahead while this step runs
                 self.targets.prepare(upcoming)
-                self.engine.expect([self.train_views[i] for i in upcoming])
                 loss_sum, mse_sum = self.train_step(batch)
                 step = self.engine.step
                 try:
