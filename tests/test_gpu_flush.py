@@ -25,7 +25,8 @@ def test_rows_without_gradient_stay_on_the_gpu(width):
     grads[11, :] = 0
     grads[11, width - 1] = 1e-30  # one tiny value is a gradient
     ids = torch.randperm(10 * n, device=cuda, generator=g)[:n]
-    flush = GradientFlush(types.SimpleNamespace(width=48), cuda, staging_rows=1 << 14)
+    host = types.SimpleNamespace(width=48, adam=types.SimpleNamespace(threads=2))
+    flush = GradientFlush(host, cuda, staging_rows=1 << 14)
     assert flush.compact
     flush.staging.acquire(17)  # start the ring off zero
     start, done = flush._download(grads, ids)

@@ -110,6 +110,10 @@ def phase_labels(engine) -> Iterator[None]:
             (engine.flusher, "flush", "flush"),
             (engine.flusher, "defer", "defer"),
             (engine.flusher, "flush_deferred", "flush deferred"),
+            (engine.flusher.staging, "acquire", "wait for staging room"),
+            # On the CPU Adam thread, alongside the main thread's phases:
+            (engine.host, "step_rows", "cpu thread: adam"),
+            (engine.flusher.deferred, "add", "cpu thread: sum deferred"),
             (engine.key, "step_sparse", "key adam"),
             (engine.resident, "step", "resident adam"),
             (engine.resident, "choose", "choose resident"),
