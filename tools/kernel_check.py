@@ -47,7 +47,8 @@ def main() -> None:
     torch.cuda.synchronize()
     assert torch.equal(out[slots, :27].cpu(), host[rows.cpu(), :27])
 
-    flush = GradientFlush(types.SimpleNamespace(width=48), device, staging_rows=4096)
+    host_rows = types.SimpleNamespace(width=48, adam=types.SimpleNamespace(threads=2))
+    flush = GradientFlush(host_rows, device, staging_rows=4096)
     grads = torch.randn(700, 27, device=device)
     grads[::3] = 0
     start, done = flush._download(grads, rows)
