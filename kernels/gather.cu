@@ -57,8 +57,10 @@ extern "C" __global__ void gather_rows(
 //   p - m / sqrt(v) * sums[segment of the column][last]   (where v > 0),
 // in double with the CPU Adam's operations in its order (the _rn intrinsics are never fused), so
 // the render sees exactly the parameters the CPU Adam will step from. The host row is left as it
-// is: the CPU Adam applies the same skipped steps when it next steps the row. The moments are
-// read only for rows with steps pending; those rows are counted in *caught_up.
+// is: the CPU Adam applies the same skipped steps when it next steps the row. Rows with steps
+// pending are counted in *caught_up. The moments are read only for those rows, once `last` has
+// arrived: reading them with it for every row measured slower (more bytes over PCIe and through
+// host memory, which the CPU Adam needs too).
 __device__ __forceinline__ void load_piece(float* v, const float* src, int count, bool aligned)
 {
     if (aligned) {
