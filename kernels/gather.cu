@@ -1,58 +1,14 @@
 // Zero-copy gather of host rows into GPU cache slots, straight over PCIe.
-// The host rows live in chunks of pinned, mapped memory; row r is at
-// chunk_ptrs[r >> chunk_shift] + (r & (2^chunk_shift - 1)) * row_stride floats.
+// The host rows live in chunks of pinned, mapped memory: chunk_ptrs[a * n_chunks + c] is chunk c
+// of array a (0: parameters, 1 and 2: Adam moments, 3: `last`, the step a row is up to date at),
+// and row r is at chunk r >> chunk_shift, row r & (2^chunk_shift - 1), of row_stride floats.
 // Only the first `width` columns move (the active SH degree); the slot's gradient is zeroed.
 //
 // Random rows over PCIe are bound by the requests in flight, not by bytes, so each thread
 // moves a 4-float piece of a row with independent loads (one 16-byte load when aligned):
 // neighbouring threads cover neighbouring pieces, and a warp keeps many rows in flight.
-
-extern "C" __global__ void gather_rows(
-    const unsigned long long* __restrict__ chunk_ptrs,
-    const int chunk_shift,
-    const long long row_stride,
-    const long long* __restrict__ rows,   // [n] host row ids
-    const long long* __restrict__ slots,  // [n] cache slots
-    const long long n,
-    const int width,
-    float* __restrict__ out,              // [capacity, out_stride]
-    float* __restrict__ grad_out,         // [capacity, out_stride] (may be null)
-    const long long out_stride)
-{
-    const int pieces = (width + 3) >> 2;
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= n * pieces) return;
-    const long long j = idx / pieces;
-    const int c = (int)(idx - j * pieces) << 2;
-    const long long r = rows[j];
-    const float* src = reinterpret_cast<const float*>(chunk_ptrs[r >> chunk_shift])
-                       + (r & ((1LL << chunk_shift) - 1)) * row_stride + c;
-    const long long dst = slots[j] * out_stride + c;
-    const bool aligned = ((row_stride | out_stride) & 3) == 0 && c + 4 <= width;
-    if (aligned) {
-        const float4 v = *reinterpret_cast<const float4*>(src);
-        *reinterpret_cast<float4*>(out + dst) = v;
-        if (grad_out != nullptr) {
-            *reinterpret_cast<float4*>(grad_out + dst) = make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-        return;
-    }
-    const int count = min(4, width - c);
-    float v[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        if (k < count) v[k] = src[k];
-    }
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        if (k < count) {
-            out[dst + k] = v[k];
-            if (grad_out != nullptr) grad_out[dst + k] = 0.0f;
-        }
-    }
-}
-
-// As gather_rows, for rows that may have skipped Adam steps pending (lazy Adam,
+//
+// With `sums` (else null), rows may have skipped Adam steps pending (lazy Adam,
 // clm/optim/lazy_adam.py): a row whose `last` step is before `upto` is caught up on the way,
 //   p - m / sqrt(v) * sums[segment of the column][last]   (where v > 0),
 // in double with the CPU Adam's operations in its order (the _rn intrinsics are never fused), so
@@ -61,6 +17,7 @@ extern "C" __global__ void gather_rows(
 // pending are counted in *caught_up. The moments are read only for those rows, once `last` has
 // arrived: reading them with it for every row measured slower (more bytes over PCIe and through
 // host memory, which the CPU Adam needs too).
+
 __device__ __forceinline__ void load_piece(float* v, const float* src, int count, bool aligned)
 {
     if (aligned) {
@@ -72,7 +29,7 @@ __device__ __forceinline__ void load_piece(float* v, const float* src, int count
     for (int k = 0; k < 4; ++k) v[k] = k < count ? src[k] : 0.0f;
 }
 
-extern "C" __global__ void gather_rows_caught_up(
+extern "C" __global__ void gather_rows(
     const unsigned long long* __restrict__ chunk_ptrs,  // [4, n_chunks]: param, m, v, last
     const long long n_chunks,
     const int chunk_shift,
@@ -85,7 +42,7 @@ extern "C" __global__ void gather_rows_caught_up(
     float* __restrict__ grad_out,         // [capacity, out_stride] (may be null)
     const long long out_stride,
     const int upto,
-    const double* __restrict__ sums,      // [segments, sums_stride]: skip sums by a row's last
+    const double* __restrict__ sums,      // [segments, sums_stride] by a row's last (may be null)
     const long long sums_stride,
     const int* __restrict__ column_segment,  // [width]: the row of `sums` of each column
     unsigned long long* __restrict__ caught_up)
@@ -100,9 +57,11 @@ extern "C" __global__ void gather_rows_caught_up(
         const long long chunk = r >> chunk_shift;
         const long long in_chunk = r & ((1LL << chunk_shift) - 1);
         const long long at = in_chunk * row_stride + c;
-        const int t0 = reinterpret_cast<const int*>(chunk_ptrs[3 * n_chunks + chunk])[in_chunk];
         const int count = min(4, width - c);
         const bool aligned = ((row_stride | out_stride) & 3) == 0 && count == 4;
+        const int t0 = sums == nullptr
+            ? upto
+            : reinterpret_cast<const int*>(chunk_ptrs[3 * n_chunks + chunk])[in_chunk];
         float p[4];
         load_piece(p, reinterpret_cast<const float*>(chunk_ptrs[chunk]) + at, count, aligned);
         if (t0 < upto) {

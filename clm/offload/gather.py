@@ -92,9 +92,10 @@ class RowGather:
             if grad_out is not None:
                 grad_out[slots, :width] = 0
             return
-        pointers = self._chunk_pointers()
-        args = [
-            pointer(pointers) if catch_up is not None else pointer(pointers[0]),
+        null = np.uint64(0)
+        args = (
+            pointer(self._chunk_pointers()),
+            np.int64(len(self.store.param_chunks)),
             np.int32(self.store.chunk_shift),
             np.int64(self.store.width),
             pointer(rows),
@@ -102,22 +103,16 @@ class RowGather:
             np.int64(rows.numel()),
             np.int32(width),
             pointer(out),
-            pointer(grad_out) if grad_out is not None else np.uint64(0),
+            pointer(grad_out) if grad_out is not None else null,
             np.int64(out.shape[1]),
-        ]
-        name = "gather_rows"
-        if catch_up is not None:
-            name = "gather_rows_caught_up"
-            args.insert(1, np.int64(pointers.shape[1]))
-            args += [
-                np.int32(catch_up.step),
-                pointer(catch_up.sums),
-                np.int64(catch_up.sums.stride(0)),
-                pointer(catch_up.column_segment),
-                pointer(self._caught_up),
-            ]
+            np.int32(0 if catch_up is None else catch_up.step),
+            null if catch_up is None else pointer(catch_up.sums),
+            np.int64(0 if catch_up is None else catch_up.sums.stride(0)),
+            null if catch_up is None else pointer(catch_up.column_segment),
+            pointer(self._caught_up),
+        )
         pieces = (width + 3) // 4  # one thread per 4-float piece of a row
-        launch(kernel("gather.cu", name), rows.numel() * pieces, tuple(args), stream=stream)
+        launch(kernel("gather.cu", "gather_rows"), rows.numel() * pieces, args, stream=stream)
 
     def _caught_up_twin(self, rows: Tensor, width: int, catch_up: CatchUpTo) -> Tensor:
         """The kernel's catch-up in torch, on copies of the rows."""

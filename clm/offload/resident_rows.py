@@ -174,10 +174,6 @@ class ResidentRows:
         resident = list(torch.split(pairs[:, 1], counts))
         return Split(CullResult(culled.ids[at], culled.vis[:, at]), at, resident)
 
-    def on_host(self, rows: Tensor) -> Tensor:
-        """Those of ``rows`` the host path serves."""
-        return rows if self.count == 0 else rows[self.slots(rows) < 0]
-
     def choose(self, host: HostRows, step: int, limit: int, fixed: bool) -> None:
         """Make the ``limit`` most-seen rows resident (all rows when they fit), moving only the
         rows that change sides; both sets are up to date at ``step``.
