@@ -64,7 +64,7 @@ class RowSums:
         if self._lib is None:
             self._add_torch(rows, grads)
             return
-        self.count = self._lib.clm_row_sums_add(
+        count = self._lib.clm_row_sums_add(
             self.slot_of.data_ptr(),
             rows.data_ptr(),
             n,
@@ -78,6 +78,9 @@ class RowSums:
             self.count,
             self.threads,
         )
+        if count < 0:
+            raise MemoryError(f"no memory to index {n} gradient rows")
+        self.count = count
 
     def sums(self, width: int) -> Iterator[tuple[Tensor, Tensor]]:
         """``(rows, summed gradients[:, :width])``, block by block, in slot order."""
