@@ -124,14 +124,6 @@ class SkipTable:
         self._sums[lo:step].add_(weights, alpha=lr * bc2_sqrt / bc1)
         self._step = step
 
-    def copy(self) -> SkipTable:
-        """An independent table with the same history (to advance ahead of this one)."""
-        other = SkipTable.__new__(SkipTable)
-        other.__dict__.update(self.__dict__)
-        other._sums = self._sums.clone()
-        other._decay = self._decay.clone()
-        return other
-
     def _reserve(self, capacity: int) -> None:
         old = self._sums.numel()
         sums = torch.zeros(capacity, dtype=torch.float64, device=self.device)
