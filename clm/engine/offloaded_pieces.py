@@ -54,7 +54,7 @@ class InPieces:
                 cut = cut_views(self.culler, cull_inputs, wanted, capacity, margin_for(local.reach))
         if cut is None:
             local = None
-            self._drain()  # pass 1 renders from host rows caught up here, on this thread
+            self._drain()  # pass 1 gathers host rows the last step's CPU Adam may be writing
             cut = cut_views(self.culler, cull_inputs, wanted, capacity)
         cuts = dict(zip(big, cut, strict=True))
         units: list[View] = []
@@ -182,7 +182,7 @@ class InPieces:
         if self.resident.count:
             at = at[self.resident.slots(rows) < 0]
         self.gather.gather(rows[at], at, width, values, catch_up=self.skips.to(self.step))
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # the kernel reads host rows the host may write next
             torch.cuda.synchronize(self.device)
         self.resident.patch(rows, values, width)
         params = unpack_rows(self.key.param[rows], self.key.layout)

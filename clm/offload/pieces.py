@@ -88,10 +88,8 @@ class Piece(View):
 
     def part(self, x0: int, y0: int, x1: int, y1: int) -> Piece:
         """The piece ``[x0, x1) x [y0, y1)`` of the whole view (inside this one)."""
-        K = self.K.clone()
-        K[0, 2] -= x0 - self.x0
-        K[1, 2] -= y0 - self.y0
-        return Piece(self.viewmat, K, x1 - x0, y1 - y0, self.full, x0, y0, self.margin)
+        crop = self.crop(x0 - self.x0, y0 - self.y0, x1 - self.x0, y1 - self.y0)
+        return Piece(crop.viewmat, crop.K, crop.width, crop.height, self.full, x0, y0, self.margin)
 
     def halves(self) -> tuple[Piece, Piece]:
         """Two pieces, split at a tile boundary across the longer side (at least two tiles)."""

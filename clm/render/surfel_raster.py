@@ -80,7 +80,7 @@ def pixel_boxes(
 def _pairs(
     table: Tensor, radii: Tensor, depths: Tensor, width: int, height: int
 ) -> tuple[Tensor, Tensor]:
-    """The (pixel, splat) pairs of each splat's :func:`_pixel_boxes`, splat by splat in depth
+    """The (pixel, splat) pairs of each splat's :func:`pixel_boxes`, splat by splat in depth
     order (ties by row: gsplat's stable radix sort)."""
     x0, x1, y0, y1 = pixel_boxes(table, radii, width, height)
     nx, ny = torch.clamp_min(x1 - x0, 0), torch.clamp_min(y1 - y0, 0)
