@@ -13,8 +13,8 @@
 //   p - m / sqrt(v) * sums[segment of the column][last]   (where v > 0),
 // in double with the CPU Adam's operations in its order (the _rn intrinsics are never fused), so
 // the render sees exactly the parameters the CPU Adam will step from. The host row is left as it
-// is: the CPU Adam applies the same skipped steps when it next steps the row. Rows with steps
-// pending are counted in *caught_up. The moments are read only for those rows, once `last` has
+// is: the CPU Adam applies the same skipped steps when it next steps the row. The values
+// gathered with steps pending are counted in *caught_up. The moments are read only for those rows, once `last` has
 // arrived: reading them with it for every row measured slower (more bytes over PCIe and through
 // host memory, which the CPU Adam needs too).
 
@@ -99,6 +99,6 @@ extern "C" __global__ void gather_rows(
     }
     const unsigned ballot = __ballot_sync(0xffffffffu, counted);
     if ((threadIdx.x & 31) == 0 && ballot != 0u) {
-        atomicAdd(caught_up, (unsigned long long)__popc(ballot));
+        atomicAdd(caught_up, (unsigned long long)__popc(ballot) * (unsigned long long)width);
     }
 }

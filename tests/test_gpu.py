@@ -19,6 +19,7 @@ from clm.offload.host_store import HostStore
 from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.base import View
+from clm.render.reach import reached_gsplat, reached_torch
 from clm.render.splats import render_gsplat, render_torch
 from clm.train.batch_loss import batch_loss
 
@@ -81,6 +82,47 @@ def test_gsplat_and_torch_rasterizer_agree():
         a, b = cpu[name].grad, gpu[name].grad.cpu()
         rel = (a - b).norm() / b.norm().clamp_min(1e-12)
         assert rel < 5e-2, (name, float(rel))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reach_kernel_finds_every_row_gsplat_reads(seed):
+    """gsplat rendering the rows ``reached_gsplat`` reads, alone, in the walk's order or in
+    another, gives the whole render's image bit for bit and its gradients (up to the order of
+    its atomics), and no row outside them has a gradient; the kernel's set is the torch twin's
+    up to rounding at the cut-offs, and leaves out much of what the render draws."""
+    params = random_params(40_000, seed=seed, spread=(3.0, 1.0, 3.0))
+    params["scales"] += math.log(0.4)  # about a quarter of the drawn rows are read
+    params["means"][20_000:] = params["means"][:20_000]  # depth ties
+    view = ring_views(5, 160, 120, device=CUDA)[seed]
+    bg = torch.tensor([0.2, 0.1, 0.3], device=CUDA)
+    gpu = {k: v.to(CUDA) for k, v in params.items()}
+    reach = reached_gsplat(gpu, view)
+    twin = reached_torch(params, view.to("cpu")).read.to(CUDA)
+    drawn = render_gsplat(gpu, view, 3, bg).ids
+    assert torch.equal(torch.nonzero(reach.drawn).squeeze(1), drawn.sort().values)
+    assert 0.1 * drawn.numel() < int(reach.read.sum()) < 0.5 * drawn.numel()
+    assert int((reach.read ^ twin).sum()) <= 0.01 * int(twin.sum())
+    order = torch.randperm(40_000, generator=torch.Generator().manual_seed(seed)).to(CUDA)
+    for rows in (torch.arange(40_000, device=CUDA), order):
+        inputs = {k: v[rows] for k, v in gpu.items()}
+        read = torch.nonzero(reach.read[rows]).squeeze(1)
+        results = []
+        for given in (inputs, {k: v[read] for k, v in inputs.items()}):
+            leaves = {k: v.clone().requires_grad_() for k, v in given.items()}
+            out = render_gsplat(leaves, view, 3, bg)
+            weights = torch.linspace(-1.0, 1.0, out.image.numel(), device=CUDA)
+            (out.image.flatten() * weights).sum().backward()
+            results.append((out.image.detach(), {k: v.grad for k, v in leaves.items()}))
+        (image, grads), (part, part_grads) = results
+        assert torch.equal(part, image)
+        outside = torch.ones(40_000, dtype=torch.bool, device=CUDA)
+        outside[read] = False
+        for name, grad in grads.items():  # gsplat sums per-pixel terms with atomics
+            scale = float(grad.abs().max())
+            torch.testing.assert_close(
+                part_grads[name], grad[read], rtol=1e-4, atol=1e-5 * scale, msg=name
+            )
+            assert not grad[outside].any(), name
 
 
 def test_cull_kernel_matches_torch_twin_and_is_conservative():
@@ -173,7 +215,7 @@ def test_gather_kernel_catches_rows_up_as_the_cpu_adam_does():
         twin.gather(rows, slots, width, want, catch_up=twin_catch_up)
         assert torch.equal(out.cpu(), want)
         assert (grad[slots.to(CUDA), :width] == 0).all()
-    assert kernel.rows_caught_up == 4 * int((last < 5).sum()) > 0
+    assert kernel.values_caught_up == (7 + 16 + 31 + host.width) * int((last < 5).sum()) > 0
     before = torch.cat(store.param_chunks)[rows].clone()
     host.catch_up(rows, 5)
     caught = torch.cat(store.param_chunks)[rows]

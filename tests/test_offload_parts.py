@@ -324,7 +324,7 @@ def test_gather_catches_rows_up_as_dense_adam_moves_them_and_leaves_the_host_row
         torch.testing.assert_close(got[:, s.start : s.end], ref[s.attr.name], rtol=1e-5, atol=1e-6)
     after = (*dense(store), torch.cat(store.last_chunks)[:64])
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
-    assert gather.rows_caught_up == stale
+    assert gather.values_caught_up == stale * host.width
     # What the render saw is, bit for bit, where the CPU Adam's own catch-up puts the rows.
     host.catch_up(None, 6)
     assert torch.equal(dense(store)[0][:64], got)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from test_engines import Observed, assert_same, make_engine, train
+from test_engines import Observed, assert_same, make_engine, render_every_row, train
 from test_methods import SURFELS, surfel_engine
 
 from clm.engine.base import LocalLoss
@@ -271,21 +271,27 @@ def count_cuts(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("one_pass", "cache_rows", "plan_elements", "resident"),
+    ("one_pass", "cache_rows", "plan_elements", "resident", "reach"),
     [
-        (False, 245, None, 0),  # some views whole, some in pieces, one group a step
-        (False, 150, None, 0),  # every view in pieces
-        (False, 150, 4000, 0),  # pieces in several groups a step: rows shared by groups deferred
-        (False, 150, None, 200),  # pieces that render resident rows too
+        # Every culled-in row rendered (a renderer that declares no reach):
+        (False, 245, None, 0, False),  # some views whole, some in pieces, one group a step
+        (False, 150, None, 0, False),  # every view in pieces
+        (False, 150, 4000, 0, False),  # pieces in several groups a step: shared rows deferred
+        (False, 150, None, 200, False),  # pieces that render resident rows too
         # The same in one pass; at these image sizes a margin is a large part of a piece,
         # which then needs a larger cache.
-        (True, 245, None, 0),
-        (True, 200, 4000, 0),
-        (True, 200, None, 200),
+        (True, 245, None, 0, False),
+        (True, 200, 4000, 0, False),
+        (True, 200, None, 200, False),
+        # The rows each piece reads alone: views that read more rows than the cache holds.
+        (False, 150, None, 0, True),
+        (False, 150, 4000, 0, True),
+        (True, 200, 4000, 0, True),
+        (True, 200, None, 200, True),
     ],
 )
 def test_engine_with_a_tiny_cache_matches_the_resident_engine(
-    setup, monkeypatch, one_pass, cache_rows, plan_elements, resident
+    setup, monkeypatch, one_pass, cache_rows, plan_elements, resident, reach
 ):
     views, targets, batches, degrees = setup
     params = scene()
@@ -297,6 +303,8 @@ def test_engine_with_a_tiny_cache_matches_the_resident_engine(
     ref = make_engine("none", params, 3, steps)
     ref = train(ref, views, targets, batches, degrees, densify_at=2, observe=want)
     extra = {"resident": resident, "views": views} if resident else {}
+    if not reach:
+        extra["render_fn"] = render_every_row
     engine = make_engine("clm", params, 3, steps, cache_rows=cache_rows, staging_rows=64, **extra)
     loss_of = local_3dgs if one_pass else None
     got = train(
@@ -418,7 +426,8 @@ def test_pieces_that_see_nothing(setup, monkeypatch, one_pass):
     single = count_one_pass(monkeypatch)
     batches, degrees = [[0, 3], [0, 3]], [1, 1]
     ref = train(make_engine("none", params, 2, 2), views, targets, batches, degrees)
-    engine = make_engine("clm", params, 2, 2, cache_rows=rows - 1)
+    # (every culled-in row rendered: view 0 reads fewer rows than the cache holds)
+    engine = make_engine("clm", params, 2, 2, cache_rows=rows - 1, render_fn=render_every_row)
     got = train(engine, views, targets, batches, degrees, loss_of=local_3dgs if one_pass else None)
     assert bool(single) == one_pass
     bg = torch.tensor([0.3, 0.2, 0.1])

@@ -78,12 +78,12 @@ class StepMeter:
     def __init__(self, engine: Engine, warmup: int) -> None:
         self.engine, self.warmup = engine, warmup
         self.steps = self.images = self.up = self.down = self.hits = self.lookups = 0
-        self.visible = self.host_rows = 0
+        self.visible = self.host_rows = self.read_rows = 0
         self.start: float | None = None
         self.elapsed = 0.0
         # host rows stepped by the CPU Adam, gradient rows that crossed to the host (on CUDA,
         # rows without gradient stay on the GPU), rows whose skipped steps were caught up in
-        # host memory, and rows gathered with skipped steps pending (caught up on the GPU)
+        # host memory, and values gathered with skipped steps pending (caught up on the GPU)
         self.stepped = self.sent = self.caught_up = self.gathered_stale = 0
         inner = engine.train_step
 
@@ -103,6 +103,7 @@ class StepMeter:
                 self.lookups += s.cache_lookups
                 self.visible += s.visible_rows
                 self.host_rows += s.host_rows
+                self.read_rows += s.read_rows
 
         engine.train_step = timed  # type: ignore[method-assign]
 
@@ -112,7 +113,7 @@ class StepMeter:
             return 0, 0, 0, 0
         self.engine._drain()  # the CPU Adam
         host, gather = self.engine.host, self.engine.gather
-        return flusher.rows_stepped, flusher.rows_sent, host.rows_caught_up, gather.rows_caught_up
+        return flusher.rows_stepped, flusher.rows_sent, host.rows_caught_up, gather.values_caught_up
 
     def stop(self) -> None:
         synchronize()
@@ -132,7 +133,7 @@ class StepMeter:
         has_flusher = getattr(self.engine, "flusher", None) is not None
         down = self.sent * row_bytes if has_flusher else self.down
         adam = self.stepped * 7 * row_bytes + (self.sent - self.stepped) * row_bytes
-        catch_up = (self.caught_up * 6 + self.gathered_stale * 2) * row_bytes
+        catch_up = self.caught_up * 6 * row_bytes + self.gathered_stale * 2 * 4
         return (self.up + down + adam + catch_up) / self.steps
 
 
@@ -403,6 +404,10 @@ def run_largest(args, scene, images, all_views, count, mode, cap) -> dict:
             "visible rows/step": f"{meter.visible / max(meter.steps, 1) / 1e6:.2f}M",
             "resident": f"{resident.count / count:.0%}" if resident is not None else "all",
             "host rows/step": f"{meter.host_rows / max(meter.steps, 1) / 1e6:.2f}M"
+            if resident is not None
+            else "-",
+            # culled-in host rows the renders read (rendered and stepped), summed over groups
+            "read rows/step": f"{meter.read_rows / max(meter.steps, 1) / 1e6:.2f}M"
             if resident is not None
             else "-",
             # culled-in host rows whose batch gradient was zero, of all culled-in host rows

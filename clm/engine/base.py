@@ -109,6 +109,7 @@ class StepStats:
 
     visible_rows: int = 0
     host_rows: int = 0  # of those, rows the host path served (the rest were resident)
+    read_rows: int = 0  # of those, rows whose colours a render read (summed over groups)
     bytes_to_gpu: int = 0
     bytes_to_host: int = 0  # gradients queued (on CUDA, rows without any stay on the GPU)
     cache_hits: int = 0

@@ -5,14 +5,16 @@ One step, for a batch of views; each stage has its module in :mod:`clm.offload`:
 
 1. **cull** all views against the key attributes, no PCIe traffic (``culling``), and split the
    visible rows into resident rows and host rows (``resident_rows``);
-2. **plan** the host rows of the batch through the row cache (``plan``);
-3. for each view in the planned order: **gather** its new host rows from pinned memory into
+2. **read**: keep the rows each view's render reads, found by walking its pixels with the
+   geometry (``read_rows``; a renderer that declares no reach reads every row it is given);
+3. **plan** the host rows of the batch through the row cache (``plan``);
+4. for each view in the planned order: **gather** its new host rows from pinned memory into
    cache slots (a kernel on the copy stream, one view ahead of rendering, ``gather``), caught
    up on the way where they have skipped Adam steps pending (``catch_up``), render
    from the cache and the resident rows, backpropagate, accumulate gradients, and **flush** the
    host rows whose last use this was to the CPU Adam thread, which updates them while the GPU
    renders the next views (``flush``);
-4. dense Adam on the GPU for the key attributes and the resident rows; the next batch's
+5. dense Adam on the GPU for the key attributes and the resident rows; the next batch's
    culling overlaps the CPU Adam tail.
 
 A view that sees more host rows than the cache holds is rendered in pieces, with the same
@@ -38,7 +40,7 @@ from clm.engine.base import (
 )
 from clm.engine.offloaded_pieces import InPieces
 from clm.engine.offloaded_rows import RowsAcrossSets
-from clm.model.spec import active_row_width, unpack_rows
+from clm.model.spec import ColumnSegment, active_row_width, unpack_rows
 from clm.offload.catch_up import CatchUpTo, SkipSums
 from clm.offload.culling import CullResult
 from clm.offload.flush import STAGING_ROWS, GradientFlush, on_stream, record_event
@@ -47,9 +49,10 @@ from clm.offload.lazy_rows import DeviceRows, HostRows
 from clm.offload.piece_grads import CropGrad, ImageGrad
 from clm.offload.pieces import Piece, PieceCuller
 from clm.offload.plan import BatchPlan, overlap_and_uses, plan_batch
+from clm.offload.read_rows import ReadCull, read_cull, with_drawn
 from clm.offload.resident_rows import ResidentBudget, ResidentRows, Split
 from clm.offload.row_inputs import RowInputs, Source
-from clm.render.base import View
+from clm.render.base import View, reach_of
 
 __all__ = ["STAGING_ROWS", "OffloadEngine"]
 
@@ -131,6 +134,8 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         self.skips = SkipSums(self.spec.host, self.lrs, config, self.device)
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self._waited_seconds = 0.0
+        self.reach = reach_of(self.render_fn)  # which culled-in rows a render reads
+        self._reach_segments = self._host_segments_read()
 
     # ---- basic facts ----------------------------------------------------------------------
 
@@ -155,6 +160,19 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         packed = self.host.store.gather_params(rows).to(self.device)
         self.resident.patch(ids.to(self.device), packed, self.host.width)
         return unpack_rows(packed, self.host.layout)[name]
+
+    def _host_segments_read(self) -> list[ColumnSegment]:
+        """The leading host columns the reach reads (the attributes up to the last it reads
+        there); with a reach that reads an attribute of neither table, there is no reach."""
+        if self.reach is None:
+            return []
+        key = {a.name for a in self.spec.key}
+        wanted = set(self.reach.reads) - key
+        if not wanted <= {seg.attr.name for seg in self.host.layout}:
+            self.reach = None
+            return []
+        end = max((seg.end for seg in self.host.layout if seg.attr.name in wanted), default=0)
+        return [seg for seg in self.host.layout if seg.end <= end]
 
     def _ensure_cache(self, rows: int) -> None:
         if self.cache_param.shape[0] >= rows:
@@ -206,35 +224,35 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         self.resident.count_visits(culled.ids, culled.vis)
         stats = StepStats(visible_rows=int(culled.ids.numel()))
         everything = self.resident.count == len(self.key)  # no host path this step
+        batch = _Batch(
+            views, loss_fn, observe, sh_degree, background, step, width, stats,
+            culled.ids, torch.empty(0), settled, catch_up,
+        )  # fmt: skip
+        read = None
         if not everything:
             split = self.resident.split(culled)
+            stats.host_rows = split.host.ids.numel()
+            read = self._read(batch, culled, views)
+            if read is not None:
+                split = self.resident.split(read.culled)
+                batch.rows = read.culled.ids
             host_rows = split.host.ids.numel()
             capacity = max(self.capacity if self.capacity is not None else host_rows, 1)
             survey = overlap_and_uses(split.host.vis)  # the plan's one sync: who needs pieces
             # A view's render workspace grows with every row it renders, resident ones too.
-            per_view = survey[1] if split.at is None else culled.vis.sum(dim=1).tolist()
+            rendered = culled if read is None else read.culled
+            per_view = survey[1] if split.at is None else rendered.vis.sum(dim=1).tolist()
             big = [i for i, rows in enumerate(per_view) if rows > capacity]
-            stats.host_rows = host_rows
-        batch = _Batch(
-            views,
-            loss_fn,
-            observe,
-            sh_degree,
-            background,
-            step,
-            width,
-            stats,
-            culled.ids,
-            torch.zeros(culled.ids.numel(), self.key.width, device=self.device),
-            settled,
-            catch_up,
-        )
+        batch.key_grads = torch.zeros(batch.rows.numel(), self.key.width, device=self.device)
         if everything:
             self._train_resident(batch, culled)
         elif big:
             self._train_in_pieces(batch, per_view, big, capacity)
         else:
-            self._train_group(batch, views, range(len(views)), culled, capacity, survey, split)
+            rendered, drawn = (culled, None) if read is None else (read.culled, read.drawn)
+            self._train_group(
+                batch, views, range(len(views)), rendered, capacity, survey, split, drawn=drawn
+            )
         self.flusher.flush_deferred(width, step)
         self.key.step_sparse(batch.rows, batch.key_grads, step)
         self.resident.step(step, width)
@@ -252,11 +270,13 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         split: Split | None = None,
         keep: Tensor | None = None,
         to_batch: Tensor | None = None,
+        drawn: Sequence[Tensor] | None = None,
     ) -> None:
         """Plan ``units`` (views, or pieces of ``batch.views[owner[k]]``) through the cache and
         render each with gradients. ``to_batch``: where ``culled``'s rows are in ``batch.rows``,
         when those are not the same; ``keep``: rows other groups use too; ``survey`` and
-        ``split``: of ``culled``, when already made."""
+        ``split``: of ``culled``, when already made; ``drawn``: per unit, rows it draws but
+        does not read (``culled`` holds the rows read, see :mod:`clm.offload.read_rows`)."""
         step, width = batch.step, batch.width
         split = split if split is not None else self.resident.split(culled)
         host, at = split.host, split.at
@@ -270,6 +290,7 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         )
         self._ensure_cache(plan.slots_needed)
         stats = batch.stats
+        stats.read_rows += host.ids.numel()
         stats.cache_lookups += plan.uses
         stats.cache_hits += plan.uses - plan.loads
         stats.bytes_to_gpu += plan.loads * width * 4
@@ -304,7 +325,8 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
             params = self.inputs.gather(
                 (Source(self.key.param, gids, batch.key_grads, pos), rows), batch.sh_degree
             )
-            self._render_unit(batch, units[mb.view], owner[mb.view], params, gids)
+            unread = drawn[mb.view] if drawn is not None else None
+            self._render_unit(batch, units[mb.view], owner[mb.view], params, gids, unread)
             sent = self.flusher.flush(cache_grad, mb.flush_ids, mb.flush_slots, width, step)
             sent += self.flusher.defer(cache_grad, mb.defer_ids, mb.defer_slots, width)
             stats.bytes_to_host += sent
@@ -328,23 +350,63 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
             self._render_unit(batch, view, i, params, ids)
 
     def _render_unit(
-        self, batch: _Batch, unit: View, i: int, params: Mapping[str, Tensor], rows: Tensor
+        self,
+        batch: _Batch,
+        unit: View,
+        i: int,
+        params: Mapping[str, Tensor],
+        rows: Tensor,
+        drawn: Tensor | None = None,
     ) -> None:
-        """Render view ``i`` of the batch, or a piece of it, from ``rows`` and backpropagate."""
+        """Render view ``i`` of the batch, or a piece of it, from ``rows`` and backpropagate
+        (``drawn``: rows it draws without reading them, left out of the render)."""
         if isinstance(unit, Piece):
             grads = batch.in_pieces[i]
             if rows.numel() == 0 and not grads.paints:  # background: nothing to backpropagate
                 return
             out = self.render_fn(params, unit.full, batch.sh_degree, batch.background)
-            grads.backward(unit, out, rows)
+            grads.backward(unit, out, rows, drawn)
             return
         out = self.render_fn(params, unit, batch.sh_degree, batch.background)
         batch.loss_fn(i, out).backward()
-        batch.observe(rows[out.ids], out, unit)
+        batch.observe(*with_drawn(rows[out.ids], out, drawn), unit)
+
+    def _read(self, batch: _Batch, culled: CullResult, units: Sequence[View]) -> ReadCull | None:
+        """The rows of ``culled`` that the renders of ``units`` read (None: the renderer
+        declares no reach). Host attributes the walk reads are gathered, caught up, for the
+        host rows (once the CPU Adam of the batches before has written them)."""
+        if self.reach is None:
+            return None
+        segments = self._reach_segments
+        values = None
+        if segments:
+            width = segments[-1].end
+            values = torch.empty(culled.ids.numel(), width, device=self.device)
+            at = torch.arange(culled.ids.numel(), device=self.device)
+            if self.resident.count:
+                at = at[self.resident.slots(culled.ids) < 0]
+            self._settle(batch)
+            self.gather.gather(culled.ids[at], at, width, values, catch_up=batch.catch_up)
+            batch.stats.bytes_to_gpu += at.numel() * width * 4
+            self.resident.patch(culled.ids, values, width)
+
+        def inputs(pos: Tensor) -> dict[str, Tensor]:
+            params = unpack_rows(self.key.param[culled.ids[pos]], self.key.layout)
+            if values is not None:
+                params.update(unpack_rows(values[pos], segments))
+            return params
+
+        views = [unit.full if isinstance(unit, Piece) else unit for unit in units]
+        return read_cull(self.reach, culled, views, inputs)
 
     def _cull(self, views: Sequence[View]) -> CullResult:
         keys = self.key.views()
         return self.culler.cull(*self.spec.cull_inputs(keys), views)
+
+    def _settle(self, batch: _Batch) -> None:
+        """Wait for the CPU Adam of the batches before ``batch`` (loads read what it writes)."""
+        if not batch.settled.is_set():
+            self._waited_seconds += self.flusher.worker.wait(batch.settled)
 
     def _drain(self) -> None:
         """Wait for all background CPU work, counting the seconds waited."""
@@ -360,8 +422,7 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         """Gather micro-batch k's new rows on the copy stream, once the CPU Adam of the batches
         before has written them; returns its completion event."""
         mb = plan.micro[k]
-        if not batch.settled.is_set():
-            self._waited_seconds += self.flusher.worker.wait(batch.settled)
+        self._settle(batch)
         with on_stream(self.copy_stream):
             if mb.load_after >= 0 and self.copy_stream is not None:
                 after = flushed[mb.load_after]

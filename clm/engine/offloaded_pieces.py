@@ -82,9 +82,12 @@ class InPieces:
         else:
             batch.in_pieces.update((i, CropGrad(i, local)) for i in big)
         if len(groups) == 1:
+            read = self._read(batch, part, units)
+            drawn = None if read is None else read.drawn
+            part = part if read is None else read.culled
             batch.rows = part.ids
             batch.key_grads = torch.zeros(batch.rows.numel(), self.key.width, device=self.device)
-            self._train_group(batch, units, owner, part, capacity)
+            self._train_group(batch, units, owner, part, capacity, drawn=drawn)
         else:
             del part  # culled again, group by group: all their visibility at once could be large
             self._train_groups(batch, units, owner, groups, rows, capacity)
@@ -110,7 +113,13 @@ class InPieces:
         for group, a in zip(groups, at, strict=True):
             part = self._cull([units[k] for k in group])
             members, owners = [units[k] for k in group], [owner[k] for k in group]
-            self._train_group(batch, members, owners, part, capacity, keep=uses[a] > 1, to_batch=a)
+            keep, drawn = uses[a] > 1, None
+            read = self._read(batch, part, members)
+            if read is not None:
+                part, keep, a, drawn = read.culled, keep[read.at], a[read.at], read.drawn
+            self._train_group(
+                batch, members, owners, part, capacity, keep=keep, to_batch=a, drawn=drawn
+            )
 
     def _paint(
         self,

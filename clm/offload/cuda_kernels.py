@@ -53,6 +53,16 @@ def launch(fn: Any, n: int, args: tuple, stream: Any = None, block: int = 256) -
         fn(grid, (block,), args)
 
 
+def launch_tiles(fn: Any, tiles: int, block: tuple[int, int], args: tuple) -> None:
+    """Launch one ``block`` of threads per tile, on the current torch CUDA stream."""
+    import torch
+
+    if tiles == 0:
+        return
+    with _cupy_stream(torch.cuda.current_stream().cuda_stream):
+        fn((tiles,), (*block, 1), args)
+
+
 @functools.cache
 def _cupy_stream(handle: int) -> Any:
     """CuPy's view of a torch stream (one per stream handle)."""

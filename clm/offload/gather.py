@@ -46,12 +46,13 @@ class RowGather:
         )
         self._pointers: Tensor | None = None
         self._pointer_key: tuple[int, ...] = ()
-        # Rows the gathers caught up, over the run (on the device: counted without a sync).
+        # Values the gathers caught up, over the run (on the device: counted without a sync).
         self._caught_up = torch.zeros((), dtype=torch.int64, device=device)
 
     @property
-    def rows_caught_up(self) -> int:
-        """Rows gathered with skipped steps pending, over the run (waits for the device)."""
+    def values_caught_up(self) -> int:
+        """Values (rows times columns) gathered with skipped steps pending, over the run: each
+        read its two moments too (waits for the device)."""
         return int(self._caught_up)
 
     def _chunk_pointers(self) -> Tensor:
@@ -118,6 +119,6 @@ class RowGather:
         """The kernel's catch-up in torch, on copies of the rows."""
         p, m, v = (x[:, :width] for x in self.store.read_rows(rows))
         last = self.store.last_of(rows)
-        self._caught_up += (last < catch_up.step).sum().to(self.device)
+        self._caught_up += (last < catch_up.step).sum().to(self.device) * width
         catch_up_block(p, m, v, last, catch_up.step, catch_up.segments, width)
         return p

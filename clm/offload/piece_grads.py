@@ -26,22 +26,31 @@ class Canvas:
         self.image: Tensor | None = None
         self.alpha: Tensor | None = None
         self._drawn: list[tuple[Tensor, Tensor, Tensor]] = []  # global rows, centres, radii
+        self._unread: list[Tensor] = []  # global rows drawn but left out of the renders
 
-    def paint(self, piece: Piece, out: RenderOutput, rows: Tensor) -> None:
-        """Keep the window of ``out``, a render of ``piece.full`` from ``rows`` alone."""
+    def paint(
+        self, piece: Piece, out: RenderOutput, rows: Tensor, unread: Tensor | None = None
+    ) -> None:
+        """Keep the window of ``out``, a render of ``piece.full`` from ``rows`` alone; ``unread``:
+        rows the piece draws that were left out of its render, as it reads none of them."""
         if self.image is None or self.alpha is None:
             self.image, self.alpha = torch.empty_like(out.image), torch.empty_like(out.alpha)
         with torch.no_grad():
             piece.cut(self.image).copy_(piece.cut(out.image))
             piece.cut(self.alpha).copy_(piece.cut(out.alpha))
         self._drawn.append((rows[out.ids], out.means2d.detach(), out.radii))
+        if unread is not None:
+            self._unread.append(unread)
 
     def output(self) -> RenderOutput:
         """The whole render; ``ids`` are the drawn rows (global, ascending), as each piece's
-        render projects a row the same way their centres and radii are taken from any one."""
+        render projects a row the same way their centres and radii are taken from any one
+        (zeros for rows drawn but left out of every render)."""
         if self.image is None or self.alpha is None:
             raise ValueError("nothing painted")
-        ids, inverse = torch.unique(torch.cat([d[0] for d in self._drawn]), return_inverse=True)
+        rendered = torch.cat([d[0] for d in self._drawn])
+        ids, inverse = torch.unique(torch.cat([rendered, *self._unread]), return_inverse=True)
+        inverse = inverse[: rendered.numel()]
         means2d = torch.cat([d[1] for d in self._drawn])
         radii = torch.cat([d[2] for d in self._drawn])
         means2d = means2d.new_zeros(ids.numel(), 2).index_copy_(0, inverse, means2d)
@@ -93,8 +102,11 @@ class ImageGrad(PieceGrads):
         terms = [(piece.cut(o) * piece.cut(g)).sum() for o, g in pairs if g is not None]
         return torch.stack(terms).sum() if terms else None
 
-    def backward(self, piece: Piece, out: RenderOutput, rows: Tensor) -> None:
-        """Backpropagate the window of ``out``, a render of ``piece.full`` from ``rows``."""
+    def backward(
+        self, piece: Piece, out: RenderOutput, rows: Tensor, unread: Tensor | None = None
+    ) -> None:
+        """Backpropagate the window of ``out``, a render of ``piece.full`` from ``rows``
+        (``unread``, rows drawn but left out, are on the canvas of pass 1 already)."""
         loss = self.loss(piece, out)
         if loss is not None:
             loss.backward()
@@ -122,10 +134,12 @@ class CropGrad(PieceGrads):
         self.i, self.local_loss = i, loss
         self.canvas = Canvas()
 
-    def backward(self, piece: Piece, out: RenderOutput, rows: Tensor) -> None:
+    def backward(
+        self, piece: Piece, out: RenderOutput, rows: Tensor, unread: Tensor | None = None
+    ) -> None:
         """Backpropagate the window of ``out``, a render of ``piece.full`` from ``rows``
-        (none: the piece is background, only painted)."""
-        self.canvas.paint(piece, out, rows)
+        (none: the piece is background, only painted; ``unread``: rows drawn but left out)."""
+        self.canvas.paint(piece, out, rows, unread)
         if rows.numel() == 0:
             return
         x0, y0, x1, y1 = piece.box

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,3 +56,28 @@ class RenderFn(Protocol):
     def __call__(
         self, params: Mapping[str, Tensor], view: View, sh_degree: int, background: Tensor
     ) -> RenderOutput: ...
+
+
+@dataclass(frozen=True)
+class Reach:
+    """Which of a render's rows reach its image, found before the render (one per row)."""
+
+    drawn: Tensor  # [N] bool: projected onto the image (a non-zero radius)
+    read: Tensor  # [N] bool: composited by some pixel, at most: no other row's colour is read
+
+
+@dataclass(frozen=True)
+class ReachFinder:
+    """What a renderer declares it reads: ``find(params, view)``, from the attributes named in
+    ``reads`` alone (raw values, as the render takes them), before the others are fetched.
+    Rows outside ``read`` can be left out of the render without changing the image or any
+    gradient (:mod:`clm.render.reach`)."""
+
+    find: Callable[[Mapping[str, Tensor], View], Reach]
+    reads: tuple[str, ...]
+
+
+def reach_of(render_fn: RenderFn) -> ReachFinder | None:
+    """The reach a renderer declares (its ``reach`` attribute), or None: it may read every
+    row it is given."""
+    return getattr(render_fn, "reach", None)

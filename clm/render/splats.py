@@ -21,6 +21,7 @@ from torch import Tensor
 from clm.render import native_raster
 from clm.render.base import RenderFn, RenderOutput, View
 from clm.render.projection import project
+from clm.render.reach import REACH_GSPLAT, REACH_TORCH
 from clm.render.sh import sh_to_rgb
 from clm.render.torch_rasterizer import rasterize
 
@@ -162,6 +163,12 @@ def render_gsplat(
     return RenderOutput(image, alpha[0], means2d, info["radii"], info["gaussian_ids"].long())
 
 
+# The rows each reads (:mod:`clm.render.reach`); the extra and depth channels are read for the
+# same Gaussians.
+render_gsplat.reach = REACH_GSPLAT  # type: ignore[attr-defined]
+render_torch.reach = REACH_TORCH  # type: ignore[attr-defined]
+
+
 def default_renderer(
     device: torch.device, depth: bool = False, extra: Sequence[str] = ()
 ) -> RenderFn:
@@ -170,4 +177,6 @@ def default_renderer(
     render = render_gsplat if device.type == "cuda" else render_torch
     if not depth and not extra:
         return render
-    return functools.partial(render, depth=depth, extra=tuple(extra))
+    with_channels = functools.partial(render, depth=depth, extra=tuple(extra))
+    with_channels.reach = render.reach  # type: ignore[attr-defined]
+    return with_channels

@@ -20,7 +20,7 @@ from torch import Tensor
 from clm.render.projection import ALPHA_THRESHOLD
 
 
-def _pixel_pairs(
+def pixel_pairs(
     means2d: Tensor, radii: Tensor, depths: Tensor, width: int, height: int
 ) -> tuple[Tensor, Tensor]:
     """(pixel, Gaussian) pairs covering each bounding box, sorted by pixel then depth."""
@@ -86,7 +86,7 @@ def rasterize(
     may have any number of channels.
     """
     num_pixels = width * height
-    pixel, gauss = _pixel_pairs(means2d, radii, depths, width, height)
+    pixel, gauss = pixel_pairs(means2d, radii, depths, width, height)
     centers = torch.stack([pixel % width, pixel // width], dim=-1).to(means2d.dtype) + 0.5
 
     # Keep only pairs that contribute: no autograd, flat over all pairs.
