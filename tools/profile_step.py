@@ -106,6 +106,8 @@ def phase_labels(engine) -> Iterator[None]:
             (engine.culler, "cull", "cull"),
             (engine.resident, "split", "split by residency"),
             (engine, "_drain", "drain"),
+            (engine, "_settle", "wait for the cpu adam"),
+            (engine, "_read", "read: walk the views"),
             (engine, "_load", "load"),
             (engine.flusher, "flush", "flush"),
             (engine.flusher, "defer", "defer"),

@@ -247,7 +247,7 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         if everything:
             self._train_resident(batch, culled)
         elif big:
-            self._train_in_pieces(batch, per_view, big, capacity)
+            self._train_in_pieces(batch, per_view, big, capacity, read)
         else:
             rendered, drawn = (culled, None) if read is None else (read.culled, read.drawn)
             self._train_group(
@@ -270,7 +270,7 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         split: Split | None = None,
         keep: Tensor | None = None,
         to_batch: Tensor | None = None,
-        drawn: Sequence[Tensor] | None = None,
+        drawn: Sequence[Tensor | None] | None = None,
     ) -> None:
         """Plan ``units`` (views, or pieces of ``batch.views[owner[k]]``) through the cache and
         render each with gradients. ``to_batch``: where ``culled``'s rows are in ``batch.rows``,
@@ -359,13 +359,13 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         drawn: Tensor | None = None,
     ) -> None:
         """Render view ``i`` of the batch, or a piece of it, from ``rows`` and backpropagate
-        (``drawn``: rows it draws without reading them, left out of the render)."""
+        (``drawn``: rows a whole view draws without reading them, left out of the render)."""
         if isinstance(unit, Piece):
             grads = batch.in_pieces[i]
             if rows.numel() == 0 and not grads.paints:  # background: nothing to backpropagate
                 return
             out = self.render_fn(params, unit.full, batch.sh_degree, batch.background)
-            grads.backward(unit, out, rows, drawn)
+            grads.backward(unit, out, rows)
             return
         out = self.render_fn(params, unit, batch.sh_degree, batch.background)
         batch.loss_fn(i, out).backward()

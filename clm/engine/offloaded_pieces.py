@@ -21,6 +21,7 @@ from clm.model.spec import unpack_rows
 from clm.offload.culling import CullResult
 from clm.offload.piece_grads import Canvas, CropGrad, ImageGrad
 from clm.offload.pieces import Piece, cut_views, group_units, margin_for
+from clm.offload.read_rows import ReadCull
 from clm.render.base import RenderOutput, View
 
 if TYPE_CHECKING:
@@ -32,9 +33,15 @@ class InPieces:
     the cache, trained in one pass or two (see :meth:`_train_in_pieces`), and evaluation."""
 
     def _train_in_pieces(
-        self, batch: _Batch, per_view: Sequence[int], big: Sequence[int], capacity: int
+        self,
+        batch: _Batch,
+        per_view: Sequence[int],
+        big: Sequence[int],
+        capacity: int,
+        read: ReadCull | None = None,
     ) -> None:
-        """The batch with views ``big`` (too large for the cache) cut into pieces.
+        """The batch with views ``big`` (too large for the cache) cut into pieces; ``read``:
+        the rows each view reads, which alone its pieces cull and render (None: all rows).
 
         With a :class:`LocalLoss`, pieces are culled with a margin of the loss's reach and
         each backpropagates its own region's loss: one pass (:class:`CropGrad`). Otherwise
@@ -45,17 +52,27 @@ class InPieces:
         gradient once.
         """
         local = batch.loss_fn if isinstance(batch.loss_fn, LocalLoss) else None
-        wanted = [batch.views[i] for i in big]
         cull_inputs = self.spec.cull_inputs(self.key.views())
+
+        def cut_big(margin: int = 0) -> list[list[tuple[Piece, int]]]:
+            if read is None:
+                wanted = [batch.views[i] for i in big]
+                return cut_views(self.culler, cull_inputs, wanted, capacity, margin)
+            cuts = []
+            for i in big:  # each view cut by the rows it reads
+                inputs = tuple(t[read.rows_of(i)] for t in cull_inputs)
+                cuts += cut_views(self.culler, inputs, [batch.views[i]], capacity, margin)
+            return cuts
+
         cut = None
         if local is not None:
             # Refused when a tile with its margin sees more than the cache: then two passes.
             with contextlib.suppress(ClmError):
-                cut = cut_views(self.culler, cull_inputs, wanted, capacity, margin_for(local.reach))
+                cut = cut_big(margin_for(local.reach))
         if cut is None:
             local = None
             self._drain()  # pass 1 gathers host rows the last step's CPU Adam may be writing
-            cut = cut_views(self.culler, cull_inputs, wanted, capacity)
+            cut = cut_big()
         cuts = dict(zip(big, cut, strict=True))
         units: list[View] = []
         owner: list[int] = []
@@ -70,7 +87,7 @@ class InPieces:
         canvases = {i: Canvas() for i in big} if local is None else {}
         settings = (batch.sh_degree, batch.background, batch.width)
         for group in groups:
-            part = self._cull([units[k] for k in group])
+            part = self._cull_units(units, owner, group, read)
             rows.append(part.ids)
             if local is None:  # pass 1
                 batch.stats.bytes_to_gpu += self._paint(
@@ -78,19 +95,26 @@ class InPieces:
                 )
         if local is None:
             for i, canvas in canvases.items():
+                if read is not None:
+                    canvas.also_drawn(read.drawn[i])
                 batch.in_pieces[i] = ImageGrad(canvas, lambda out, i=i: batch.loss_fn(i, out))
         else:
-            batch.in_pieces.update((i, CropGrad(i, local)) for i in big)
+            for i in big:
+                batch.in_pieces[i] = CropGrad(i, local)
+                if read is not None:
+                    batch.in_pieces[i].canvas.also_drawn(read.drawn[i])
+        # Rows a whole view draws without reading them (those of views in pieces are above).
+        drawn = [
+            read.drawn[owner[k]] if read is not None and not isinstance(unit, Piece) else None
+            for k, unit in enumerate(units)
+        ]
         if len(groups) == 1:
-            read = self._read(batch, part, units)
-            drawn = None if read is None else read.drawn
-            part = part if read is None else read.culled
             batch.rows = part.ids
             batch.key_grads = torch.zeros(batch.rows.numel(), self.key.width, device=self.device)
             self._train_group(batch, units, owner, part, capacity, drawn=drawn)
         else:
             del part  # culled again, group by group: all their visibility at once could be large
-            self._train_groups(batch, units, owner, groups, rows, capacity)
+            self._train_groups(batch, units, owner, groups, rows, capacity, read, drawn)
         for i, grads in batch.in_pieces.items():
             batch.observe(*grads.observed(), batch.views[i])
 
@@ -102,6 +126,8 @@ class InPieces:
         groups: Sequence[Sequence[int]],
         rows: Sequence[Tensor],
         capacity: int,
+        read: ReadCull | None,
+        drawn: Sequence[Tensor | None],
     ) -> None:
         """Train ``groups`` of ``units`` one after the other (``rows``: what each culls to)."""
         batch.rows = torch.unique(torch.cat(list(rows)))
@@ -111,15 +137,29 @@ class InPieces:
         for a in at:
             uses.index_add_(0, a, torch.ones_like(a, dtype=torch.int32))
         for group, a in zip(groups, at, strict=True):
-            part = self._cull([units[k] for k in group])
+            part = self._cull_units(units, owner, group, read)
             members, owners = [units[k] for k in group], [owner[k] for k in group]
-            keep, drawn = uses[a] > 1, None
-            read = self._read(batch, part, members)
-            if read is not None:
-                part, keep, a, drawn = read.culled, keep[read.at], a[read.at], read.drawn
             self._train_group(
-                batch, members, owners, part, capacity, keep=keep, to_batch=a, drawn=drawn
+                batch,
+                members,
+                owners,
+                part,
+                capacity,
+                keep=uses[a] > 1,
+                to_batch=a,
+                drawn=[drawn[k] for k in group],
             )
+
+    def _cull_units(
+        self,
+        units: Sequence[View],
+        owner: Sequence[int],
+        group: Sequence[int],
+        read: ReadCull | None,
+    ) -> CullResult:
+        """The cull of ``units[group]``, with only the rows their views read when known."""
+        culled = self._cull([units[k] for k in group])
+        return culled if read is None else read.narrow(culled, [owner[k] for k in group])
 
     def _paint(
         self,

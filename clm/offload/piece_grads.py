@@ -28,19 +28,19 @@ class Canvas:
         self._drawn: list[tuple[Tensor, Tensor, Tensor]] = []  # global rows, centres, radii
         self._unread: list[Tensor] = []  # global rows drawn but left out of the renders
 
-    def paint(
-        self, piece: Piece, out: RenderOutput, rows: Tensor, unread: Tensor | None = None
-    ) -> None:
-        """Keep the window of ``out``, a render of ``piece.full`` from ``rows`` alone; ``unread``:
-        rows the piece draws that were left out of its render, as it reads none of them."""
+    def paint(self, piece: Piece, out: RenderOutput, rows: Tensor) -> None:
+        """Keep the window of ``out``, a render of ``piece.full`` from ``rows`` alone."""
         if self.image is None or self.alpha is None:
             self.image, self.alpha = torch.empty_like(out.image), torch.empty_like(out.alpha)
         with torch.no_grad():
             piece.cut(self.image).copy_(piece.cut(out.image))
             piece.cut(self.alpha).copy_(piece.cut(out.alpha))
         self._drawn.append((rows[out.ids], out.means2d.detach(), out.radii))
-        if unread is not None:
-            self._unread.append(unread)
+
+    def also_drawn(self, rows: Tensor) -> None:
+        """Rows the view draws that no piece renders, as none of its pixels reads them
+        (:mod:`clm.offload.read_rows`)."""
+        self._unread.append(rows)
 
     def output(self) -> RenderOutput:
         """The whole render; ``ids`` are the drawn rows (global, ascending), as each piece's
@@ -102,11 +102,8 @@ class ImageGrad(PieceGrads):
         terms = [(piece.cut(o) * piece.cut(g)).sum() for o, g in pairs if g is not None]
         return torch.stack(terms).sum() if terms else None
 
-    def backward(
-        self, piece: Piece, out: RenderOutput, rows: Tensor, unread: Tensor | None = None
-    ) -> None:
-        """Backpropagate the window of ``out``, a render of ``piece.full`` from ``rows``
-        (``unread``, rows drawn but left out, are on the canvas of pass 1 already)."""
+    def backward(self, piece: Piece, out: RenderOutput, rows: Tensor) -> None:
+        """Backpropagate the window of ``out``, a render of ``piece.full`` from ``rows``."""
         loss = self.loss(piece, out)
         if loss is not None:
             loss.backward()
@@ -134,12 +131,10 @@ class CropGrad(PieceGrads):
         self.i, self.local_loss = i, loss
         self.canvas = Canvas()
 
-    def backward(
-        self, piece: Piece, out: RenderOutput, rows: Tensor, unread: Tensor | None = None
-    ) -> None:
+    def backward(self, piece: Piece, out: RenderOutput, rows: Tensor) -> None:
         """Backpropagate the window of ``out``, a render of ``piece.full`` from ``rows``
-        (none: the piece is background, only painted; ``unread``: rows drawn but left out)."""
-        self.canvas.paint(piece, out, rows, unread)
+        (none: the piece is background, only painted)."""
+        self.canvas.paint(piece, out, rows)
         if rows.numel() == 0:
             return
         x0, y0, x1, y1 = piece.box

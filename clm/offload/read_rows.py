@@ -31,6 +31,22 @@ class ReadCull:
     at: Tensor
     drawn: list[Tensor]
 
+    def rows_of(self, view: int) -> Tensor:
+        """The rows view ``view`` reads (ascending global ids)."""
+        return self.culled.ids[self.culled.vis[view]]
+
+    def narrow(self, culled: CullResult, owners: Sequence[int]) -> CullResult:
+        """``culled``, a cull of pieces of views ``owners`` (one each), with only the rows
+        each one's view reads: a piece renders its view's camera, so its window reads the
+        rows the view reads there."""
+        ids = self.culled.ids
+        if ids.numel() == 0:
+            return CullResult(culled.ids[:0], culled.vis[:, :0])
+        pos = torch.searchsorted(ids, culled.ids).clamp_max(ids.numel() - 1)
+        vis = culled.vis & (ids[pos] == culled.ids) & self.culled.vis[list(owners)][:, pos]
+        kept = torch.nonzero(vis.any(dim=0)).squeeze(1)
+        return CullResult(culled.ids[kept], vis[:, kept])
+
 
 def read_cull(
     finder: ReachFinder,
