@@ -60,6 +60,9 @@ def read_cull(
     drawn = []
     for b, view in enumerate(views):
         pos = torch.nonzero(culled.vis[b]).squeeze(1)
+        if pos.numel() == 0:
+            drawn.append(culled.ids[:0])
+            continue
         reach = finder.find(inputs(pos), view)
         read[b, pos] = reach.read
         drawn.append(culled.ids[pos[reach.drawn & ~reach.read]])
