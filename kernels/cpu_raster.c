@@ -272,6 +272,69 @@ void clm_raster_forward(const float *means2d, const float *conics, const float *
     }
 }
 
+/* Which Gaussians the forward pass reads, as kernels/reach.cu finds them for gsplat (the same
+ * margins): marks[g] = 1 for each Gaussian a pixel composites or stops at, marked down to alpha
+ * REACH_ALPHA while the transmittance follows the forward's rule, until it falls to REACH_LOG_T,
+ * and then the Gaussians of the depth it fell at. */
+#define REACH_ALPHA (0.9999f / 255.0f)
+#define REACH_LOG_T (-9.220390707829685) /* log(0.99e-4) */
+void clm_raster_reach(const float *means2d, const float *conics, const float *opac,
+                      const float *depths, const int32_t *boxes, const int32_t *ids,
+                      const int64_t *tile_offsets, int32_t width, int32_t height,
+                      unsigned char *marks, int32_t n_threads)
+{
+    const int32_t tiles_x = (width + TILE - 1) / TILE, tiles_y = (height + TILE - 1) / TILE;
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
+    for (int64_t tile = 0; tile < (int64_t)tiles_x * tiles_y; tile++) {
+        const int32_t px0 = (int32_t)(tile % tiles_x) * TILE;
+        const int32_t py0 = (int32_t)(tile / tiles_x) * TILE;
+        const int32_t px1 = px0 + TILE < width ? px0 + TILE : width;
+        const int32_t py1 = py0 + TILE < height ? py0 + TILE : height;
+        double log_t[TILE * TILE];
+        float stop_depth[TILE * TILE];
+        unsigned char state[TILE * TILE]; /* 0 open, 1 closing (ties left), 2 done */
+        int64_t open = (int64_t)(px1 - px0) * (py1 - py0);
+        for (int32_t l = 0; l < TILE * TILE; l++) {
+            log_t[l] = 0.0;
+            state[l] = 0;
+        }
+        for (int64_t e = tile_offsets[tile]; e < tile_offsets[tile + 1] && open > 0; e++) {
+            const int64_t g = ids[e];
+            splat s;
+            if (!load_splat(&s, g, means2d, conics, opac, boxes, px0, px1, py0, py1))
+                continue;
+            for (int32_t y = s.y0; y < s.y1; y++)
+                for (int32_t x = s.x0; x < s.x1; x++) {
+                    const int32_t l = (y - py0) * TILE + (x - px0);
+                    if (state[l] == 2)
+                        continue;
+                    if (state[l] == 1 && depths[g] != stop_depth[l]) {
+                        state[l] = 2;
+                        open--;
+                        continue;
+                    }
+                    const float ex = s.mx - ((float)x + 0.5f), ey = s.my - ((float)y + 0.5f);
+                    const float sigma = 0.5f * (s.a * ex * ex + s.c * ey * ey) + s.b * ex * ey;
+                    if (!(sigma >= 0.0f) || sigma > s.sigma_cut)
+                        continue;
+                    const float r = s.o * expf(-sigma);
+                    const float al = r > ALPHA_MAX ? ALPHA_MAX : r;
+                    if (!(al >= REACH_ALPHA))
+                        continue;
+#pragma omp atomic write
+                    marks[g] = 1;
+                    if (state[l] == 1 || !(al >= ALPHA_MIN))
+                        continue;
+                    log_t[l] += (double)log1pf(-al);
+                    if (!(log_t[l] > REACH_LOG_T)) {
+                        state[l] = 1;
+                        stop_depth[l] = depths[g];
+                    }
+                }
+        }
+    }
+}
+
 /* Gradient rows (mean x, mean y, conic a, b, c, opacity, colour 0..C-1) of the entries the
  * pixels used, back to front per pixel from the forward's trans and last: the first used[t]
  * entries of tile t have rows used_offsets[t] onwards. */

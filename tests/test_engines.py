@@ -67,6 +67,7 @@ def make_engine(kind: str, params, batch: int, steps: int, **extra):
         return ResidentEngine(params, **common)
     if kind == "naive":
         return NaiveEngine(params, chunk_shift=6, **common)
+    extra.setdefault("leave_unread", True)  # (on the CPU too: the path CUDA takes)
     return OffloadEngine(params, chunk_shift=6, **common, **extra)
 
 
@@ -200,3 +201,15 @@ def test_tight_cache_splits_batches(setup):
     train(engine, views, targets, batches[:1], degrees[:1])
     assert engine.last_stats.visible_rows > 200  # the union did not fit the cache
     engine.close()
+
+
+def test_rows_no_pixel_reads_are_left_out_on_cuda_only_by_default():
+    """On the CPU the walk costs about what it saves; asked for, it runs there too."""
+    params = make_params(50)
+    by_default = make_engine("clm", params, 1, 1, cache_rows=None, leave_unread=None)
+    asked = make_engine("clm", params, 1, 1, cache_rows=None)
+    every_row = make_engine("clm", params, 1, 1, cache_rows=None, render_fn=render_every_row)
+    assert by_default.reach is None and every_row.reach is None
+    assert asked.reach is reach_of(render_torch) is not None
+    for engine in (by_default, asked, every_row):
+        engine.close()

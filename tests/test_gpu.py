@@ -291,7 +291,10 @@ def test_stream_ordering_under_stress(cache_rows, resident):
     got = _train(engine, views, targets, batches, degrees)
     engine.close()
     assert engine.resident.count == min(resident, 20_000)
-    assert (engine.last_stats.host_rows < engine.last_stats.visible_rows) == (resident > 0)
+    stats = engine.last_stats
+    assert (stats.host_rows < stats.visible_rows) == (resident > 0)
+    assert engine.reach is not None  # rows no pixel reads were left out (on CUDA by default)
+    assert (0 < stats.read_rows <= stats.host_rows) == (resident < 20_000)
     assert_same_training(got, ref)
 
 

@@ -91,11 +91,15 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         resident: int | ResidentBudget = 0,
         views: Sequence[View] = (),
         grow_through_host: bool = False,
+        leave_unread: bool | None = None,
         **kwargs,
     ) -> None:
         """``resident``: how many rows may stay on the GPU (a count, or a byte budget that
         sets it from the key rows' room); ``views``: the training views, whose visits choose
-        them first. ``grow_through_host``: a hard GPU budget is in force (see DeviceRows)."""
+        them first. ``grow_through_host``: a hard GPU budget is in force (see DeviceRows).
+        ``leave_unread``: leave the rows no pixel reads out of each step, when the renderer
+        declares its reach (:mod:`clm.offload.read_rows`); None does so on CUDA, where their
+        host rows would cross PCIe (on the CPU the walk costs about what it saves)."""
         super().__init__(**kwargs)
         config = self.adam
         cuda = self.device.type == "cuda"
@@ -134,7 +138,9 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         self.skips = SkipSums(self.spec.host, self.lrs, config, self.device)
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self._waited_seconds = 0.0
-        self.reach = reach_of(self.render_fn)  # which culled-in rows a render reads
+        if leave_unread is None:
+            leave_unread = cuda
+        self.reach = reach_of(self.render_fn) if leave_unread else None
         self._reach_segments = self._host_segments_read()
 
     # ---- basic facts ----------------------------------------------------------------------

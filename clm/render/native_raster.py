@@ -31,6 +31,7 @@ _SIGNATURES = {
     "clm_raster_forward": [*"ppppppp", *"iii", *"pppppp", "i"],
     "clm_raster_backward": [*"ppppppp", *"iii", *"ppppppp", "i"],
     "clm_raster_reduce": ["p", "p", "p", "q", "p", "q", "p", "q", "i"],
+    "clm_raster_reach": [*"ppppppp", "i", "i", "p", "i"],
 }
 _CTYPES = {"p": ctypes.c_void_p, "q": ctypes.c_int64, "i": ctypes.c_int32}
 
@@ -85,30 +86,9 @@ class _Rasterize(torch.autograd.Function):
         )
         radii = radii.to(torch.int32).contiguous()
         bg = None if background is None else background.detach().contiguous()
-        n, channels = colors.shape
-        tiles_x, tiles_y = -(-width // TILE), -(-height // TILE)
-        n_tiles = tiles_x * tiles_y
-
-        # Bin to tiles in depth order (stable: ties by index), one chunk of that order per thread.
-        depths = depths.detach().to(torch.float32).contiguous()
-        keys = torch.empty(2 * n, dtype=torch.int32)
-        order = torch.empty(n, dtype=torch.int32)
-        scratch = torch.empty(n, dtype=torch.int32)
-        lib.clm_raster_order(_ptr(depths), n, _ptr(keys), _ptr(order), _ptr(scratch))
-        boxes = torch.empty(n, 4, dtype=torch.int32)
-        lib.clm_raster_boxes(_ptr(means2d), _ptr(radii), n, width, height, _ptr(boxes), threads)
-        counts = torch.zeros(threads, n_tiles, dtype=torch.int64)
-        lib.clm_raster_count(_ptr(boxes), _ptr(order), n, tiles_x, n_tiles, _ptr(counts), threads)
-        per_tile = counts.sum(0)
-        tile_offsets = torch.zeros(n_tiles + 1, dtype=torch.int64)
-        torch.cumsum(per_tile, 0, out=tile_offsets[1:])
-        cursor = tile_offsets[:-1] + torch.cumsum(counts, 0) - counts
-        ids = torch.empty(int(tile_offsets[-1]), dtype=torch.int32)
-        lib.clm_raster_fill(
-            _ptr(boxes), _ptr(order), n, tiles_x, n_tiles, _ptr(cursor), _ptr(ids), threads
-        )
-        binning = _bytes(keys, order, scratch, counts, cursor)
-        del keys, order, scratch, counts, cursor, per_tile
+        channels = colors.shape[1]
+        n_tiles = -(-width // TILE) * -(-height // TILE)
+        boxes, ids, tile_offsets, binning = _bin(lib, means2d, radii, depths, width, height)
 
         image = torch.empty(height, width, channels, dtype=torch.float32)
         alpha = torch.empty(height, width, 1, dtype=torch.float32)
@@ -168,6 +148,60 @@ class _Rasterize(torch.autograd.Function):
             None,
             grad_bg,
         )
+
+
+def _bin(
+    lib: ctypes.CDLL, means2d: Tensor, radii: Tensor, depths: Tensor, width: int, height: int
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Each Gaussian's pixel box, and per tile the Gaussians whose box meets it in depth order
+    (stable: ties by index), one chunk of that order per thread: boxes, entries, per-tile
+    offsets, and the bytes of the temporaries."""
+    threads = torch.get_num_threads()
+    n = means2d.shape[0]
+    tiles_x, tiles_y = -(-width // TILE), -(-height // TILE)
+    n_tiles = tiles_x * tiles_y
+    depths = depths.detach().to(torch.float32).contiguous()
+    keys = torch.empty(2 * n, dtype=torch.int32)
+    order = torch.empty(n, dtype=torch.int32)
+    scratch = torch.empty(n, dtype=torch.int32)
+    lib.clm_raster_order(_ptr(depths), n, _ptr(keys), _ptr(order), _ptr(scratch))
+    boxes = torch.empty(n, 4, dtype=torch.int32)
+    lib.clm_raster_boxes(_ptr(means2d), _ptr(radii), n, width, height, _ptr(boxes), threads)
+    counts = torch.zeros(threads, n_tiles, dtype=torch.int64)
+    lib.clm_raster_count(_ptr(boxes), _ptr(order), n, tiles_x, n_tiles, _ptr(counts), threads)
+    tile_offsets = torch.zeros(n_tiles + 1, dtype=torch.int64)
+    torch.cumsum(counts.sum(0), 0, out=tile_offsets[1:])
+    cursor = tile_offsets[:-1] + torch.cumsum(counts, 0) - counts
+    ids = torch.empty(int(tile_offsets[-1]), dtype=torch.int32)
+    lib.clm_raster_fill(
+        _ptr(boxes), _ptr(order), n, tiles_x, n_tiles, _ptr(cursor), _ptr(ids), threads
+    )
+    return boxes, ids, tile_offsets, _bytes(keys, order, scratch, counts, cursor)
+
+
+def reach(
+    means2d: Tensor,
+    conics: Tensor,
+    opacities: Tensor,
+    depths: Tensor,
+    radii: Tensor,
+    width: int,
+    height: int,
+) -> Tensor:
+    """``[M]`` bool: the Gaussians :func:`rasterize` reads at some pixel, or a superset by the
+    margins of :mod:`clm.render.reach` (``kernels/cpu_raster.c``'s ``clm_raster_reach``)."""
+    lib = _kernel()
+    assert lib is not None
+    means2d, conics, opacities = (t.detach().contiguous() for t in (means2d, conics, opacities))
+    radii = radii.to(torch.int32).contiguous()
+    depths = depths.detach().to(torch.float32).contiguous()
+    boxes, ids, tile_offsets, _ = _bin(lib, means2d, radii, depths, width, height)
+    marks = torch.zeros(means2d.shape[0], dtype=torch.uint8)
+    lib.clm_raster_reach(
+        _ptr(means2d), _ptr(conics), _ptr(opacities), _ptr(depths), _ptr(boxes), _ptr(ids),
+        _ptr(tile_offsets), width, height, _ptr(marks), torch.get_num_threads(),
+    )  # fmt: skip
+    return marks.bool()
 
 
 def rasterize(

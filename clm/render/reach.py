@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clm.render import native_raster
 from clm.render.base import Reach, ReachFinder, View
 from clm.render.projection import ALPHA_THRESHOLD, project
 from clm.render.torch_rasterizer import exclusive_segment_sum, pixel_pairs, segment_starts
@@ -102,8 +103,9 @@ def reached_gsplat(params: Mapping[str, Tensor], view: View) -> Reach:
 
 @torch.no_grad()
 def reached_torch(params: Mapping[str, Tensor], view: View) -> Reach:
-    """The same walk in torch, over the CPU renderers' projection and (pixel, Gaussian) pairs
-    (:mod:`clm.render.torch_rasterizer`); depth ties are kept like the kernel keeps them."""
+    """The same walk on the CPU renderers' projection: in C where the native rasterizer is
+    built (:func:`clm.render.native_raster.reach`), else over the pure-torch rasterizer's
+    (pixel, Gaussian) pairs (:func:`pairs_reached`)."""
     means = params["means"]
     opacities = torch.sigmoid(params["opacities"])
     proj = project(
@@ -120,34 +122,45 @@ def reached_torch(params: Mapping[str, Tensor], view: View) -> Reach:
     reached = torch.zeros(means.shape[0], dtype=torch.bool, device=means.device)
     if ids.numel() == 0:
         return Reach(proj.visible, reached)
-    depths = proj.depths.index_select(0, ids)
-    pixel, pair = pixel_pairs(
-        proj.means2d.index_select(0, ids),
-        proj.radii.index_select(0, ids),
-        depths,
-        view.width,
-        view.height,
-    )
-    gauss = ids.index_select(0, pair)
-    centers = torch.stack([pixel % view.width, pixel // view.width], dim=-1).to(means.dtype) + 0.5
-    dx, dy = (proj.means2d.index_select(0, gauss) - centers).unbind(-1)
-    conics = proj.conics.index_select(0, gauss)
-    sigma = 0.5 * (conics[:, 0] * dx * dx + conics[:, 2] * dy * dy) + conics[:, 1] * dx * dy
+    inputs = [t.index_select(0, ids) for t in (proj.means2d, proj.conics, opacities)]
+    depths, radii = proj.depths.index_select(0, ids), proj.radii.index_select(0, ids)
+    walk = native_raster.reach if native_raster.usable(*inputs, depths) else pairs_reached
+    reached[ids[walk(*inputs, depths, radii, view.width, view.height)]] = True
+    return Reach(proj.visible, reached)
+
+
+def pairs_reached(
+    means2d: Tensor,
+    conics: Tensor,
+    opacities: Tensor,
+    depths: Tensor,
+    radii: Tensor,
+    width: int,
+    height: int,
+) -> Tensor:
+    """``[M]`` bool: the walk over (pixel, Gaussian) pairs in depth order, as
+    :func:`clm.render.torch_rasterizer.rasterize` composites them."""
+    pixel, gauss = pixel_pairs(means2d, radii, depths, width, height)
+    centers = torch.stack([pixel % width, pixel // width], dim=-1).to(means2d.dtype) + 0.5
+    dx, dy = (means2d.index_select(0, gauss) - centers).unbind(-1)
+    conic = conics.index_select(0, gauss)
+    sigma = 0.5 * (conic[:, 0] * dx * dx + conic[:, 2] * dy * dy) + conic[:, 1] * dx * dy
     alpha = torch.clamp_max(opacities.index_select(0, gauss) * torch.exp(-sigma), 0.999)
     marked = (sigma >= 0) & (alpha >= MARK_THRESHOLD)
     composited = marked & (alpha >= ALPHA_THRESHOLD)
     log_t = torch.where(composited, torch.log1p(-alpha), torch.zeros_like(alpha))
-    num_pixels = view.width * view.height
+    num_pixels = width * height
     before = exclusive_segment_sum(log_t, segment_starts(pixel, num_pixels))
     after = before + log_t.double()
     # The depth of the pair each pixel stops at: its ties are marked too.
     stops = composited & (after <= math.log(STOP_T))
-    pair_depth = depths.index_select(0, pair)
+    pair_depth = depths.index_select(0, gauss)
     stop_depth = torch.full((num_pixels,), math.inf, dtype=pair_depth.dtype, device=pixel.device)
     stop_depth = stop_depth.scatter_reduce(0, pixel[stops], pair_depth[stops], "amin")
     open_before = (before > math.log(STOP_T)) | (pair_depth == stop_depth.index_select(0, pixel))
+    reached = torch.zeros(means2d.shape[0], dtype=torch.bool, device=means2d.device)
     reached[gauss[marked & open_before]] = True
-    return Reach(proj.visible, reached)
+    return reached
 
 
 #: The reach of :func:`clm.render.splats.render_gsplat` and of ``render_torch``.
