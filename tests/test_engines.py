@@ -14,7 +14,8 @@ from clm.model.spec import gaussian_splatting_spec
 from clm.model.table import Compaction
 from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates, adam_betas
-from clm.render.base import View, reach_of
+from clm.render.base import ReachFinder, View, reach_of
+from clm.render.reach import REACH_TORCH
 from clm.render.splats import render_torch
 
 W, H = 24, 18
@@ -213,3 +214,31 @@ def test_rows_no_pixel_reads_are_left_out_on_cuda_only_by_default():
     assert asked.reach is reach_of(render_torch) is not None
     for engine in (by_default, asked, every_row):
         engine.close()
+
+
+def test_a_walk_out_of_gpu_memory_reads_every_row(setup):
+    """When a view's walk does not fit the GPU budget, the batch renders every culled-in row:
+    training is still the resident engine's, density statistics included."""
+    views, targets, batches, degrees = setup
+    calls = []
+
+    def walk_that_runs_out(params, view):
+        calls.append(1)
+        if len(calls) in (2, 8):  # in the first batch and the third
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return REACH_TORCH.find(params, view)
+
+    def render(params, view, sh_degree, background):
+        return render_torch(params, view, sh_degree, background)
+
+    render.reach = ReachFinder(walk_that_runs_out, REACH_TORCH.reads)
+    params = make_params(400)
+    want, seen = Observed(), Observed()
+    ref = make_engine("none", params, 3, 6)
+    ref = train(ref, views, targets, batches, degrees, densify_at=3, observe=want)
+    engine = make_engine("clm", params, 3, 6, cache_rows=200, staging_rows=64, render_fn=render)
+    got = train(engine, views, targets, batches, degrees, densify_at=3, observe=seen)
+    engine.close()
+    assert 0 < engine._walk_refused < len(batches)
+    assert_same(got, ref)
+    seen.assert_same(want)

@@ -25,6 +25,7 @@ kernels and no streams.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ from clm.offload.row_inputs import RowInputs, Source
 from clm.render.base import View, reach_of
 
 __all__ = ["STAGING_ROWS", "OffloadEngine"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,6 +144,7 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         if leave_unread is None:
             leave_unread = cuda
         self.reach = reach_of(self.render_fn) if leave_unread else None
+        self._walk_refused = 0  # batches whose walk did not fit the GPU budget
         self._reach_segments = self._host_segments_read()
 
     # ---- basic facts ----------------------------------------------------------------------
@@ -378,11 +382,25 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         batch.observe(*with_drawn(rows[out.ids], out, drawn), unit)
 
     def _read(self, batch: _Batch, culled: CullResult, units: Sequence[View]) -> ReadCull | None:
-        """The rows of ``culled`` that the renders of ``units`` read (None: the renderer
-        declares no reach). Host attributes the walk reads are gathered, caught up, for the
-        host rows (once the CPU Adam of the batches before has written them)."""
+        """The rows of ``culled`` that the renders of ``units`` read (None: every row, as the
+        renderer declares no reach, or its walk did not fit the GPU budget)."""
         if self.reach is None:
             return None
+        try:
+            return self._walk(batch, culled, units)
+        except torch.cuda.OutOfMemoryError:
+            # The walk costs GPU memory per row a view culls in, which the planner does not set
+            # aside (a render's workspace is free then, and usually holds it): this batch reads
+            # every culled-in row, as the plan allows for.
+            if not self._walk_refused:
+                log.warning("the GPU budget leaves no room to walk a view: rows are read whole")
+            self._walk_refused += 1
+            return None
+
+    def _walk(self, batch: _Batch, culled: CullResult, units: Sequence[View]) -> ReadCull:
+        """:meth:`_read`'s walk. Host attributes the walk reads are gathered, caught up, for
+        the host rows (once the CPU Adam of the batches before has written them)."""
+        assert self.reach is not None
         segments = self._reach_segments
         values = None
         if segments:
