@@ -6,10 +6,13 @@ clamped Jacobian, the same 0.3 px² blur, and the same opacity-aware bounding ra
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from clm.render.base import View
 
 ALPHA_THRESHOLD = 1.0 / 255.0
 
@@ -100,3 +103,20 @@ def project(
         radii = torch.stack([radius_x, radius_y], dim=-1).to(torch.int32)
         radii = torch.where(visible[:, None], radii, torch.zeros_like(radii))
     return Projection(means2d, conics, z, radii, visible)
+
+
+def project_params(params: Mapping[str, Tensor], view: View) -> tuple[Projection, Tensor]:
+    """The projection of raw 3DGS parameters (as renderers take them) for ``view``, and the
+    activated opacities."""
+    opacities = torch.sigmoid(params["opacities"])
+    proj = project(
+        params["means"],
+        params["quats"],
+        torch.exp(params["scales"]),
+        opacities,
+        view.viewmat,
+        view.K,
+        view.width,
+        view.height,
+    )
+    return proj, opacities

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from clm.render import native_raster
 from clm.render.base import Reach, ReachFinder, View
-from clm.render.projection import ALPHA_THRESHOLD, project
+from clm.render.projection import ALPHA_THRESHOLD, project_params
 from clm.render.torch_rasterizer import exclusive_segment_sum, pixel_pairs, segment_starts
 
 MARK_THRESHOLD = 0.9999 / 255.0  # marks alphas a compiler may round to either side of 1/255
@@ -106,20 +106,9 @@ def reached_torch(params: Mapping[str, Tensor], view: View) -> Reach:
     """The same walk on the CPU renderers' projection: in C where the native rasterizer is
     built (:func:`clm.render.native_raster.reach`), else over the pure-torch rasterizer's
     (pixel, Gaussian) pairs (:func:`pairs_reached`)."""
-    means = params["means"]
-    opacities = torch.sigmoid(params["opacities"])
-    proj = project(
-        means,
-        params["quats"],
-        torch.exp(params["scales"]),
-        opacities,
-        view.viewmat,
-        view.K,
-        view.width,
-        view.height,
-    )
+    proj, opacities = project_params(params, view)
     ids = torch.nonzero(proj.visible).squeeze(1)
-    reached = torch.zeros(means.shape[0], dtype=torch.bool, device=means.device)
+    reached = torch.zeros_like(proj.visible)
     if ids.numel() == 0:
         return Reach(proj.visible, reached)
     inputs = [t.index_select(0, ids) for t in (proj.means2d, proj.conics, opacities)]

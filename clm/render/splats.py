@@ -20,7 +20,7 @@ from torch import Tensor
 
 from clm.render import native_raster
 from clm.render.base import RenderFn, RenderOutput, View
-from clm.render.projection import project
+from clm.render.projection import project_params
 from clm.render.reach import REACH_GSPLAT, REACH_TORCH
 from clm.render.sh import sh_to_rgb
 from clm.render.torch_rasterizer import rasterize
@@ -76,18 +76,7 @@ def render_torch(
     """3DGS on the CPU (or as a reference on CUDA): the native rasterizer where it is built and
     takes the inputs (float32 on the CPU), else the pure-torch one; both composite the same.
     Both take any number of channels, so depth is z rasterized next to the colours."""
-    means = params["means"]
-    opacities = torch.sigmoid(params["opacities"])
-    proj = project(
-        means,
-        params["quats"],
-        torch.exp(params["scales"]),
-        opacities,
-        view.viewmat,
-        view.K,
-        view.width,
-        view.height,
-    )
+    proj, opacities = project_params(params, view)
     ids = torch.nonzero(proj.visible).squeeze(1)
 
     def visible(values: Tensor) -> Tensor:
