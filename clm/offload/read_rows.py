@@ -23,12 +23,10 @@ from clm.render.base import ReachFinder, RenderOutput, View
 
 @dataclass(frozen=True)
 class ReadCull:
-    """``culled``: the rows some view reads, and which view reads which; ``at``: their
-    positions in the cull they were read from; ``drawn``: per view, the rows (global ids) it
-    draws without reading them."""
+    """``culled``: the rows some view reads, and which view reads which; ``drawn``: per view,
+    the rows (global ids) it draws without reading them."""
 
     culled: CullResult
-    at: Tensor
     drawn: list[Tensor]
 
     def rows_of(self, view: int) -> Tensor:
@@ -67,7 +65,7 @@ def read_cull(
         read[b, pos] = reach.read
         drawn.append(culled.ids[pos[reach.drawn & ~reach.read]])
     at = torch.nonzero(read.any(dim=0)).squeeze(1)
-    return ReadCull(CullResult(culled.ids[at], read[:, at]), at, drawn)
+    return ReadCull(CullResult(culled.ids[at], read[:, at]), drawn)
 
 
 def with_drawn(ids: Tensor, out: RenderOutput, drawn: Tensor | None) -> tuple[Tensor, RenderOutput]:
