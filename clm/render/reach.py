@@ -25,7 +25,13 @@ from torch import Tensor
 from clm.render import native_raster
 from clm.render.base import Reach, ReachFinder, View
 from clm.render.projection import ALPHA_THRESHOLD, project_params
-from clm.render.torch_rasterizer import exclusive_segment_sum, pixel_pairs, segment_starts
+from clm.render.torch_rasterizer import (
+    exclusive_segment_sum,
+    pair_alpha,
+    pixel_centers,
+    pixel_pairs,
+    segment_starts,
+)
 
 MARK_THRESHOLD = 0.9999 / 255.0  # marks alphas a compiler may round to either side of 1/255
 STOP_T = 0.99e-4  # walks a little past the render's stop at 1e-4
@@ -130,13 +136,11 @@ def pairs_reached(
     """``[M]`` bool: the walk over (pixel, Gaussian) pairs in depth order, as
     :func:`clm.render.torch_rasterizer.rasterize` composites them."""
     pixel, gauss = pixel_pairs(means2d, radii, depths, width, height)
-    centers = torch.stack([pixel % width, pixel // width], dim=-1).to(means2d.dtype) + 0.5
-    dx, dy = (means2d.index_select(0, gauss) - centers).unbind(-1)
-    conic = conics.index_select(0, gauss)
-    sigma = 0.5 * (conic[:, 0] * dx * dx + conic[:, 2] * dy * dy) + conic[:, 1] * dx * dy
-    alpha = torch.clamp_max(opacities.index_select(0, gauss) * torch.exp(-sigma), 0.999)
-    marked = (sigma >= 0) & (alpha >= MARK_THRESHOLD)
-    composited = marked & (alpha >= ALPHA_THRESHOLD)
+    per_pair = [t.index_select(0, gauss) for t in (means2d, conics, opacities)]
+    centers = pixel_centers(pixel, width, means2d.dtype)
+    alpha = pair_alpha(*per_pair, centers, threshold=MARK_THRESHOLD)
+    marked = alpha > 0
+    composited = alpha >= ALPHA_THRESHOLD
     log_t = torch.where(composited, torch.log1p(-alpha), torch.zeros_like(alpha))
     num_pixels = width * height
     before = exclusive_segment_sum(log_t, segment_starts(pixel, num_pixels))

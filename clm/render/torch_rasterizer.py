@@ -62,11 +62,24 @@ def exclusive_segment_sum(values: Tensor, starts: Tensor) -> Tensor:
     return before - before.index_select(0, starts)  # (x[idx] backward races on the CPU)
 
 
-def _alpha(means2d: Tensor, conics: Tensor, opacities: Tensor, centers: Tensor) -> Tensor:
+def pixel_centers(pixel: Tensor, width: int, dtype: torch.dtype) -> Tensor:
+    """``[P, 2]`` centres of the pixels numbered ``pixel`` in row-major order."""
+    return torch.stack([pixel % width, pixel // width], dim=-1).to(dtype) + 0.5
+
+
+def pair_alpha(
+    means2d: Tensor,
+    conics: Tensor,
+    opacities: Tensor,
+    centers: Tensor,
+    threshold: float = ALPHA_THRESHOLD,
+) -> Tensor:
+    """Each pair's alpha, min(0.999, o·exp(-σ)), and 0 where σ < 0 or alpha is under
+    ``threshold`` (the compositing rule's 1/255 unless told)."""
     dx, dy = (means2d - centers).unbind(-1)
     sigma = 0.5 * (conics[:, 0] * dx * dx + conics[:, 2] * dy * dy) + conics[:, 1] * dx * dy
     alpha = torch.clamp_max(opacities * torch.exp(-sigma), 0.999)
-    return torch.where((sigma >= 0) & (alpha >= ALPHA_THRESHOLD), alpha, torch.zeros_like(alpha))
+    return torch.where((sigma >= 0) & (alpha >= threshold), alpha, torch.zeros_like(alpha))
 
 
 def rasterize(
@@ -87,14 +100,14 @@ def rasterize(
     """
     num_pixels = width * height
     pixel, gauss = pixel_pairs(means2d, radii, depths, width, height)
-    centers = torch.stack([pixel % width, pixel // width], dim=-1).to(means2d.dtype) + 0.5
+    centers = pixel_centers(pixel, width, means2d.dtype)
 
     # Keep only pairs that contribute: no autograd, flat over all pairs.
     def per_pair(values: Tensor) -> Tensor:  # index_select: a fast gather, and index_add back
         return values.index_select(0, gauss)
 
     with torch.no_grad():
-        alpha = _alpha(per_pair(means2d), per_pair(conics), per_pair(opacities), centers)
+        alpha = pair_alpha(per_pair(means2d), per_pair(conics), per_pair(opacities), centers)
         keep = torch.nonzero(alpha > 0).squeeze(1)
         pixel, gauss, centers, alpha = (
             t.index_select(0, keep) for t in (pixel, gauss, centers, alpha)
@@ -104,7 +117,7 @@ def rasterize(
         keep = torch.nonzero(after > math.log(1e-4)).squeeze(1)
         pixel, gauss, centers = (t.index_select(0, keep) for t in (pixel, gauss, centers))
 
-    alpha = _alpha(per_pair(means2d), per_pair(conics), per_pair(opacities), centers)
+    alpha = pair_alpha(per_pair(means2d), per_pair(conics), per_pair(opacities), centers)
     log_t = torch.log1p(-alpha)
     trans_before = torch.exp(exclusive_segment_sum(log_t, segment_starts(pixel, num_pixels)))
     weights = alpha * trans_before.to(alpha.dtype)
