@@ -242,7 +242,7 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         if not everything:
             split = self.resident.split(culled)
             stats.host_rows = split.host.ids.numel()
-            read = self._read(batch, culled, views)
+            read = self._read(batch, culled, views, split)
             if read is not None:
                 split = self.resident.split(read.culled)
                 batch.rows = read.culled.ids
@@ -381,13 +381,16 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         batch.loss_fn(i, out).backward()
         batch.observe(*with_drawn(rows[out.ids], out, drawn), unit)
 
-    def _read(self, batch: _Batch, culled: CullResult, units: Sequence[View]) -> ReadCull | None:
-        """The rows of ``culled`` that the renders of ``units`` read (None: every row, as the
-        renderer declares no reach, or its walk did not fit the GPU budget)."""
+    def _read(
+        self, batch: _Batch, culled: CullResult, units: Sequence[View], split: Split
+    ) -> ReadCull | None:
+        """The rows of ``culled`` (split by residency in ``split``) that the renders of
+        ``units`` read (None: every row, as the renderer declares no reach, or its walk did
+        not fit the GPU budget)."""
         if self.reach is None:
             return None
         try:
-            return self._walk(batch, culled, units)
+            return self._walk(batch, culled, units, split)
         except torch.cuda.OutOfMemoryError:
             # The walk costs GPU memory per row a view culls in, which the planner does not set
             # aside (a render's workspace is free then, and usually holds it): this batch reads
@@ -397,22 +400,27 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
             self._walk_refused += 1
             return None
 
-    def _walk(self, batch: _Batch, culled: CullResult, units: Sequence[View]) -> ReadCull:
+    def _walk(
+        self, batch: _Batch, culled: CullResult, units: Sequence[View], split: Split
+    ) -> ReadCull:
         """:meth:`_read`'s walk. Host attributes the walk reads are gathered, caught up, for
-        the host rows (once the CPU Adam of the batches before has written them)."""
+        the host rows (once the CPU Adam of the batches before has written them), and taken
+        from the resident rows for the others."""
         assert self.reach is not None
         segments = self._reach_segments
         values = None
         if segments:
             width = segments[-1].end
             values = torch.empty(culled.ids.numel(), width, device=self.device)
-            at = torch.arange(culled.ids.numel(), device=self.device)
-            if self.resident.count:
-                at = at[self.resident.slots(culled.ids) < 0]
+            at = split.at  # the host rows' positions (None: every row is a host row)
+            host = culled.ids if at is None else split.host.ids
+            if at is None:
+                at = torch.arange(culled.ids.numel(), device=self.device)
             self._settle(batch)
-            self.gather.gather(culled.ids[at], at, width, values, catch_up=batch.catch_up)
+            self.gather.gather(host, at, width, values, catch_up=batch.catch_up)
             batch.stats.bytes_to_gpu += at.numel() * width * 4
-            self.resident.patch(culled.ids, values, width)
+            if split.at is not None:
+                self.resident.patch(culled.ids, values, width)
 
         def inputs(pos: Tensor) -> dict[str, Tensor]:
             params = unpack_rows(self.key.param[culled.ids[pos]], self.key.layout)
