@@ -16,22 +16,38 @@ from torch import Tensor
 class StagingRing:
     """Pinned ``[capacity, width]`` gradients and ``[capacity]`` row ids, handed out first in,
     first out. ``acquire`` blocks until the consumer has released enough space. ``filled[s]``:
-    how many of the rows handed out at ``s`` hold data (the producer may fill fewer)."""
+    how many of the rows handed out at ``s`` hold data (the producer may fill fewer).
+
+    The buffers are made at the first ``acquire``: a run whose rows all stay on the GPU never
+    pins them. ``fit`` changes the capacity while nothing is handed out."""
 
     def __init__(self, capacity: int, width: int, pinned: bool) -> None:
-        self.capacity = capacity
-        self.grads = torch.empty(capacity, width, pin_memory=pinned)
-        self.rows = torch.empty(capacity, dtype=torch.int64, pin_memory=pinned)
-        self.filled = torch.zeros(capacity, dtype=torch.int64, pin_memory=pinned)
+        self.capacity, self.width, self.pinned = capacity, width, pinned
+        self.grads = self.rows = self.filled = torch.empty(0)
         self._head = 0  # next free position
         self._used = 0  # rows handed out and not yet released, wrap padding included
         self._sizes: list[int] = []  # each acquisition's size, with the padding before it
         self._cond = threading.Condition()
 
+    def fit(self, capacity: int) -> None:
+        """Hold ``capacity`` rows from now on (the buffers are made again at the next
+        ``acquire``); only while every acquisition has been released."""
+        with self._cond:
+            if self._used:
+                raise RuntimeError("the staging ring is resized while rows are handed out")
+            if capacity != self.capacity:
+                self.capacity = capacity
+                self.grads = self.rows = self.filled = torch.empty(0)
+
     def acquire(self, n: int) -> int:
         """Start of ``n`` contiguous rows (``n <= capacity``)."""
         if not 0 < n <= self.capacity:
             raise ValueError(f"staging request of {n} rows; capacity is {self.capacity}")
+        if not self.filled.numel():
+            pinned, capacity = self.pinned, self.capacity
+            self.grads = torch.empty(capacity, self.width, pin_memory=pinned)
+            self.rows = torch.empty(capacity, dtype=torch.int64, pin_memory=pinned)
+            self.filled = torch.zeros(capacity, dtype=torch.int64, pin_memory=pinned)
         with self._cond:
             while True:
                 if self._used == 0:
