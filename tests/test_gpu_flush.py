@@ -37,3 +37,34 @@ def test_rows_without_gradient_stay_on_the_gpu(width):
     assert torch.equal(flush.staging.rows[start : start + m], ids[keep].cpu())
     assert torch.equal(flush.staging.grads_view(start, m, width), grads[keep].cpu())
     flush.close()
+
+
+def test_flush_sends_the_rows_with_gradient_in_address_order():
+    """Whatever order the cache holds them in, rows reach the CPU Adam ascending, each with
+    its own gradient, and the rows without gradient do not reach it."""
+    cuda = torch.device("cuda")
+    g = torch.Generator(device=cuda).manual_seed(1)
+    n, width = 5000, 8
+    ids = torch.randperm(50 * n, device=cuda, generator=g)[:n]
+    slots = torch.randperm(n, device=cuda, generator=g)
+    cache_grad = torch.randn(n, width, device=cuda, generator=g)
+    cache_grad[torch.rand(n, device=cuda, generator=g) < 0.6] = 0
+    seen = []
+
+    def step_rows(rows, grads, width, step):
+        seen.append((rows.clone(), grads.clone()))
+        return rows.numel()
+
+    host = types.SimpleNamespace(width=width, adam=types.SimpleNamespace(threads=2))
+    host.step_rows = step_rows
+    flush = GradientFlush(host, cuda, staging_rows=1 << 12)
+    flush.flush(cache_grad, ids, slots, width, step=1)
+    flush.drain()
+    flush.close()
+    assert len(seen) == 3  # parts of half the ring
+    rows = torch.cat([r for r, _ in seen])
+    grads = torch.cat([x for _, x in seen])
+    kept = cache_grad[slots].ne(0).any(dim=1)
+    order = torch.argsort(ids[kept])
+    assert torch.equal(rows, ids[kept][order].cpu())
+    assert torch.equal(grads, cache_grad[slots][kept][order].cpu())

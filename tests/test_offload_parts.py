@@ -186,6 +186,49 @@ def test_staging_ring_blocks_until_released_and_wraps():
     assert got == [0]
 
 
+def test_staging_ring_pins_nothing_until_used_and_resizes_only_when_empty():
+    ring = StagingRing(10, 2, pinned=False)
+    assert ring.grads.numel() == ring.rows.numel() == 0
+    assert ring.acquire(4) == 0
+    assert ring.grads.shape == (10, 2) and ring.rows.shape == ring.filled.shape == (10,)
+    with pytest.raises(RuntimeError, match="handed out"):
+        ring.fit(20)
+    ring.release()
+    ring.fit(20)
+    assert ring.grads.numel() == 0
+    assert ring.acquire(15) == 0 and ring.grads.shape == (20, 2)
+
+
+def test_flush_hands_the_cpu_adam_its_rows_in_address_order():
+    """Rows leave in ascending id order, each with its own gradient, whatever order the cache
+    holds them in (the CPU Adam then walks host memory forwards)."""
+    from types import SimpleNamespace
+
+    from clm.offload import flush as flush_module
+
+    seen = []
+
+    def step_rows(rows, grads, width, step):
+        seen.append((rows.clone(), grads.clone()))
+        return rows.numel()
+
+    host = SimpleNamespace(width=6, adam=SimpleNamespace(threads=1), step_rows=step_rows)
+    flush = flush_module.GradientFlush(host, torch.device("cpu"), staging_rows=64)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randperm(1000, generator=g)[:150]
+    slots = torch.randperm(200, generator=g)[:150]
+    cache_grad = torch.randn(200, 6, generator=g)
+    flush.flush(cache_grad, ids, slots, 4, step=1)
+    flush.drain()
+    flush.close()
+    assert len(seen) == 5  # parts of half the ring
+    rows = torch.cat([r for r, _ in seen])
+    grads = torch.cat([x for _, x in seen])
+    assert torch.equal(rows, torch.sort(ids).values)
+    by_id = dict(zip(ids.tolist(), cache_grad[slots, :4], strict=True))
+    assert torch.equal(grads, torch.stack([by_id[r] for r in rows.tolist()]))
+
+
 def test_background_queue_reports_errors_in_the_caller():
     queue = BackgroundQueue("test")
 
