@@ -204,6 +204,22 @@ def test_tight_cache_splits_batches(setup):
     engine.close()
 
 
+def test_staging_ring_holds_what_the_host_path_can_send(setup, monkeypatch):
+    """The ring holds up to ``staging_rows``, but no more than the host rows left beside the
+    resident ones (with the smallest ring lowered so that the bound shows at this size)."""
+    import clm.engine.offloaded as offloaded
+
+    monkeypatch.setattr(offloaded, "STAGING_ROWS", 16)
+    views, targets, batches, degrees = setup
+    for resident, ring in ((350, 50), (390, 16), (0, 300)):
+        engine = make_engine(
+            "clm", make_params(400), 3, 6, cache_rows=200, staging_rows=300, resident=resident
+        )
+        train(engine, views, targets, batches[:1], degrees[:1])
+        assert engine.flusher.staging.capacity == ring
+        engine.close()
+
+
 def test_rows_no_pixel_reads_are_left_out_on_cuda_only_by_default():
     """On the CPU the walk costs about what it saves; asked for, it runs there too."""
     params = make_params(50)

@@ -97,9 +97,11 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         leave_unread: bool | None = None,
         **kwargs,
     ) -> None:
-        """``resident``: how many rows may stay on the GPU (a count, or a byte budget that
-        sets it from the key rows' room); ``views``: the training views, whose visits choose
-        them first. ``grow_through_host``: a hard GPU budget is in force (see DeviceRows).
+        """``staging_rows``: the most gradient rows the pinned staging ring may hold (it holds
+        fewer while most rows are resident); ``resident``: how many rows may stay on the GPU (a
+        count, or a byte budget that sets it from the key rows' room); ``views``: the training
+        views, whose visits choose them first. ``grow_through_host``: a hard GPU budget is in
+        force (see DeviceRows).
         ``leave_unread``: leave the rows no pixel reads out of each step, when the renderer
         declares its reach (:mod:`clm.offload.read_rows`); None does so on CUDA, where their
         host rows would cross PCIe (on the CPU the walk costs about what it saves)."""
@@ -138,6 +140,7 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         self.cache_param = torch.empty(0, width, device=self.device)
         self.cache_grad = torch.empty(0, width, device=self.device)
         self.flusher = GradientFlush(self.host, self.device, staging_rows)
+        self._staging_rows = staging_rows  # the most the ring may hold
         self.skips = SkipSums(self.spec.host, self.lrs, config, self.device)
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self._waited_seconds = 0.0
@@ -210,6 +213,10 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
             )
             self._training_views = []
         self.resident.choose(self.host, self.step, limit, fixed=self.key.grow_through_host)
+        # The ring holds a batch's gradient rows up to what is planned: no more than the rows
+        # the host path has (a run whose rows are mostly resident pins a small ring).
+        host_rows = len(self.host) - self.resident.count
+        self.flusher.staging.fit(min(self._staging_rows, max(host_rows, STAGING_ROWS)))
 
     # ---- one step -------------------------------------------------------------------------
 

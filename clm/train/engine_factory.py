@@ -13,7 +13,7 @@ from torch import Tensor
 from clm.devices import with_index
 from clm.engine.base import STREAM_ROWS, Engine, RowSource
 from clm.engine.naive import NaiveEngine
-from clm.engine.offloaded import STAGING_ROWS, OffloadEngine
+from clm.engine.offloaded import OffloadEngine
 from clm.engine.resident import ResidentEngine
 from clm.errors import ClmError
 from clm.model.spec import GaussianSpec
@@ -25,6 +25,7 @@ from clm.offload.budget import (
     busiest_view_share,
     plan_gpu,
 )
+from clm.offload.flush import STAGING_ROWS, staging_rows_for
 from clm.offload.host_budget import plan_host
 from clm.offload.resident_rows import ResidentBudget
 from clm.optim.lazy_adam import AdamConfig
@@ -71,14 +72,6 @@ def make_engine(
     device = with_index(device)
     source = rows if isinstance(rows, RowSource) else RowSource.of(rows)
     num = source.count
-    host = plan_host(
-        host_bytes_per_gaussian(spec, cfg.offload, device),
-        host_buffers(spec, cfg, max_pixels),
-        int(cfg.max_host_gb * GIB) if cfg.max_host_gb else None,
-    )
-    log.info(host.describe())
-    host.check(num)
-    max_gaussians = host.max_gaussians
     plan = None
     hard = device.type == "cuda" and cfg.max_gpu_gb is not None
     if device.type == "cuda":
@@ -91,11 +84,21 @@ def make_engine(
             share = busiest_view_share(spec, source.sample(), views)
             log.info("the busiest training view sees %.1f%% of the Gaussians", 100 * share)
         plan = plan_gpu(spec, cfg.offload, budget, max_pixels, share)
+    staging_rows = staging_rows_for(plan.cache_rows if plan else None)
+    host = plan_host(
+        host_bytes_per_gaussian(spec, cfg.offload, device),
+        host_buffers(spec, cfg, max_pixels, staging_rows),
+        int(cfg.max_host_gb * GIB) if cfg.max_host_gb else None,
+    )
+    log.info(host.describe())
+    host.check(num)
+    max_gaussians = host.max_gaussians
+    if plan is not None:
         log.info(plan.describe(cfg.offload))
         if num > plan.max_gaussians:
             raise ClmError(
-                f"the scene starts with {num} Gaussians but {budget / GIB:.1f} GiB of GPU memory "
-                f"holds at most {plan.max_gaussians} with --offload {cfg.offload}"
+                f"the scene starts with {num} Gaussians but {plan.budget / GIB:.1f} GiB of GPU "
+                f"memory holds at most {plan.max_gaussians} with --offload {cfg.offload}"
             )
         max_gaussians = min(max_gaussians, plan.max_gaussians)
     empty = {a.name: torch.zeros(0, *a.shape) for a in spec}
@@ -118,6 +121,7 @@ def make_engine(
         engine = OffloadEngine(
             empty,
             cache_rows=plan.cache_rows if plan else None,
+            staging_rows=staging_rows,
             max_host_bytes=store_bytes,
             cpu_threads=cfg.cpu_threads,
             resident=resident_budget,
@@ -150,11 +154,14 @@ def host_bytes_per_gaussian(spec: GaussianSpec, offload: str, device: torch.devi
     return store + (16 * key_width + DENSITY_STATS_BYTES if on_cpu else 0)
 
 
-def host_buffers(spec: GaussianSpec, cfg: EngineOptions, max_pixels: int) -> int:
-    """Host memory training needs whatever the model's size: the pinned gradient staging ring,
-    staged and prefetched target images, and the blocks a checkpoint or PLY streams through."""
+def host_buffers(
+    spec: GaussianSpec, cfg: EngineOptions, max_pixels: int, staging_rows: int = STAGING_ROWS
+) -> int:
+    """Host memory training needs whatever the model's size: the pinned gradient staging ring
+    of ``staging_rows``, staged and prefetched target images, and the blocks a checkpoint or
+    PLY streams through."""
     width = sum(a.width for a in spec)
-    staging = STAGING_ROWS * (4 * width + 8) if cfg.offload == "clm" else 0
+    staging = staging_rows * (4 * width + 16) if cfg.offload == "clm" else 0
     images = 4 * cfg.batch_size * max_pixels * 3
     streaming = 2 * STREAM_ROWS * 12 * width
     return staging + images + streaming
