@@ -400,7 +400,7 @@ def run_largest(args, scene, images, all_views, count, mode, cap) -> dict:
             "mode": label,
             "views": len(views),
             "Gaussians": format_count(count),
-            "images/s": f"{meter.images / max(meter.elapsed, 1e-9):.1f}",
+            "images/s": f"{meter.images / max(meter.elapsed, 1e-9):.2f}",
             "visible rows/step": f"{meter.visible / max(meter.steps, 1) / 1e6:.2f}M",
             "resident": f"{resident.count / count:.0%}" if resident is not None else "all",
             "host rows/step": f"{meter.host_rows / max(meter.steps, 1) / 1e6:.2f}M"
