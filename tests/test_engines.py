@@ -2,6 +2,7 @@
 modes hold the same parameters and Adam moments as the GPU-resident reference."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -218,6 +219,63 @@ def test_staging_ring_holds_what_the_host_path_can_send(setup, monkeypatch):
         train(engine, views, targets, batches[:1], degrees[:1])
         assert engine.flusher.staging.capacity == ring
         engine.close()
+
+
+def test_the_walk_gathers_rows_the_cpu_adam_steps_only_once_it_is_done(setup):
+    """While the CPU Adam of the batch before runs (held here by a gate until the main thread
+    waits for it), the walk gathers only rows that Adam is not given; the others follow once
+    it is done, and training is still the resident engine's."""
+    views, targets, batches, degrees = setup
+    params = make_params(400)
+    ref = train(make_engine("none", params, 3, 6), views, targets, batches, degrees)
+    engine = make_engine("clm", params, 3, 6, cache_rows=None)
+    worker, gate = engine.flusher.worker, threading.Event()
+    log, given = [], {}  # the walk's gathers and waits by step; rows the CPU Adam was given
+
+    real_mark, real_step_rows = worker.mark, engine.host.step_rows
+    real_walk, real_gather, real_settle = engine._walk, engine.gather.gather, engine._settle
+    walking = []
+
+    def mark():
+        gate.clear()
+        worker.submit(lambda: gate.wait(timeout=10))
+        return real_mark()
+
+    def step_rows(rows, grads, width, step, *rest):
+        given.setdefault(step, []).append(rows.clone())
+        return real_step_rows(rows, grads, width, step, *rest)
+
+    def walk(*args):
+        walking.append(engine.step + 1)
+        try:
+            return real_walk(*args)
+        finally:
+            walking.clear()
+
+    def gather(rows, *args, **kwargs):
+        if walking:
+            log.append((walking[0], "gather", rows.clone()))
+        return real_gather(rows, *args, **kwargs)
+
+    def settle(batch):
+        if walking:
+            log.append((walking[0], "wait", None))
+        gate.set()
+        real_settle(batch)
+
+    worker.mark, engine.host.step_rows = mark, step_rows
+    engine._walk, engine.gather.gather, engine._settle = walk, gather, settle
+    got = train(engine, views, targets, batches, degrees)
+    engine.close()
+    for step in range(2, len(batches) + 1):
+        entries = [entry for entry in log if entry[0] == step]
+        assert [kind for _, kind, _ in entries] == ["gather", "wait", "gather"]
+        early, late = entries[0][2], entries[2][2]
+        stepped = torch.cat(given[step - 1])
+        assert early.numel() and late.numel()
+        assert not torch.isin(early, stepped).any()
+        assert torch.isin(late, stepped).all()
+    assert_same(got, ref)
 
 
 def test_rows_no_pixel_reads_are_left_out_on_cuda_only_by_default():

@@ -148,6 +148,8 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
             leave_unread = cuda
         self.reach = reach_of(self.render_fn) if leave_unread else None
         self._walk_refused = 0  # batches whose walk did not fit the GPU budget
+        # Per row: may the CPU Adam of a batch not yet known to be done still write it?
+        self._stepping: Tensor | None = None
         self._reach_segments = self._host_segments_read()
 
     # ---- basic facts ----------------------------------------------------------------------
@@ -273,8 +275,16 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         self.flusher.flush_deferred(width, step)
         self.key.step_sparse(batch.rows, batch.key_grads, step)
         self.resident.step(step, width)
+        self._mark_stepping(batch)
         self.step = step  # the CPU Adam of this batch finishes while the next batch culls
         self.last_stats = batch.stats
+
+    def _mark_stepping(self, batch: _Batch) -> None:
+        """Note the rows the CPU Adam of ``batch`` may write, beside those of the batches
+        before while their Adam is not known to be done."""
+        if self._stepping is None or batch.settled.is_set():
+            self._stepping = torch.zeros(len(self.key), dtype=torch.bool, device=self.device)
+        self._stepping[batch.rows] = True
 
     def _train_group(
         self,
@@ -423,8 +433,7 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
             host = culled.ids if at is None else split.host.ids
             if at is None:
                 at = torch.arange(culled.ids.numel(), device=self.device)
-            self._settle(batch)
-            self.gather.gather(host, at, width, values, catch_up=batch.catch_up)
+            self._gather_settled(batch, host, at, width, values)
             batch.stats.bytes_to_gpu += at.numel() * width * 4
             if split.at is not None:
                 self.resident.patch(culled.ids, values, width)
@@ -438,6 +447,22 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         views = [unit.full if isinstance(unit, Piece) else unit for unit in units]
         return read_cull(self.reach, culled, views, inputs)
 
+    def _gather_settled(
+        self, batch: _Batch, host: Tensor, at: Tensor, width: int, values: Tensor
+    ) -> None:
+        """``values[at] =`` host rows ``host``, caught up. Rows the CPU Adam of the batches
+        before may still write are gathered once it is done; the others first, while it runs
+        (nothing writes them), so the wait overlaps their gather."""
+        busy = self._stepping
+        if busy is not None and not batch.settled.is_set():
+            late = busy[host]
+            early = torch.nonzero(~late).squeeze(1)
+            self.gather.gather(host[early], at[early], width, values, catch_up=batch.catch_up)
+            late = torch.nonzero(late).squeeze(1)
+            host, at = host[late], at[late]
+        self._settle(batch)
+        self.gather.gather(host, at, width, values, catch_up=batch.catch_up)
+
     def _cull(self, views: Sequence[View]) -> CullResult:
         keys = self.key.views()
         return self.culler.cull(*self.spec.cull_inputs(keys), views)
@@ -450,6 +475,7 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
     def _drain(self) -> None:
         """Wait for all background CPU work, counting the seconds waited."""
         self._waited_seconds += self.flusher.worker.drain()
+        self._stepping = None  # (rows may be renumbered next)
 
     def _load(
         self,
