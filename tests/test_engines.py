@@ -278,6 +278,36 @@ def test_the_walk_gathers_rows_the_cpu_adam_steps_only_once_it_is_done(setup):
     assert_same(got, ref)
 
 
+@pytest.mark.parametrize("resident", [0, 150])
+def test_evaluation_renders_the_rows_pixels_read(setup, resident):
+    """A trained engine renders a view from the rows its pixels read: the image and alpha of
+    every row, bit for bit, from fewer rows; a walk out of GPU memory renders every row."""
+    views, targets, batches, degrees = setup
+    params = make_params(400)
+    params["opacities"] = params["opacities"] + 4.0  # opaque enough to hide rows
+    extra = {"resident": resident, "views": views} if resident else {}
+    engine = make_engine("clm", params, 3, 6, cache_rows=None, **extra)
+    train(engine, views, targets, batches[:3], degrees[:3])
+    bg = torch.zeros(3)
+    finder = engine.reach
+
+    def out_of_memory(params, view):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    for view in views:
+        read = engine.render(view, 3, bg)
+        engine.reach = None
+        every = engine.render(view, 3, bg)
+        engine.reach = ReachFinder(out_of_memory, finder.reads)
+        refused = engine.render(view, 3, bg)
+        engine.reach = finder
+        assert torch.equal(read.image, every.image) and torch.equal(read.alpha, every.alpha)
+        assert torch.equal(refused.image, every.image)
+        assert 0 < read.ids.numel() < every.ids.numel() == refused.ids.numel()
+        assert torch.isin(read.ids, every.ids).all()
+    engine.close()
+
+
 def test_rows_no_pixel_reads_are_left_out_on_cuda_only_by_default():
     """On the CPU the walk costs about what it saves; asked for, it runs there too."""
     params = make_params(50)

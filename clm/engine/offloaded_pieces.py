@@ -209,16 +209,38 @@ class InPieces:
 
     @torch.no_grad()
     def render(self, view: View, sh_degree: int, background: Tensor) -> RenderOutput:
-        """A view that sees more rows than the cache holds is rendered in pieces and stitched,
-        so evaluation never needs more GPU rows than training."""
+        """A view is rendered from the rows its pixels read, as in training; one that reads
+        more rows than the cache holds is rendered in pieces and stitched, so evaluation never
+        needs more GPU rows than training."""
         self._drain()
-        ids = self._cull([view]).ids
+        ids = self._rows_read(self._cull([view]).ids, view)
         width = self.host.width
         if self.capacity is None or ids.numel() <= self.capacity:
             out = self._render_rows(ids, view, sh_degree, background, width)
             out.ids = ids[out.ids]
             return out
         return self._render_in_pieces(view, sh_degree, background)
+
+    def _rows_read(self, ids: Tensor, view: View) -> Tensor:
+        """Of ``ids``, culled in for ``view``, the rows its render reads (see
+        :mod:`clm.offload.read_rows`): all of them without a reach, or when the walk does not
+        fit the GPU budget. The host attributes the walk reads are gathered caught up."""
+        if self.reach is None or not ids.numel():
+            return ids
+        params = unpack_rows(self.key.param[ids], self.key.layout)
+        if self._reach_segments:
+            width = self._reach_segments[-1].end
+            values = torch.empty(ids.numel(), width, device=self.device)
+            at = torch.arange(ids.numel(), device=self.device)
+            if self.resident.count:
+                at = at[self.resident.slots(ids) < 0]
+            self.gather.gather(ids[at], at, width, values, catch_up=self.skips.to(self.step))
+            self.resident.patch(ids, values, width)
+            params.update(unpack_rows(values, self._reach_segments))
+        try:
+            return ids[self.reach.find(params, view).read]
+        except torch.cuda.OutOfMemoryError:
+            return ids
 
     @torch.no_grad()
     def _render_rows(
