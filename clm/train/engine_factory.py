@@ -25,7 +25,7 @@ from clm.offload.budget import (
     busiest_view_share,
     plan_gpu,
 )
-from clm.offload.flush import STAGING_ROWS, staging_rows_for
+from clm.offload.flush import staging_rows_for
 from clm.offload.host_budget import plan_host
 from clm.offload.resident_rows import ResidentBudget
 from clm.optim.lazy_adam import AdamConfig
@@ -154,9 +154,7 @@ def host_bytes_per_gaussian(spec: GaussianSpec, offload: str, device: torch.devi
     return store + (16 * key_width + DENSITY_STATS_BYTES if on_cpu else 0)
 
 
-def host_buffers(
-    spec: GaussianSpec, cfg: EngineOptions, max_pixels: int, staging_rows: int = STAGING_ROWS
-) -> int:
+def host_buffers(spec: GaussianSpec, cfg: EngineOptions, max_pixels: int, staging_rows: int) -> int:
     """Host memory training needs whatever the model's size: the pinned gradient staging ring
     of ``staging_rows``, staged and prefetched target images, and the blocks a checkpoint or
     PLY streams through."""
