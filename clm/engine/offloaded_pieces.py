@@ -229,25 +229,16 @@ class InPieces:
             return ids
         params = unpack_rows(self.key.param[ids], self.key.layout)
         if self._reach_segments:
-            width = self._reach_segments[-1].end
-            values = torch.empty(ids.numel(), width, device=self.device)
-            at = torch.arange(ids.numel(), device=self.device)
-            if self.resident.count:
-                at = at[self.resident.slots(ids) < 0]
-            self.gather.gather(ids[at], at, width, values, catch_up=self.skips.to(self.step))
-            self.resident.patch(ids, values, width)
+            values = self._caught_up(ids, self._reach_segments[-1].end)
             params.update(unpack_rows(values, self._reach_segments))
         try:
             return ids[self.reach.find(params, view).read]
         except torch.cuda.OutOfMemoryError:
             return ids
 
-    @torch.no_grad()
-    def _render_rows(
-        self, rows: Tensor, view: View, sh_degree: int, background: Tensor, width: int
-    ) -> RenderOutput:
-        """Render ``view`` from ``rows`` alone, without gradients, once they are caught up to
-        ``self.step`` (their leading ``width`` columns)."""
+    def _caught_up(self, rows: Tensor, width: int) -> Tensor:
+        """The leading ``width`` host-layout columns of ``rows``, caught up to ``self.step``:
+        gathered for host rows, taken from the resident rows for the others."""
         values = torch.empty(rows.numel(), width, device=self.device)
         at = torch.arange(rows.numel(), device=self.device)
         if self.resident.count:
@@ -256,6 +247,15 @@ class InPieces:
         if self.device.type == "cuda":  # the kernel reads host rows the host may write next
             torch.cuda.synchronize(self.device)
         self.resident.patch(rows, values, width)
+        return values
+
+    @torch.no_grad()
+    def _render_rows(
+        self, rows: Tensor, view: View, sh_degree: int, background: Tensor, width: int
+    ) -> RenderOutput:
+        """Render ``view`` from ``rows`` alone, without gradients, once they are caught up to
+        ``self.step`` (their leading ``width`` columns)."""
+        values = self._caught_up(rows, width)
         params = unpack_rows(self.key.param[rows], self.key.layout)
         params.update(unpack_rows(values, self.host.layout, sh_degree))
         return self.render_fn(params, view, sh_degree, background)
