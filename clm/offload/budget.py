@@ -54,9 +54,13 @@ RESIDENCY_BYTES = 8  # clm: a row's resident slot number and visit count
 # words, its key gradient, where the split puts it. Growth takes this much more per row.
 BATCH_ROW_BYTES = 160
 RENDER_BYTES_PER_PIXEL = 1024  # images, alpha, loss and SSIM intermediates, their gradients
-# Per row a view renders: gathered key and host values and their gradients, gsplat's projected
-# and intersection data and their gradients.
+# Per row a view renders with --offload none or naive: gsplat's projected and intersection data,
+# the concatenated SH coefficients, and their gradients.
 RENDER_BYTES_PER_VISIBLE_ROW = 700
+# Per float of a row a clm view renders: its gathered copy and gradient, with the above. Measured
+# at 40M Gaussians, SH degree 3 (59 floats), as the most allocated while rendering one view:
+# 530-830 B a rendered row; this plans 944.
+RENDER_BYTES_PER_RENDERED_FLOAT = 16
 CACHE_SHARE = 0.3  # of what is left after the pixel workspace, when view shares are unknown
 VIEW_SHARE_MARGIN = 1.25  # a view's share of the scene may grow as densification goes on
 MIN_VIEW_SHARE = 0.01  # never plan a cache for less than 1% of the scene per view
@@ -135,9 +139,7 @@ def plan_gpu(
         per_cache_row = (
             8 * host_width  # the cached row and its gradient
             + 4 * key_width  # the batch's key gradients
-            + 8 * width  # a view's gathered key and host rows, and their gradients
-            + 8 * host_width  # the renderer's concatenated SH coefficients, and their gradient
-            + RENDER_BYTES_PER_VISIBLE_ROW
+            + RENDER_BYTES_PER_RENDERED_FLOAT * width  # what a view's render takes for the row
         )
         if view_share is None:
             cache_rows = int(left * CACHE_SHARE) // per_cache_row
