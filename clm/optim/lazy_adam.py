@@ -227,7 +227,7 @@ def _moments(
     exp_avg.lerp_(grad, 1 - b1)
     exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
     bc1, bc2_sqrt = bias_corrections(config, step)
-    return bc1, (exp_avg_sq.sqrt() / bc2_sqrt).add_(config.eps)
+    return bc1, exp_avg_sq.sqrt().div_(bc2_sqrt).add_(config.eps)  # one temporary
 
 
 def lazy_step_rows(
