@@ -131,3 +131,30 @@ def test_resident_rows_fit_beside_the_workspace_and_key_rows():
     assert budget.slots(1000, 52) == int(free - 1000 * 200) // (16 * 52)
     assert budget.slots(2000, 52) == int(free - 2000 * 200) // (16 * 52)
     assert budget.slots(10**8, 52) == 0  # nothing left
+
+
+def test_a_measured_budget_counts_what_steps_took_and_the_rows_added_since():
+    """Measured: 6 GiB held between steps and at most 2 GiB more during one, with a quarter
+    more kept for busier views and the dense Adam's temporary (2M rows of 52 floats), when the
+    key table had room for 1000 rows; rows past those cost the plan's bytes each."""
+    from clm.offload.resident_rows import ResidentBudget
+
+    planned = ResidentBudget(budget=24 * GIB, workspace=20 * GIB, per_gaussian=300)
+    measured = planned.measured(held=6 * GIB, step_most=2 * GIB, key_rows=1000, width=52)
+    free = 24 * GIB * 0.95 - 6 * GIB - 2.5 * GIB - 2**21 * 52 * 4
+    assert measured.slots(1000, 52) == int(free) // (16 * 52)
+    assert measured.slots(500, 52) == int(free) // (16 * 52)  # compaction frees nothing here
+    assert measured.slots(3000, 52) == int(free - 2000 * 300) // (16 * 52)
+    assert measured.slots(1000, 52) > planned.slots(1000, 52)
+
+
+def test_step_memory_reads_the_first_holdings_and_the_last_steps_peak():
+    from clm.offload.step_memory import StepMemory
+
+    readings = iter([(100, 150), (130, 900)])
+    memory = StepMemory(torch.device("cpu"), steps=3, read=lambda device: next(readings))
+    for _ in range(2):
+        memory.start()  # only the first reads
+        assert memory.finish() is None
+    memory.start()
+    assert memory.finish() == (130, 800)  # held after the last; the peak less the first holdings

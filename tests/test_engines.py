@@ -221,6 +221,45 @@ def test_staging_ring_holds_what_the_host_path_can_send(setup, monkeypatch):
         engine.close()
 
 
+@pytest.mark.parametrize("room", [150, 10**6])
+def test_resident_rows_take_what_the_first_steps_leave(setup, room):
+    """A planned budget that leaves no room for resident rows is measured against the first
+    steps (readings standing in for the CUDA allocator's). The rows the measured room holds are
+    resident from the step after, and training is still the resident engine's. Room for every
+    row leaves the plan's: with every row resident a view renders whole, which nothing
+    measured bounds."""
+    from clm.offload.resident_rows import ResidentBudget
+    from clm.offload.step_memory import MEASURED_STEPS, StepMemory
+
+    views, targets, batches, degrees = setup
+    params = make_params(400)
+    ref = train(make_engine("none", params, 3, 6), views, targets, batches, degrees, densify_at=3)
+    # bytes held before the first step and after the last measured one, and a step's most
+    before, held, most = 1000, 4000, 800
+    row = 16 * 52  # a resident row of 52 floats: parameter, two moments, gradient
+    adam = 2**21 * 52 * 4  # the dense Adam's temporary: 2M rows of 52 floats
+    budget = math.ceil((held + 1.25 * most + adam + room * row + 100) / 0.95)
+    planned = ResidentBudget(budget, workspace=budget, per_gaussian=0)  # no room planned
+    engine = make_engine(
+        "clm", params, 3, 6, cache_rows=200, staging_rows=64, resident=planned, views=views
+    )
+    readings = iter([(before, before), (held, before + most)])
+    engine.step_memory = StepMemory(torch.device("cpu"), read=lambda device: next(readings))
+    counts = []
+    step = engine.train_step
+
+    def counted(*args):
+        step(*args)
+        counts.append(engine.resident.count)
+
+    engine.train_step = counted
+    got = train(engine, views, targets, batches, degrees, densify_at=3)
+    engine.close()
+    assert_same(got, ref)
+    after = room if room < engine.num_gaussians else 0
+    assert counts == [0] * MEASURED_STEPS + [after] * (len(batches) - MEASURED_STEPS)
+
+
 def test_the_walk_gathers_rows_the_cpu_adam_steps_only_once_it_is_done(setup):
     """While the CPU Adam of the batch before runs (held here by a gate until the main thread
     waits for it), the walk gathers only rows that Adam is not given; the others follow once

@@ -42,6 +42,7 @@ from clm.engine.base import (
 from clm.engine.offloaded_pieces import InPieces
 from clm.engine.offloaded_rows import RowsAcrossSets
 from clm.model.spec import ColumnSegment, active_row_width, unpack_rows
+from clm.offload.budget import GIB
 from clm.offload.catch_up import CatchUpTo, SkipSums
 from clm.offload.culling import CullResult
 from clm.offload.flush import STAGING_ROWS, GradientFlush, on_stream, record_event
@@ -53,6 +54,7 @@ from clm.offload.plan import BatchPlan, overlap_and_uses, plan_batch
 from clm.offload.read_rows import ReadCull, read_cull, with_drawn
 from clm.offload.resident_rows import ResidentBudget, ResidentRows, Split
 from clm.offload.row_inputs import RowInputs, Source
+from clm.offload.step_memory import MEASURED_STEPS, StepMemory
 from clm.render.base import View, reach_of
 
 __all__ = ["STAGING_ROWS", "OffloadEngine"]
@@ -131,6 +133,11 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         )
         self.resident.reset(len(self.host))
         self.resident_limit = resident
+        # A planned budget is measured against the first steps, which may leave it room for more
+        # resident rows (the budget then made from them is ``_measured_limit``).
+        measure = cuda and isinstance(resident, ResidentBudget) and cache_rows is not None
+        self.step_memory = StepMemory(self.device) if measure else None
+        self._measured_limit: ResidentBudget | None = None
         self._training_views = list(views)
         self.gather = RowGather(self.host.store, self.device)
         self.culler = PieceCuller(self.device, bound=self.spec.cull.shape)
@@ -208,7 +215,8 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         """Choose the resident rows again (at the start, and after density control)."""
         limit = self.resident_limit
         if isinstance(limit, ResidentBudget):
-            limit = limit.slots(self.key.table.capacity, self.host.width)
+            budgets = [limit] if self._measured_limit is None else [limit, self._measured_limit]
+            limit = max(b.slots(self.key.table.capacity, self.host.width) for b in budgets)
         if limit > 0 and self._training_views:
             self.resident.count_views(
                 self.culler, self.spec.cull_inputs(self.key.views()), self._training_views
@@ -235,6 +243,9 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         if self.resident.stale:  # (moving rows between the sets needs the host rows settled)
             self._drain()
             self._choose_resident()
+        if self.step_memory is not None:  # measured with the full row cache held
+            self._ensure_cache(self.capacity)
+            self.step_memory.start()
         # No drain: the CPU Adam of the last batch goes on while this one is culled and
         # planned; the first load waits for it (loads read the rows it writes).
         settled = self.flusher.worker.mark()
@@ -278,6 +289,35 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         self._mark_stepping(batch)
         self.step = step  # the CPU Adam of this batch finishes while the next batch culls
         self.last_stats = batch.stats
+        if self.step_memory is not None:
+            measured = self.step_memory.finish()
+            if measured is not None:
+                self.step_memory = None
+                self._resident_from_measured(*measured)
+
+    def _resident_from_measured(self, held: int, step_most: int) -> None:
+        """Let the resident set take what the first steps left of the GPU budget, when that is
+        more than the plan gave it (the set is chosen again before the next step).
+
+        Not when that would hold every row: the steps measured rendered their views through
+        the row cache, in pieces where a view reads more rows than it holds, but with every
+        row resident a view is rendered whole, which only the plan bounds."""
+        assert isinstance(self.resident_limit, ResidentBudget)
+        rows = self.key.table.capacity
+        width = self.host.width
+        measured = self.resident_limit.measured(held - self.resident.nbytes, step_most, rows, width)
+        planned = self.resident_limit.slots(rows, width)
+        slots = measured.slots(rows, width)
+        taken = planned < slots < len(self.key)
+        log.info(
+            "the first %d steps held %.2f GiB of GPU memory and took at most %.2f GiB more: "
+            "room for %.2fM resident rows (the plan's worst case: %.2fM)%s",
+            MEASURED_STEPS, held / GIB, step_most / GIB, slots / 1e6, planned / 1e6,
+            "" if taken or slots <= planned else "; every row would be, so the plan's stands",
+        )  # fmt: skip
+        if taken:
+            self._measured_limit = measured
+            self.resident.stale = True
 
     def _mark_stepping(self, batch: _Batch) -> None:
         """Note the rows the CPU Adam of ``batch`` may write, beside those of the batches

@@ -36,24 +36,46 @@ MIN_SLOTS = 1 << 16  # slots allocated at least (when the budget allows)
 STEP_ROWS = 1 << 21  # rows per launch of the dense Adam (its temporaries are this size)
 SLOT_BYTES_PER_COLUMN = 16  # a slot's parameter, two moments and gradient, float32
 ROW_BYTES = 8  # every model row's slot number and visit count
+# A measured budget keeps this multiple of the most a measured step took beyond what persists:
+# a step's transients grow with the rows its views render, up to the row cache.
+STEP_MARGIN = 1.25
 
 
 @dataclass(frozen=True)
 class ResidentBudget:
     """How many rows a GPU budget of ``budget`` bytes leaves room for beside the render
-    workspace and row cache (``workspace``, from the plan) and ``per_gaussian`` bytes for each
-    row the key table has room for (its key attributes and moments, and its share of a batch
-    that sees every row)."""
+    workspace and row cache (``workspace``) and ``per_gaussian`` bytes for each row the key
+    table has room for (its key attributes and moments, and its share of a batch that sees
+    every row), past the ``counted`` rows whose bytes ``workspace`` already holds.
+
+    The plan's budget counts every row and the worst case of each cost; a budget made from
+    what training steps took (:meth:`measured`) counts the rows there were then."""
 
     budget: int
     workspace: int
     per_gaussian: int
     margin: float = 0.05  # of the budget, for the allocator's rounding and fragmentation
+    counted: int = 0
 
     def slots(self, key_rows: int, width: int) -> int:
         """Resident rows of ``width`` floats beside a key table with room for ``key_rows``."""
-        free = self.budget * (1 - self.margin) - self.workspace - key_rows * self.per_gaussian
+        more = max(0, key_rows - self.counted) * self.per_gaussian
+        free = self.budget * (1 - self.margin) - self.workspace - more
         return max(0, int(free) // (SLOT_BYTES_PER_COLUMN * width))
+
+    def measured(self, held: int, step_most: int, key_rows: int, width: int) -> ResidentBudget:
+        """This budget from what training took: ``held`` bytes allocated between steps besides
+        the resident slots (the key table with room for ``key_rows``, the full row cache, and
+        everything else that persists), and at most ``step_most`` more during a step, with
+        :data:`STEP_MARGIN` for views busier than those measured, and the temporary of the
+        dense Adam over resident rows of ``width`` floats (steps without them took none)."""
+        return ResidentBudget(
+            self.budget,
+            held + int(step_most * STEP_MARGIN) + STEP_ROWS * width * 4,
+            self.per_gaussian,
+            self.margin,
+            counted=key_rows,
+        )
 
 
 @dataclass
@@ -107,6 +129,12 @@ class ResidentRows:
     @property
     def capacity(self) -> int:
         return self.param.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes the slots take (not the per-row bookkeeping, which every row has)."""
+        tensors = (self.param, self.exp_avg, self.exp_avg_sq, self.grad, self.members)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     # ---- following the model's rows -------------------------------------------------------
 
