@@ -11,7 +11,8 @@ Costs per Gaussian on the GPU (float32):
   visit the GPU through the row cache, whose slots (a parameter and a gradient row of the
   non-key width) are sized from what is left. Each row a view renders also costs its gathered
   copies and their gradients. Whatever the plan leaves unused while the model is smaller than
-  its limit holds resident rows (:mod:`clm.offload.resident_rows`).
+  its limit holds resident rows (:mod:`clm.offload.resident_rows`), and so does what the first
+  training steps leave of the budget (:mod:`clm.offload.step_memory`).
 
 Rendering needs workspace in proportion to the pixels and to the Gaussians one view sees; the
 plan reserves it from the image size and the cache size (a view never sees more rows than the
