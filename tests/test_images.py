@@ -215,6 +215,39 @@ def test_concurrent_gets_decode_once(tmp_path, monkeypatch):
         np.testing.assert_array_equal(r, gradient(6, 9))
 
 
+def test_cache_entries_are_opened_one_at_a_time(tmp_path, monkeypatch):
+    """np.load parses a header with ast, which CPython 3.11 cannot do in two threads at once
+    (a SystemError seen in CI); entries read by many threads are opened one after another."""
+    path = save(tmp_path / "a.png", gradient(6, 9))
+    frames = [frame_for(path, 9, 6)]
+    ImageCache(frames, tmp_path / "cache", (0, 0, 0)).get(0)  # the entry exists
+    real, active, most = np.load, [0], [0]
+
+    def watched(*args, **kwargs):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.02)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(np, "load", watched)
+    results = []
+
+    def read() -> None:
+        results.append(ImageCache(frames, tmp_path / "cache", (0, 0, 0)).get(0))
+
+    threads = [threading.Thread(target=read) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 6 and most[0] == 1
+    for r in results:
+        np.testing.assert_array_equal(r, gradient(6, 9))
+
+
 def test_prefetch_decodes_in_the_background(tmp_path, count_decodes):
     frames = [frame_for(save(tmp_path / f"{i}.png", gradient(4, 5) + i), 5, 4) for i in range(3)]
     with ImageCache(frames, tmp_path / "cache", (0, 0, 0)) as cache:

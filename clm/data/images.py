@@ -24,6 +24,10 @@ from clm.data.undistort import undistort_image
 from clm.errors import ClmError
 
 _LOCK_STRIPES = 64
+# np.load parses a .npy header with ast.literal_eval, and CPython 3.11 builds ASTs with state
+# shared between threads: two threads parsing at once can fail with "SystemError: AST
+# constructor recursion depth mismatch" (python/cpython#106905). Headers are read one at a time.
+_NPY_HEADER_LOCK = threading.Lock()
 
 
 def read_image_size(path: Path) -> tuple[int, int]:
@@ -239,7 +243,8 @@ class ImageCache:
         """The memory-mapped entry, or None when it is missing or not what this frame needs."""
         frame = self.frames[i]
         try:
-            image = np.load(entry, mmap_mode="r", allow_pickle=False)
+            with _NPY_HEADER_LOCK:  # (the pixels are read later, through the mapping)
+                image = np.load(entry, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, EOFError):
             return None
         if image.dtype != np.uint8 or image.shape != (frame.height, frame.width, 3):
