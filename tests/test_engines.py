@@ -260,6 +260,25 @@ def test_resident_rows_take_what_the_first_steps_leave(setup, room):
     assert counts == [0] * MEASURED_STEPS + [after] * (len(batches) - MEASURED_STEPS)
 
 
+def test_a_run_with_every_row_resident_measures_nothing(setup):
+    """With every row resident there are no host rows to give room to: no measurement, and no
+    row cache allocated for it."""
+    from clm.offload.resident_rows import ResidentBudget
+    from clm.offload.step_memory import StepMemory
+
+    views, targets, batches, degrees = setup
+    planned = ResidentBudget(2**30, workspace=0, per_gaussian=0)  # room for every row
+    engine = make_engine(
+        "clm", make_params(400), 3, 6, cache_rows=200, resident=planned, views=views
+    )
+    readings = []
+    engine.step_memory = StepMemory(torch.device("cpu"), read=lambda d: readings.append(d))
+    train(engine, views, targets, batches[:2], degrees[:2])
+    engine.close()
+    assert engine.resident.count == 400 and engine.step_memory is None
+    assert readings == [] and engine.cache_param.shape[0] == 0
+
+
 def test_the_walk_gathers_rows_the_cpu_adam_steps_only_once_it_is_done(setup):
     """While the CPU Adam of the batch before runs (held here by a gate until the main thread
     waits for it), the walk gathers only rows that Adam is not given; the others follow once

@@ -243,6 +243,8 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         if self.resident.stale:  # (moving rows between the sets needs the host rows settled)
             self._drain()
             self._choose_resident()
+        if self.step_memory is not None and self.resident.count == len(self.key):
+            self.step_memory = None  # no host rows to give room to (nor a row cache to hold)
         if self.step_memory is not None:  # measured with the full row cache held
             self._ensure_cache(self.capacity)
             self.step_memory.start()
