@@ -20,7 +20,10 @@ from clm.offload.budget import (
     plan_gpu,
 )
 from clm.offload.culling import Culler
+from clm.offload.host_budget import HostPlan
 from clm.offload.pieces import PIECE_FILL
+from clm.render.splats import render_torch
+from clm.train.engine_factory import EngineOptions, _Plans, _walk_on_gpu
 
 SPEC = gaussian_splatting_spec(3)
 PIXELS = 1920 * 1080
@@ -158,3 +161,67 @@ def test_step_memory_reads_the_first_holdings_and_the_last_steps_peak():
         assert memory.finish() is None
     memory.start()
     assert memory.finish() == (130, 800)  # held after the last; the peak less the first holdings
+
+
+def walk_plans(max_gaussians: int | None, host_gib: float = 120):
+    """The factory's plans at 24 GiB (a 5% view share) with ``host_gib`` of host memory for
+    rows of 12 bytes per host float; ``max_gaussians``: --max-gaussians."""
+
+    def plans(spec):
+        host_floats = sum(a.width for a in spec.host)
+        per = 12 * host_floats + 4
+        host = HostPlan(int(host_gib * GIB), 0, per, int(host_gib * GIB) // per, True)
+        gpu = plan_gpu(spec, "clm", 24 * GIB, PIXELS, view_share=0.05)
+        return _Plans(gpu, host, 0, max_gaussians)
+
+    return plans
+
+
+@pytest.mark.parametrize(
+    ("offload", "device", "max_gaussians", "host_gib", "on_gpu"),
+    [
+        ("clm", "cuda", None, 120, False),  # the GPU plan binds: they would lower it
+        ("clm", "cuda", 40_000_000, 120, True),  # --max-gaussians below both plans
+        ("clm", "cuda", None, 30, True),  # the host plan binds, and they free host memory
+        ("clm", "cpu", 40_000_000, 120, False),  # no walk on the CPU
+        ("naive", "cuda", 40_000_000, 120, False),
+    ],
+)
+def test_the_walks_rotations_stay_on_the_gpu_where_the_budgets_hold_them(
+    offload, device, max_gaussians, host_gib, on_gpu
+):
+    cfg = EngineOptions(offload=offload, max_gpu_gb=24, max_gaussians=max_gaussians)
+    plans = walk_plans(max_gaussians, host_gib)
+    spec, chosen = _walk_on_gpu(SPEC, cfg, torch.device(device), render_torch, plans)
+    assert spec["quats"].key == on_gpu
+    assert [a.name for a in spec.key if a.name != "quats"] == ["means", "scales", "opacities"]
+    base = plans(SPEC)
+    # On the GPU the 4 rotation floats cost 12 bytes each (the value and two Adam moments);
+    # the host rows lose 12 bytes each too.
+    promoted = plans(SPEC.with_key(["quats"]))
+    assert promoted.gpu.per_gaussian - base.gpu.per_gaussian == 48
+    assert base.host.per_gaussian - promoted.host.per_gaussian == 48
+    assert chosen.limit == (promoted if on_gpu else base).limit
+    if on_gpu and offload == "clm" and device == "cuda":
+        assert promoted.limit >= base.limit
+    elif offload == "clm" and device == "cuda":
+        assert promoted.limit < base.limit
+
+
+def test_a_renderer_without_a_reach_keeps_the_spec():
+    cfg = EngineOptions(offload="clm", max_gpu_gb=24, max_gaussians=1000)
+
+    def no_reach(params, view, sh_degree, background):
+        return render_torch(params, view, sh_degree, background)
+
+    spec, _ = _walk_on_gpu(SPEC, cfg, torch.device("cuda"), no_reach, walk_plans(1000))
+    assert spec is SPEC
+
+
+def test_with_key_makes_attributes_key_and_refuses_unknown_ones():
+    spec = SPEC.with_key(["quats", "means"])
+    assert [a.name for a in spec.key] == ["means", "scales", "quats", "opacities"]
+    assert [a.name for a in spec.host] == ["sh0", "shN"]  # sh_rest still last
+    assert [a.name for a in SPEC.key] == ["means", "scales", "opacities"]  # unchanged
+    with pytest.raises(ValueError, match="colour"):
+        SPEC.with_key(["colour"])

@@ -57,7 +57,8 @@ def render_every_row(params, view, sh_degree, background):
 
 
 def make_engine(kind: str, params, batch: int, steps: int, **extra):
-    spec = gaussian_splatting_spec(3)
+    """``extra``: the engine's options, with ``key``: attributes made key in the 3DGS spec."""
+    spec = gaussian_splatting_spec(3).with_key(extra.pop("key", ()))
     common = {
         "spec": spec,
         "render_fn": extra.pop("render_fn", render_torch),
@@ -165,6 +166,9 @@ def assert_same(a, b, rtol=2e-4, atol=2e-6):
         ("clm", {"cache_rows": None, "resident": 10**6}),  # every row: the cache goes unused
         # a hard budget: growth sends the resident rows back to the host, then chooses again
         ("clm", {"cache_rows": None, "resident": 150, "grow_through_host": True}),
+        # the rotations the walk reads kept on the "GPU" with the key attributes
+        ("clm", {"cache_rows": 200, "staging_rows": 64, "key": ["quats"]}),
+        ("clm", {"cache_rows": 150, "staging_rows": 64, "resident": 100, "key": ["quats"]}),
     ],
 )
 def test_offload_modes_match_gpu_resident(setup, kind, extra):
@@ -179,6 +183,8 @@ def test_offload_modes_match_gpu_resident(setup, kind, extra):
     got = train(engine, views, targets, batches, degrees, densify_at=3, observe=seen)
     stats = engine.last_stats
     engine.close()
+    if getattr(engine, "reach", None) is not None:  # walks read host columns unless all is key
+        assert (not engine._reach_segments) == ("key" in extra)
     assert ref.params["means"].shape[0] != 400  # densification ran
     assert ref.exp_avg["shN"].abs().max() > 0  # higher SH bands were trained
     assert_same(got, ref)

@@ -21,6 +21,7 @@ from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates
 from clm.render.splats import render_torch
 from clm.synthetic.generate import generate_scene
+from clm.train import engine_factory
 from clm.train.checkpoint import MOMENT_KINDS, Checkpoint, list_checkpoints
 from clm.train.checkpoint_source import checkpoint_source
 from clm.train.config import make_config
@@ -75,22 +76,35 @@ def final_params(output):
     return out
 
 
+def walk_always_on_gpu(spec, cfg, device, render_fn, plans):
+    """The engine factory's choice made as on a GPU whose budget holds the rotations."""
+    promoted = spec.with_key(["quats"])
+    return promoted, plans(promoted)
+
+
 @pytest.mark.parametrize(
-    ("offload", "stop", "method"),
+    ("offload", "stop", "method", "rotations_key"),
     [
-        ("none", 11, "3dgs"),
-        ("naive", 11, "3dgs"),
-        ("clm", 11, "3dgs"),
-        ("clm", 20, "3dgs"),  # 20: on the checkpoint schedule
-        ("clm", 11, "2dgs"),  # with its normal and distortion terms from the start
+        ("none", 11, "3dgs", False),
+        ("naive", 11, "3dgs", False),
+        ("clm", 11, "3dgs", False),
+        ("clm", 20, "3dgs", False),  # 20: on the checkpoint schedule
+        ("clm", 11, "2dgs", False),  # with its normal and distortion terms from the start
+        # rotations kept on the GPU by the first run: the resumed one keeps them there too
+        ("clm", 11, "3dgs", True),
     ],
 )
-def test_ctrl_c_then_resume_continues_exactly(scene, tmp_path, offload, stop, method):
+def test_ctrl_c_then_resume_continues_exactly(
+    scene, tmp_path, offload, stop, method, rotations_key, monkeypatch
+):
     """A stop at any step, a checkpoint there, and a resume give the run that never stopped,
     bit for bit: parameters, both moments, lazy rows' steps and density statistics."""
     options = {"normal_from": 0, "distortion_weight": 10.0, "distortion_from": 0}
     extra = {"method": method, "method_options": options if method == "2dgs" else {}}
+    if rotations_key:
+        monkeypatch.setattr(engine_factory, "_walk_on_gpu", walk_always_on_gpu)
     straight = Trainer(short_config(scene, tmp_path / "a", offload, **extra))
+    assert straight.engine.spec["quats"].key == rotations_key
     straight.run()
     straight.close()
 
@@ -122,6 +136,7 @@ def test_ctrl_c_then_resume_continues_exactly(scene, tmp_path, offload, stop, me
         assert (last < stop).any()  # rows were behind, saved so
     assert not (tmp_path / "b" / "point_cloud.ply").exists()
 
+    monkeypatch.undo()  # the resumed run's own choice would leave the rotations in host rows
     args = ["--resume", "--output", str(tmp_path / "b"), "--no-progress"]
     assert train_main(args) == 0
     a, b = final_params(tmp_path / "a"), final_params(tmp_path / "b")

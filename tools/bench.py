@@ -334,7 +334,9 @@ def run_largest(args, scene, images, all_views, count, mode, cap) -> dict:
     label = mode if cap is None else f"{mode} @ {cap:g} GiB"
     reset_gpu()
     given = {"scene": args.scene, "offload": mode, "batch_size": args.batch_size}
-    given.update(progress=False, device=args.device)
+    # no density control here: the model never grows past its count, which is what lets the
+    # planner keep the rotations the walk reads on the GPU (see clm.train.engine_factory)
+    given.update(progress=False, device=args.device, max_gaussians=int(count))
     if cap is not None:
         given["max_gpu_gb"] = cap
     cfg = make_config(given)
@@ -394,6 +396,9 @@ def run_largest(args, scene, images, all_views, count, mode, cap) -> dict:
             meter.stop()
         if meter.first is not None and meter.steps:
             print(f"{label}: {meter.warmup} warm-up steps took {meter.start - meter.first:.1f} s")
+        if mode == "clm":
+            on_gpu = ", ".join(a.name for a in engine.spec.key)
+            print(f"{label}: on the GPU for every Gaussian: {on_gpu}")
         if clock is not None:
             done = max(meter.steps, 1)
             phases = sorted(clock.seconds.items(), key=lambda kv: -kv[1])

@@ -7,6 +7,7 @@ memory as columns of one row per Gaussian, and only the rows a camera sees cross
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -130,6 +131,16 @@ class GaussianSpec:
     def key(self) -> tuple[AttributeSpec, ...]:
         return tuple(a for a in self.attributes if a.key)
 
+    def with_key(self, names: Iterable[str]) -> GaussianSpec:
+        """This spec with the attributes ``names`` made key as well: an engine then keeps them
+        on the GPU with their Adam state (as ``--offload clm`` does with those its walk reads,
+        where the budget holds them)."""
+        wanted = set(names)
+        if unknown := wanted - set(self.names):
+            raise ValueError(f"no attributes {sorted(unknown)} in {self.names}")
+        attrs = [dataclasses.replace(a, key=a.key or a.name in wanted) for a in self.attributes]
+        return dataclasses.replace(self, attributes=tuple(attrs))
+
     @property
     def host(self) -> tuple[AttributeSpec, ...]:
         """Non-key attributes in host-row order: the ``sh_rest`` one last, so at any SH degree the
@@ -175,7 +186,9 @@ def gaussian_splatting_spec(sh_degree: int = 3) -> GaussianSpec:
             AttributeSpec("scales", (3,), 5e-3, key=True, activation="exp"),
             # Culling bounds a Gaussian by its largest scale, so rotations need not be key:
             # they travel with the colours (16 bytes a row) instead of costing 48 bytes of
-            # GPU memory per Gaussian, with their Adam moments, for every Gaussian.
+            # GPU memory per Gaussian, with their Adam moments, for every Gaussian. The
+            # engine factory makes them key when the GPU budget holds them (the walk of
+            # each view's pixels reads them, see clm.train.engine_factory).
             AttributeSpec("quats", (4,), 1e-3, activation="normalize"),
             AttributeSpec("opacities", (), 5e-2, key=True, activation="sigmoid"),
             AttributeSpec("sh0", (1, 3), 2.5e-3),

@@ -61,6 +61,18 @@ def checkpoint_source(
     return RowSource(ckpt.count, chunks(), ckpt.step if moments else 0, sample=sample)
 
 
+def stored_key(ckpt: Checkpoint, spec: GaussianSpec) -> list[str] | None:
+    """The attributes of ``spec`` that the run writing ``ckpt`` kept on the GPU, current at the
+    checkpoint's step, where its other rows are stored as they were (None: every row is
+    current). An engine resuming those rows as they were must keep the same ones there."""
+    if LAST_COLUMN not in ckpt.columns:
+        return None
+    lazy = (ckpt.meta.get("optimizer") or {}).get("lazy_attributes")
+    if lazy is None:  # written before the record: the spec's own key attributes
+        return [a.name for a in spec.key]
+    return [name for name in spec.names if name not in lazy]
+
+
 def _catch_up(ckpt: Checkpoint, spec: GaussianSpec):
     """A function that brings a block's lazily updated attributes up to the checkpoint's step in
     place, with the skip tables of the run's learning rates (rebuilt from the checkpoint's
@@ -70,16 +82,16 @@ def _catch_up(ckpt: Checkpoint, spec: GaussianSpec):
         raise ClmError(f"{ckpt.path}: the checkpoint does not record its learning rates")
     lrs = LearningRates(spec, record["total_steps"], record["extent"], record["batch_size"])
     config = AdamConfig(tuple(record["betas"]), record["eps"])
-    tables = SkipTables(spec.host, lrs, config, torch.device("cpu"))
+    key = stored_key(ckpt, spec)
+    lazy = spec.with_key(key or ()).host
+    tables = SkipTables(lazy, lrs, config, torch.device("cpu"))
     tables.advance_to(ckpt.step)
     segments = tables.segments(ckpt.step)
     copies = CaughtUpCopies(tables.width, config)
 
     def catch_up(*state_and_last) -> None:
         *state, last = state_and_last
-        packed = [
-            pack_rows({a.name: part[a.name] for a in spec.host}, tables.layout) for part in state
-        ]
+        packed = [pack_rows({a.name: part[a.name] for a in lazy}, tables.layout) for part in state]
         caught = copies(*packed, last, ckpt.step, segments)
         for part, values in zip(state, caught, strict=True):
             part.update({n: t.clone() for n, t in unpack_rows(values, tables.layout).items()})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -21,16 +21,17 @@ from clm.offload.budget import (
     BATCH_ROW_BYTES,
     DENSITY_STATS_BYTES,
     GIB,
+    GpuPlan,
     apply_gpu_cap,
     busiest_view_share,
     plan_gpu,
 )
 from clm.offload.flush import staging_rows_for
-from clm.offload.host_budget import plan_host
+from clm.offload.host_budget import HostPlan, plan_host
 from clm.offload.resident_rows import ResidentBudget
 from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates
-from clm.render.base import RenderFn, View
+from clm.render.base import RenderFn, View, reach_of
 
 log = logging.getLogger("clm")
 
@@ -62,34 +63,50 @@ def make_engine(
     device: torch.device,
     max_pixels: int,
     views: Sequence[View] = (),
+    key: Sequence[str] | None = None,
 ) -> Engine:
     """The engine ``cfg.offload`` asks for, sized to the budgets, with the plans logged, holding
     ``rows`` (parameters, or a stream of chunks that is loaded without a second copy).
 
     Both budgets are checked before a row is loaded. ``views`` (the training views, optional)
-    let the GPU planner size the row cache for this scene, from a sample of the rows.
+    let the GPU planner size the row cache for this scene, from a sample of the rows. ``key``:
+    the attributes to keep on the GPU, as a checkpoint of lazily updated rows recorded them;
+    None: the spec's key attributes, and with ``--offload clm`` on CUDA those the renderer's
+    walk reads where the budgets hold them for as many Gaussians (the engine's ``spec`` says
+    which).
     """
     device = with_index(device)
     source = rows if isinstance(rows, RowSource) else RowSource.of(rows)
     num = source.count
-    plan = None
     hard = device.type == "cuda" and cfg.max_gpu_gb is not None
+    budget, share = 0, None
     if device.type == "cuda":
         if cfg.max_gpu_gb is not None:
             budget = apply_gpu_cap(device, cfg.max_gpu_gb)
         else:  # no hard cap asked for: plan for most of the card
             budget = int(0.9 * torch.cuda.get_device_properties(device).total_memory)
-        share = None
         if cfg.offload == "clm" and views and source.sample is not None:
             share = busiest_view_share(spec, source.sample(), views)
             log.info("the busiest training view sees %.1f%% of the Gaussians", 100 * share)
-        plan = plan_gpu(spec, cfg.offload, budget, max_pixels, share)
-    staging_rows = staging_rows_for(plan.cache_rows if plan else None)
-    host = plan_host(
-        host_bytes_per_gaussian(spec, cfg.offload, device),
-        host_buffers(spec, cfg, max_pixels, staging_rows),
-        int(cfg.max_host_gb * GIB) if cfg.max_host_gb else None,
-    )
+
+    def plans(spec: GaussianSpec) -> _Plans:
+        plan = None
+        if device.type == "cuda":
+            plan = plan_gpu(spec, cfg.offload, budget, max_pixels, share)
+        staging_rows = staging_rows_for(plan.cache_rows if plan else None)
+        host = plan_host(
+            host_bytes_per_gaussian(spec, cfg.offload, device),
+            host_buffers(spec, cfg, max_pixels, staging_rows),
+            int(cfg.max_host_gb * GIB) if cfg.max_host_gb else None,
+        )
+        return _Plans(plan, host, staging_rows, cfg.max_gaussians)
+
+    if key is not None:
+        spec = spec.with_key(key)
+        planned = plans(spec)
+    else:
+        spec, planned = _walk_on_gpu(spec, cfg, device, render_fn, plans)
+    plan, host, staging_rows = planned.gpu, planned.host, planned.staging_rows
     log.info(host.describe())
     host.check(num)
     max_gaussians = host.max_gaussians
@@ -138,6 +155,66 @@ def make_engine(
     engine.reserve(max(max_gaussians, num) if ahead else num)
     engine.load_rows(source)
     return engine
+
+
+@dataclass(frozen=True)
+class _Plans:
+    """The GPU plan (None off CUDA), the host plan and the staging ring for one spec."""
+
+    gpu: GpuPlan | None
+    host: HostPlan
+    staging_rows: int
+    max_gaussians: int | None  # --max-gaussians
+
+    @property
+    def limit(self) -> int:
+        """The most Gaussians the run may grow to under these plans."""
+        most = self.host.max_gaussians
+        if self.gpu is not None:
+            most = min(most, self.gpu.max_gaussians)
+        return most if self.max_gaussians is None else min(most, self.max_gaussians)
+
+
+def _walk_on_gpu(
+    spec: GaussianSpec,
+    cfg: EngineOptions,
+    device: torch.device,
+    render_fn: RenderFn,
+    plans: Callable[[GaussianSpec], _Plans],
+) -> tuple[GaussianSpec, _Plans]:
+    """``spec`` with the host attributes the renderer's walk reads (the rotations, for 3DGS)
+    made key, where the budgets hold them for as many Gaussians as without; else ``spec``.
+
+    Each step, ``--offload clm`` walks every culled-in row's footprint to find the rows a
+    view reads (:mod:`clm.offload.read_rows`). Read from host rows, those attributes cross
+    PCIe for every host row a batch culls in, a few bytes from each scattered row: at 40M
+    Gaussians under 24 GiB, a third of the step. On the GPU they cost 12 bytes per float per
+    Gaussian (the value and its two Adam moments), taken from the resident rows.
+    """
+    planned = plans(spec)
+    reach = reach_of(render_fn)
+    if cfg.offload != "clm" or device.type != "cuda" or reach is None:
+        return spec, planned
+    key = {a.name for a in spec.key}
+    walked = [name for name in reach.reads if name not in key and name in spec.names]
+    if not walked:
+        return spec, planned
+    promoted = spec.with_key(walked)
+    on_gpu = plans(promoted)
+    names = ", ".join(walked)
+    if on_gpu.limit < planned.limit:
+        log.info(
+            "%s (read to find the rows each view reads) stay in host rows: on the GPU they "
+            "would lower the most Gaussians from %.2fM to %.2fM (--max-gaussians %d keeps "
+            "them there)",
+            names,
+            planned.limit / 1e6,
+            on_gpu.limit / 1e6,
+            on_gpu.limit,
+        )
+        return spec, planned
+    log.info("%s (read to find the rows each view reads) stay on the GPU", names)
+    return promoted, on_gpu
 
 
 def host_bytes_per_gaussian(spec: GaussianSpec, offload: str, device: torch.device) -> int:

@@ -27,7 +27,7 @@ from clm.optim.learning_rates import LearningRates, adam_betas
 from clm.render.base import RenderOutput, View
 from clm.train.batch_loss import batch_loss
 from clm.train.checkpoint import Checkpoint
-from clm.train.checkpoint_source import checkpoint_source
+from clm.train.checkpoint_source import checkpoint_source, stored_key
 from clm.train.config import TrainConfig, config_to_dict
 from clm.train.densify import DensifyConfig, DensityController
 from clm.train.engine_factory import EngineOptions, make_engine
@@ -106,8 +106,11 @@ class Trainer(TrainerCheckpoints):
         self.targets = TargetStager(self.images, self.device, batch, largest)
         lrs = LearningRates(self.spec, self.total_steps, extent=scene.extent, batch_size=batch)
         adam = AdamConfig(betas=adam_betas(batch))
+        key = None  # the attributes the engine keeps on the GPU (None: its own choice)
         if checkpoint is not None:  # rows as they were, for an engine that takes them so
-            rows = checkpoint_source(checkpoint, self.spec, lazy=cfg.offload == "clm")
+            lazy = cfg.offload == "clm"
+            rows = checkpoint_source(checkpoint, self.spec, lazy=lazy)
+            key = stored_key(checkpoint, self.spec) if lazy else None  # as they were kept
         elif cfg.init_ply is not None:
             rows = self.method.ply_source(cfg.init_ply, self.spec, scene.to_train)
         else:
@@ -125,6 +128,7 @@ class Trainer(TrainerCheckpoints):
             self.device,
             max_pixels,
             self.train_views,
+            key,
         )
         densify = DensifyConfig(
             start=cfg.densify_start,

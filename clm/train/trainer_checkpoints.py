@@ -55,6 +55,11 @@ class TrainerCheckpoints:
                 "batch_size": self.batch_size,
                 "betas": list(self.engine.adam.betas),
                 "eps": self.engine.adam.eps,
+                # the attributes stored at each row's own step (lazy/last); the others are
+                # current (the engine keeps some of the spec's host attributes on the GPU)
+                "lazy_attributes": [a.name for a in self.engine.spec.host]
+                if self.engine.lazy
+                else [],
             },
         }
 
