@@ -47,7 +47,7 @@ from clm.offload.catch_up import CatchUpTo, SkipSums
 from clm.offload.culling import CullResult
 from clm.offload.flush import STAGING_ROWS, GradientFlush, on_stream, record_event
 from clm.offload.gather import RowGather
-from clm.offload.lazy_rows import DeviceRows, HostRows
+from clm.offload.lazy_rows import ChunkCuts, DeviceRows, HostRows
 from clm.offload.piece_grads import CropGrad, ImageGrad
 from clm.offload.pieces import Piece, PieceCuller
 from clm.offload.plan import BatchPlan, overlap_and_uses, plan_batch
@@ -79,6 +79,7 @@ class _Batch:
     settled: threading.Event  # set once the CPU Adam of the batches before is done
     catch_up: CatchUpTo  # what loads need to catch rows up to the last step
     in_pieces: dict[int, ImageGrad | CropGrad] = field(default_factory=dict)  # views in pieces
+    key_cuts: ChunkCuts | None = None  # where the key Adam's chunks begin in rows
 
 
 class OffloadEngine(InPieces, RowsAcrossSets, Engine):
@@ -275,7 +276,7 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
             rendered = culled if read is None else read.culled
             per_view = survey[1] if split.at is None else rendered.vis.sum(dim=1).tolist()
             big = [i for i, rows in enumerate(per_view) if rows > capacity]
-        batch.key_grads = torch.zeros(batch.rows.numel(), self.key.width, device=self.device)
+        self._take_rows(batch, batch.rows)
         if everything:
             self._train_resident(batch, culled)
         elif big:
@@ -286,7 +287,7 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
                 batch, views, range(len(views)), rendered, capacity, survey, split, drawn=drawn
             )
         self.flusher.flush_deferred(width, step)
-        self.key.step_sparse(batch.rows, batch.key_grads, step)
+        self.key.step_sparse(batch.rows, batch.key_grads, step, batch.key_cuts)
         self.resident.step(step, width)
         self._mark_stepping(batch)
         self.step = step  # the CPU Adam of this batch finishes while the next batch culls
@@ -296,6 +297,13 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
             if measured is not None:
                 self.step_memory = None
                 self._resident_from_measured(*measured)
+
+    def _take_rows(self, batch: _Batch, rows: Tensor) -> None:
+        """Make ``rows`` (ascending) the batch's: their key gradients, zeroed, and where the key
+        Adam's chunks begin in them, located now so the end of the step need not wait."""
+        batch.rows = rows
+        batch.key_grads = torch.zeros(rows.numel(), self.key.width, device=self.device)
+        batch.key_cuts = self.key.locate(rows)
 
     def _resident_from_measured(self, held: int, step_most: int) -> None:
         """Let the resident set take what the first steps left of the GPU budget, when that is

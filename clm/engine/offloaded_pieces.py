@@ -109,8 +109,7 @@ class InPieces:
             for k, unit in enumerate(units)
         ]
         if len(groups) == 1:
-            batch.rows = part.ids
-            batch.key_grads = torch.zeros(batch.rows.numel(), self.key.width, device=self.device)
+            self._take_rows(batch, part.ids)
             self._train_group(batch, units, owner, part, capacity, drawn=drawn)
         else:
             del part  # culled again, group by group: all their visibility at once could be large
@@ -130,8 +129,7 @@ class InPieces:
         drawn: Sequence[Tensor | None],
     ) -> None:
         """Train ``groups`` of ``units`` one after the other (``rows``: what each culls to)."""
-        batch.rows = torch.unique(torch.cat(list(rows)))
-        batch.key_grads = torch.zeros(batch.rows.numel(), self.key.width, device=self.device)
+        self._take_rows(batch, torch.unique(torch.cat(list(rows))))
         at = [torch.searchsorted(batch.rows, ids) for ids in rows]
         uses = torch.zeros(batch.rows.numel(), dtype=torch.int32, device=self.device)
         for a in at:

@@ -8,6 +8,7 @@ saved or exported), so a step costs host work in proportion to the rows a batch 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -192,6 +193,22 @@ class HostRows(SkipTables):
         self.store.append(pack(params), step, pack(exp_avg), pack(exp_avg_sq), last)
 
 
+@dataclass(frozen=True)
+class ChunkCuts:
+    """:meth:`DeviceRows.locate`'s answer: ``starts`` (on the host once ``ready`` is done;
+    None off CUDA) and the number of rows located."""
+
+    starts: Tensor
+    ready: torch.cuda.Event | None
+    count: int
+
+    def bounds(self) -> list[int]:
+        """Each chunk's first position in the rows, then their count."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return [*self.starts.tolist(), self.count]
+
+
 class DeviceRows:
     """Key attributes packed ``[N, width]`` on the device, with dense Adam.
 
@@ -237,23 +254,40 @@ class DeviceRows:
         """Per-attribute views of the parameters."""
         return unpack_rows(self.param, self.layout)
 
-    def step_sparse(self, rows: Tensor, grads: Tensor, step: int) -> None:
-        """Adam step ``step`` for every row; ``rows`` (unique) have gradients ``grads``.
+    def locate(self, rows: Tensor) -> ChunkCuts:
+        """Where each chunk's rows begin in ``rows`` (ascending), copied to the host in the
+        background: located when a batch's rows are known, :meth:`step_sparse` reads them at
+        the end of the step without waiting for the device."""
+        starts = torch.arange(0, len(self.table), self.chunk_rows, device=rows.device)
+        cuts = torch.searchsorted(rows, starts).to(torch.int64)
+        if rows.device.type != "cuda":
+            return ChunkCuts(cuts, None, rows.numel())
+        host = torch.empty(cuts.shape, dtype=torch.int64, pin_memory=True)
+        host.copy_(cuts, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return ChunkCuts(host, event, rows.numel())
 
-        No host sync: a chunk's gradient rows are scattered by position, and rows outside the
-        chunk land in a spare row past its end.
+    def step_sparse(
+        self, rows: Tensor, grads: Tensor, step: int, cuts: ChunkCuts | None = None
+    ) -> None:
+        """Adam step ``step`` for every row; ``rows`` (unique, ascending) have gradients
+        ``grads``; ``cuts``: :meth:`locate` of ``rows`` (None: located now, a host sync).
+
+        A chunk's gradient rows are a slice of ``rows``: they are scattered into a zeroed
+        chunk-sized gradient, so the work is one pass over the table and one over ``rows``.
         """
         n = len(self.table)
+        bounds = (cuts or self.locate(rows)).bounds()
+        assert len(bounds) == -(-n // self.chunk_rows) + 1, "located for another table size"
         p, m, v = self.table["param"], self.table["exp_avg"], self.table["exp_avg_sq"]
         lrs = [(s.start, s.end, self.lrs.at(s.attr.name, step)) for s in self.layout]
-        for a in range(0, n, self.chunk_rows):
+        for k, a in enumerate(range(0, n, self.chunk_rows)):
             b = min(a + self.chunk_rows, n)
-            grad = torch.zeros(b - a + 1, self.width, device=self.device)
-            local = rows - a
-            if a > 0 or b < n:
-                local = torch.where((local >= 0) & (local < b - a), local, b - a)
-            grad.index_put_((local,), grads)
-            adam_step_columns(p[a:b], grad[: b - a], m[a:b], v[a:b], step, lrs, self.config)
+            lo, hi = bounds[k], bounds[k + 1]
+            grad = torch.zeros(b - a, self.width, device=self.device)
+            grad[rows[lo:hi] - a] = grads[lo:hi]
+            adam_step_columns(p[a:b], grad, m[a:b], v[a:b], step, lrs, self.config)
 
     def room_for(self, count: int) -> int:
         """The capacity appending ``count`` rows grows the table to (its own when it fits)."""
