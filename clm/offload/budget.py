@@ -6,8 +6,8 @@ Costs per Gaussian on the GPU (float32):
 * ``none``: every attribute with its gradient and two Adam moments, ``16·W`` bytes (W = floats
   per Gaussian, 59 for 3DGS at SH degree 3), plus density statistics;
 * ``naive``: a parameter and a gradient row for every Gaussian each step, ``8·W``;
-* ``clm``: only the key attributes (7 floats for 3DGS: position, log-scale, opacity) with their
-  Adam moments, ``12·K``, plus density statistics and residency bookkeeping; the host rows
+* ``clm``: only the key attributes (7 floats for 3DGS: position, log-scale, opacity; 11 when
+  the engine factory adds the rotations the walk reads) with their Adam moments, ``12·K``, plus density statistics and residency bookkeeping; the host rows
   visit the GPU through the row cache, whose slots (a parameter and a gradient row of the
   non-key width) are sized from what is left. Each row a view renders also costs its gathered
   copies and their gradients. Whatever the plan leaves unused while the model is smaller than
