@@ -7,12 +7,13 @@ Costs per Gaussian on the GPU (float32):
   per Gaussian, 59 for 3DGS at SH degree 3), plus density statistics;
 * ``naive``: a parameter and a gradient row for every Gaussian each step, ``8·W``;
 * ``clm``: only the key attributes (7 floats for 3DGS: position, log-scale, opacity; 11 when
-  the engine factory adds the rotations the walk reads) with their Adam moments, ``12·K``, plus density statistics and residency bookkeeping; the host rows
-  visit the GPU through the row cache, whose slots (a parameter and a gradient row of the
-  non-key width) are sized from what is left. Each row a view renders also costs its gathered
-  copies and their gradients. Whatever the plan leaves unused while the model is smaller than
-  its limit holds resident rows (:mod:`clm.offload.resident_rows`), and so does what the first
-  training steps leave of the budget (:mod:`clm.offload.step_memory`).
+  the engine factory adds the rotations the walk reads) with their Adam moments, ``12·K``,
+  plus density statistics and residency bookkeeping; the host rows visit the GPU through the
+  row cache, whose slots (a parameter and a gradient row of the non-key width) are sized from
+  what is left. Each row a view renders also costs its gathered copies and their gradients.
+  Whatever the plan leaves unused while the model is smaller than its limit holds resident
+  rows (:mod:`clm.offload.resident_rows`), and so does what the first training steps leave of
+  the budget (:mod:`clm.offload.step_memory`).
 
 Rendering needs workspace in proportion to the pixels and to the Gaussians one view sees; the
 plan reserves it from the image size and the cache size (a view never sees more rows than the
