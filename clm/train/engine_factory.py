@@ -109,7 +109,6 @@ def make_engine(
     plan, host, staging_rows = planned.gpu, planned.host, planned.staging_rows
     log.info(host.describe())
     host.check(num)
-    max_gaussians = host.max_gaussians
     if plan is not None:
         log.info(plan.describe(cfg.offload))
         if num > plan.max_gaussians:
@@ -117,7 +116,6 @@ def make_engine(
                 f"the scene starts with {num} Gaussians but {plan.budget / GIB:.1f} GiB of GPU "
                 f"memory holds at most {plan.max_gaussians} with --offload {cfg.offload}"
             )
-        max_gaussians = min(max_gaussians, plan.max_gaussians)
     empty = {a.name: torch.zeros(0, *a.shape) for a in spec}
     common = {"spec": spec, "render_fn": render_fn, "lrs": lrs, "adam": adam, "device": device}
     store_bytes = host.rows_bytes if host.capped else None
@@ -146,8 +144,7 @@ def make_engine(
             grow_through_host=hard,
             **common,
         )
-    if cfg.max_gaussians is not None:
-        max_gaussians = min(max_gaussians, cfg.max_gaussians)
+    max_gaussians = planned.limit
     engine.max_gaussians = max_gaussians
     # The other engines take a hard GPU budget before loading, so neither loading nor growth
     # ever reallocates (a copy would briefly need old and new memory, past the budget).
