@@ -7,7 +7,8 @@
       every image decoded beforehand (200 steps of batch 4 is the peer's protocol, 800 images).
   python tools/bench.py largest --scene S --counts 10e6,40e6 --modes none,clm@24 --steps 12
       Gaussians initialised on the scene's surfaces, trained by each mode in turn with the
-      same seed and batches (``MODE@GB``: under ``--max-gpu-gb GB``, else uncapped): whether
+      same seed and batches (``MODE@GB``: under ``--max-gpu-gb GB``, else uncapped), every
+      image decoded beforehand and each batch's images staged as the trainer stages them: whether
       the count fits, throughput, peak GPU memory, the host traffic per step and its share of
       the host's memory bandwidth, rows resident and rows without gradient, and the PSNR of
       the trained views. --max-view-share 0.05 keeps only the views that each see at most 5%
@@ -44,6 +45,7 @@ from clm.train.batch_loss import batch_loss
 from clm.train.config import make_config
 from clm.train.engine_factory import EngineOptions, make_engine
 from clm.train.log import format_count
+from clm.train.targets import TargetStager
 from clm.train.trainer import Trainer
 
 GIB = 2**30
@@ -253,15 +255,21 @@ def run_mode(args: argparse.Namespace, mode: str, tmp: Path) -> dict[str, object
 def decode_images(scene_dir: str, cache_dir: Path) -> None:
     """Decode every image of the scene into ``cache_dir`` with all cores, before any run is
     timed (the peer's protocol: images decoded first)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from clm.data.images import ImageCache
     from clm.data.scene import load_scene
 
     scene = load_scene(Path(scene_dir), 1, 8)
     frames = scene.train + scene.test
-    with ImageCache(frames, cache_dir, scene.background) as images, ThreadPoolExecutor() as pool:
-        list(pool.map(images.get, range(len(frames))))
+    with ImageCache(frames, cache_dir, scene.background) as images:
+        decode_all(images, len(frames))
+
+
+def decode_all(images, count: int) -> None:
+    """Decode frames ``0..count-1`` into the image cache with all cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor() as pool:
+        list(pool.map(images.get, range(count)))
 
 
 def bench_compare(args: argparse.Namespace) -> None:
@@ -380,17 +388,24 @@ def run_largest(args, scene, images, all_views, count, mode, cap) -> dict:
         def target(i: int) -> Tensor:
             return torch.from_numpy(np.array(images.get(frames[i]))).to(device).float() / 255
 
+        # the trainer's staging: the next batch's images are copied into pinned buffers on a
+        # thread while this step runs, and uploaded asynchronously
+        largest = max(f.width * f.height * 3 for f in scene.train)
+        stager = TargetStager(images, device, args.batch_size, largest)
         timers = host_timers(engine) if args.host_timers else contextlib.nullcontext()
-        with timers as clock:
+        with timers as clock, contextlib.closing(stager):
             batches = [
-                rng.choice(len(views), args.batch_size, replace=False).tolist()
+                [frames[i] for i in rng.choice(len(views), args.batch_size, replace=False)]
                 for _ in range(args.steps)
             ]
+            by_frame = dict(zip(frames, views, strict=True))
             for k, batch in enumerate(batches):
                 if clock is not None:
                     clock.active = k >= meter.warmup
-                targets = [target(i) for i in batch]
-                chosen = [views[i] for i in batch]
+                if k + 1 < len(batches):
+                    stager.prepare(batches[k + 1])
+                targets = stager.take(batch)
+                chosen = [by_frame[i] for i in batch]
                 loss_fn = batch_loss(method, targets, chosen, (k + 1) * args.batch_size)
                 engine.train_step(chosen, loss_fn, lambda *a: None, 3, bg)
             meter.stop()
@@ -453,6 +468,7 @@ def bench_largest(args: argparse.Namespace) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         images = ImageCache(scene.train, Path(tmp) / "cache", scene.background)
+        decode_all(images, len(scene.train))  # every mode reads decoded images, as the trainer's
         all_views = [frame_to_view(f, device) for f in scene.train]
         for count in (int(float(c)) for c in args.counts.split(",")):
             for mode, cap in parse_modes(args.modes):
