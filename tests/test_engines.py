@@ -342,6 +342,62 @@ def test_the_walk_gathers_rows_the_cpu_adam_steps_only_once_it_is_done(setup):
     assert_same(got, ref)
 
 
+def test_the_first_load_gathers_rows_the_cpu_adam_steps_only_once_it_is_done(setup):
+    """With the attributes the walk reads on the GPU the walk waits for nothing, and the step's
+    first load is what waits for the CPU Adam of the batch before (held here by a gate until the
+    main thread waits): it gathers the rows that Adam is not given while it runs and the others
+    once it is done; the loads after it wait for nothing; training is the resident engine's."""
+    views, targets, batches, degrees = setup
+    params = make_params(400)
+    ref = train(make_engine("none", params, 3, 6), views, targets, batches, degrees)
+    engine = make_engine("clm", params, 3, 6, cache_rows=None, key=["quats"])
+    assert not engine._reach_segments  # the walk gathers nothing
+    worker, gate = engine.flusher.worker, threading.Event()
+    log, given = [], {}  # the loads' gathers and waits by step; rows the CPU Adam was given
+    real_mark, real_step_rows = worker.mark, engine.host.step_rows
+    real_load, real_gather, real_settle = engine._load, engine.gather.gather, engine._settle
+
+    def mark():
+        gate.clear()
+        worker.submit(lambda: gate.wait(timeout=10))
+        return real_mark()
+
+    def step_rows(rows, grads, width, step, *rest):
+        given.setdefault(step, []).append(rows.clone())
+        return real_step_rows(rows, grads, width, step, *rest)
+
+    def load(batch, *args):
+        log.append((batch.step, "load", None))
+        return real_load(batch, *args)
+
+    def gather(rows, *args, **kwargs):
+        if log:
+            log.append((log[-1][0], "gather", rows.clone()))
+        return real_gather(rows, *args, **kwargs)
+
+    def settle(batch):
+        if not batch.settled.is_set():
+            log.append((batch.step, "wait", None))
+        gate.set()
+        real_settle(batch)
+
+    worker.mark, engine.host.step_rows = mark, step_rows
+    engine._load, engine.gather.gather, engine._settle = load, gather, settle
+    got = train(engine, views, targets, batches, degrees)
+    engine.close()
+    for step in range(2, len(batches) + 1):
+        entries = [entry for entry in log if entry[0] == step]
+        kinds = [kind for _, kind, _ in entries]
+        assert kinds[:4] == ["load", "gather", "wait", "gather"]
+        assert kinds.count("wait") == 1 and kinds.count("load") > 1
+        early, late = entries[1][2], entries[3][2]
+        stepped = torch.cat(given[step - 1])
+        assert early.numel() and late.numel()
+        assert not torch.isin(early, stepped).any()
+        assert torch.isin(late, stepped).all()
+    assert_same(got, ref)
+
+
 @pytest.mark.parametrize("resident", [0, 150])
 def test_evaluation_renders_the_rows_pixels_read(setup, resident):
     """A trained engine renders a view from the rows its pixels read: the image and alpha of

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -483,7 +483,11 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
             host = culled.ids if at is None else split.host.ids
             if at is None:
                 at = torch.arange(culled.ids.numel(), device=self.device)
-            self._gather_settled(batch, host, at, width, values)
+
+            def gather(rows: Tensor, to: Tensor) -> None:
+                self.gather.gather(rows, to, width, values, catch_up=batch.catch_up)
+
+            self._gather_settled(batch, host, at, gather)
             batch.stats.bytes_to_gpu += at.numel() * width * 4
             if split.at is not None:
                 self.resident.patch(culled.ids, values, width)
@@ -498,20 +502,20 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         return read_cull(self.reach, culled, views, inputs)
 
     def _gather_settled(
-        self, batch: _Batch, host: Tensor, at: Tensor, width: int, values: Tensor
+        self, batch: _Batch, host: Tensor, at: Tensor, gather: Callable[[Tensor, Tensor], None]
     ) -> None:
-        """``values[at] =`` host rows ``host``, caught up. Rows the CPU Adam of the batches
-        before may still write are gathered once it is done; the others first, while it runs
-        (nothing writes them), so the wait overlaps their gather."""
+        """``gather(host, at)`` in two parts: host rows the CPU Adam of the batches before may
+        still write once it is done, the others first, while it runs (nothing writes them), so
+        the wait overlaps their gather. Finding the parts syncs the current stream."""
         busy = self._stepping
         if busy is not None and not batch.settled.is_set():
             late = busy[host]
             early = torch.nonzero(~late).squeeze(1)
-            self.gather.gather(host[early], at[early], width, values, catch_up=batch.catch_up)
+            gather(host[early], at[early])
             late = torch.nonzero(late).squeeze(1)
             host, at = host[late], at[late]
         self._settle(batch)
-        self.gather.gather(host, at, width, values, catch_up=batch.catch_up)
+        gather(host, at)
 
     def _cull(self, views: Sequence[View]) -> CullResult:
         keys = self.key.views()
@@ -534,24 +538,35 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         k: int,
         flushed: Sequence[torch.cuda.Event | None] = (),
     ) -> torch.cuda.Event | None:
-        """Gather micro-batch k's new rows on the copy stream, once the CPU Adam of the batches
-        before has written them; returns its completion event."""
+        """Gather micro-batch k's new rows on the copy stream, each once the CPU Adam of the
+        batches before has written it; returns its completion event.
+
+        Loads queued before the first render (nothing on the copy stream waits for a flush
+        then, so splitting their rows costs no wait) gather the rows that Adam does not write
+        while it runs; later ones wait for it whole."""
         mb = plan.micro[k]
-        self._settle(batch)
-        with on_stream(self.copy_stream):
-            if mb.load_after >= 0 and self.copy_stream is not None:
-                after = flushed[mb.load_after]
-                if after is not None:
-                    self.copy_stream.wait_event(after)
+
+        def gather(rows: Tensor, slots: Tensor) -> None:
             self.gather.gather(
-                mb.load_ids,
-                mb.load_slots,
+                rows,
+                slots,
                 batch.width,
                 self.cache_param,
                 self.cache_grad,
                 self.copy_stream,
                 batch.catch_up,
             )
+
+        with on_stream(self.copy_stream):
+            if not flushed:
+                self._gather_settled(batch, mb.load_ids, mb.load_slots, gather)
+                return self._event(self.copy_stream)
+            self._settle(batch)
+            if mb.load_after >= 0 and self.copy_stream is not None:
+                after = flushed[mb.load_after]
+                if after is not None:
+                    self.copy_stream.wait_event(after)
+            gather(mb.load_ids, mb.load_slots)
             return self._event(self.copy_stream)
 
     def close(self) -> None:
