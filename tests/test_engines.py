@@ -285,6 +285,64 @@ def test_a_run_with_every_row_resident_measures_nothing(setup):
     assert readings == [] and engine.cache_param.shape[0] == 0
 
 
+class HeldCpuAdam:
+    """Holds the CPU Adam of each batch behind a gate until the main thread waits for it
+    (``settle``), and records which rows it is given (``given``, by step) and, between
+    ``start(step)`` and ``stop()``, the gathers and waits of the main thread (``log``)."""
+
+    def __init__(self, engine: OffloadEngine) -> None:
+        self.gate = threading.Event()
+        self.given: dict[int, list[torch.Tensor]] = {}
+        self.log: list[tuple[int, str, torch.Tensor | None]] = []
+        self._step: int | None = None
+        worker = engine.flusher.worker
+        real_mark, real_step_rows = worker.mark, engine.host.step_rows
+        real_gather, real_settle = engine.gather.gather, engine._settle
+
+        def mark():
+            self.gate.clear()
+            worker.submit(lambda: self.gate.wait(timeout=10))
+            return real_mark()
+
+        def step_rows(rows, grads, width, step, *rest):
+            self.given.setdefault(step, []).append(rows.clone())
+            return real_step_rows(rows, grads, width, step, *rest)
+
+        def gather(rows, *args, **kwargs):
+            if self._step is not None:
+                self.log.append((self._step, "gather", rows.clone()))
+            return real_gather(rows, *args, **kwargs)
+
+        def settle(batch):
+            if self._step is not None and not batch.settled.is_set():
+                self.log.append((self._step, "wait", None))
+            self.gate.set()
+            real_settle(batch)
+
+        worker.mark, engine.host.step_rows = mark, step_rows
+        engine.gather.gather, engine._settle = gather, settle
+
+    def start(self, step: int) -> None:
+        self._step = step
+
+    def stop(self) -> None:
+        self._step = None
+
+    def assert_split_around_the_wait(self, steps: range, first: str) -> None:
+        """In each step, the ``first`` phase gathers rows the CPU Adam of the batch before is
+        not given, waits for it once, then gathers rows it is given."""
+        for step in steps:
+            entries = [entry for entry in self.log if entry[0] == step]
+            kinds = [kind for _, kind, _ in entries]
+            assert kinds[:4] == [first, "gather", "wait", "gather"], kinds
+            assert kinds.count("wait") == 1
+            early, late = entries[1][2], entries[3][2]
+            stepped = torch.cat(self.given[step - 1])
+            assert early.numel() and late.numel()
+            assert not torch.isin(early, stepped).any()
+            assert torch.isin(late, stepped).all()
+
+
 def test_the_walk_gathers_rows_the_cpu_adam_steps_only_once_it_is_done(setup):
     """While the CPU Adam of the batch before runs (held here by a gate until the main thread
     waits for it), the walk gathers only rows that Adam is not given; the others follow once
@@ -293,52 +351,23 @@ def test_the_walk_gathers_rows_the_cpu_adam_steps_only_once_it_is_done(setup):
     params = make_params(400)
     ref = train(make_engine("none", params, 3, 6), views, targets, batches, degrees)
     engine = make_engine("clm", params, 3, 6, cache_rows=None)
-    worker, gate = engine.flusher.worker, threading.Event()
-    log, given = [], {}  # the walk's gathers and waits by step; rows the CPU Adam was given
-
-    real_mark, real_step_rows = worker.mark, engine.host.step_rows
-    real_walk, real_gather, real_settle = engine._walk, engine.gather.gather, engine._settle
-    walking = []
-
-    def mark():
-        gate.clear()
-        worker.submit(lambda: gate.wait(timeout=10))
-        return real_mark()
-
-    def step_rows(rows, grads, width, step, *rest):
-        given.setdefault(step, []).append(rows.clone())
-        return real_step_rows(rows, grads, width, step, *rest)
+    held = HeldCpuAdam(engine)
+    real_walk = engine._walk
 
     def walk(*args):
-        walking.append(engine.step + 1)
+        held.start(engine.step + 1)
+        held.log.append((engine.step + 1, "walk", None))
         try:
             return real_walk(*args)
         finally:
-            walking.clear()
+            held.stop()
 
-    def gather(rows, *args, **kwargs):
-        if walking:
-            log.append((walking[0], "gather", rows.clone()))
-        return real_gather(rows, *args, **kwargs)
-
-    def settle(batch):
-        if walking:
-            log.append((walking[0], "wait", None))
-        gate.set()
-        real_settle(batch)
-
-    worker.mark, engine.host.step_rows = mark, step_rows
-    engine._walk, engine.gather.gather, engine._settle = walk, gather, settle
+    engine._walk = walk
     got = train(engine, views, targets, batches, degrees)
     engine.close()
-    for step in range(2, len(batches) + 1):
-        entries = [entry for entry in log if entry[0] == step]
-        assert [kind for _, kind, _ in entries] == ["gather", "wait", "gather"]
-        early, late = entries[0][2], entries[2][2]
-        stepped = torch.cat(given[step - 1])
-        assert early.numel() and late.numel()
-        assert not torch.isin(early, stepped).any()
-        assert torch.isin(late, stepped).all()
+    held.assert_split_around_the_wait(range(2, len(batches) + 1), "walk")
+    # only the walk was logged: nothing else gathered rows of a step that waited in the walk
+    assert [k for _, k, _ in held.log].count("walk") == len(batches)
     assert_same(got, ref)
 
 
@@ -352,49 +381,26 @@ def test_the_first_load_gathers_rows_the_cpu_adam_steps_only_once_it_is_done(set
     ref = train(make_engine("none", params, 3, 6), views, targets, batches, degrees)
     engine = make_engine("clm", params, 3, 6, cache_rows=None, key=["quats"])
     assert not engine._reach_segments  # the walk gathers nothing
-    worker, gate = engine.flusher.worker, threading.Event()
-    log, given = [], {}  # the loads' gathers and waits by step; rows the CPU Adam was given
-    real_mark, real_step_rows = worker.mark, engine.host.step_rows
-    real_load, real_gather, real_settle = engine._load, engine.gather.gather, engine._settle
-
-    def mark():
-        gate.clear()
-        worker.submit(lambda: gate.wait(timeout=10))
-        return real_mark()
-
-    def step_rows(rows, grads, width, step, *rest):
-        given.setdefault(step, []).append(rows.clone())
-        return real_step_rows(rows, grads, width, step, *rest)
+    held = HeldCpuAdam(engine)
+    real_load, real_step = engine._load, engine.train_step
 
     def load(batch, *args):
-        log.append((batch.step, "load", None))
+        held.log.append((batch.step, "load", None))
         return real_load(batch, *args)
 
-    def gather(rows, *args, **kwargs):
-        if log:
-            log.append((log[-1][0], "gather", rows.clone()))
-        return real_gather(rows, *args, **kwargs)
+    def train_step(*args):
+        held.start(engine.step + 1)
+        try:
+            return real_step(*args)
+        finally:
+            held.stop()
 
-    def settle(batch):
-        if not batch.settled.is_set():
-            log.append((batch.step, "wait", None))
-        gate.set()
-        real_settle(batch)
-
-    worker.mark, engine.host.step_rows = mark, step_rows
-    engine._load, engine.gather.gather, engine._settle = load, gather, settle
+    engine._load, engine.train_step = load, train_step
     got = train(engine, views, targets, batches, degrees)
     engine.close()
-    for step in range(2, len(batches) + 1):
-        entries = [entry for entry in log if entry[0] == step]
-        kinds = [kind for _, kind, _ in entries]
-        assert kinds[:4] == ["load", "gather", "wait", "gather"]
-        assert kinds.count("wait") == 1 and kinds.count("load") > 1
-        early, late = entries[1][2], entries[3][2]
-        stepped = torch.cat(given[step - 1])
-        assert early.numel() and late.numel()
-        assert not torch.isin(early, stepped).any()
-        assert torch.isin(late, stepped).all()
+    held.assert_split_around_the_wait(range(2, len(batches) + 1), "load")
+    for step in range(2, len(batches) + 1):  # and the loads after the first wait for nothing
+        assert [k for i, k, _ in held.log if i == step].count("load") > 1
     assert_same(got, ref)
 
 
