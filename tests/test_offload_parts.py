@@ -317,6 +317,77 @@ def test_row_inputs_send_gradients_to_their_sinks():
     assert not key_sink[[1, 2, 4, 7]].any() and not cache_sink[:, width:].any()
 
 
+@pytest.mark.parametrize("degree", [0, 1, 3])
+@pytest.mark.parametrize("weighted", ["joined", "members", "both"])
+def test_joined_sh_inputs_view_the_rows_and_send_gradients_back(degree, weighted, monkeypatch):
+    """The joined SH input is ``sh0`` and the active ``shN`` bands side by side, with no copy
+    of the gathered rows; gradients through it, through the attributes or through both add
+    into the sink as autograd through plain indexing and ``torch.cat`` would. Inputs the loss
+    does not read hand backward no gradient (not a zero-filled one of every row)."""
+    from clm.model.spec import gaussian_splatting_spec, row_layout, unpack_rows
+    from clm.offload import row_inputs
+    from clm.offload.row_inputs import RowInputs, Source
+    from clm.render.splats import JOINED_INPUTS, SH_COEFFS
+
+    packed_from = []  # per group, the (column, width) of each gradient backward was given
+    real = row_inputs._packed_gradient
+
+    def spy(pieces, n, sink):
+        packed_from.append(sorted((a, w) for a, w, _ in pieces))
+        return real(pieces, n, sink)
+
+    monkeypatch.setattr(row_inputs, "_packed_gradient", spy)
+
+    spec = gaussian_splatting_spec(3)
+    key_layout, key_width = row_layout(spec.key)
+    host_layout, host_width = row_layout(spec.host)
+    width = 4 + 3 * (degree + 1) ** 2  # quats, sh0 and the active rest bands
+    g = torch.Generator().manual_seed(degree)
+    key_table = torch.randn(9, key_width, generator=g)
+    cache = torch.randn(6, host_width, generator=g)
+    ids, slots = torch.tensor([3, 8, 1]), torch.tensor([5, 0, 2])
+    key_sink, cache_sink = torch.zeros(9, key_width), torch.zeros(6, host_width)
+    inputs = RowInputs([key_layout, host_layout], JOINED_INPUTS)
+    got = inputs.gather(
+        (
+            Source(key_table, ids, key_sink, ids),
+            Source(cache, slots, cache_sink[:, :width], slots),
+        ),
+        degree,
+    )
+    joined = got[SH_COEFFS]
+    assert joined.shape == (3, (degree + 1) ** 2, 3)
+    assert joined.data_ptr() == got["sh0"].data_ptr()  # a view, not a copy
+
+    host_leaf = cache[slots, :width].requires_grad_()
+    ref = unpack_rows(host_leaf, host_layout, degree)
+    ref[SH_COEFFS] = torch.cat([ref["sh0"], ref["shN"]], dim=1)
+    torch.testing.assert_close(joined, ref[SH_COEFFS], rtol=0, atol=0)
+    names = {"joined": [SH_COEFFS], "members": ["sh0", "shN"], "both": [SH_COEFFS, "sh0"]}
+    weights = {n: torch.randn(ref[n].shape, generator=g) for n in names[weighted]}
+    sum((got[n] * w).sum() for n, w in weights.items()).backward()
+    sum((ref[n] * w).sum() for n, w in weights.items()).backward()
+    torch.testing.assert_close(cache_sink[slots, :width], host_leaf.grad)
+    assert not cache_sink[[1, 3, 4]].any() and not key_sink.any()
+    sh_width = width - 4
+    given = {"joined": [(4, sh_width)], "members": [(4, 3), (7, sh_width - 3)]}
+    given["both"] = [(4, 3), (4, sh_width)]
+    assert packed_from == [[], sorted(given[weighted])]
+
+
+def test_joined_span_needs_consecutive_columns_of_one_channel_count():
+    from clm.model.spec import AttributeSpec, gaussian_splatting_spec, joined_span, row_layout
+
+    layout, _ = row_layout(gaussian_splatting_spec(3).host)  # quats, sh0, shN
+    assert joined_span(layout, ("sh0", "shN"), 2) == (4, 27, (9, 3))
+    assert joined_span(layout, ("quats", "sh0"), 3) is None  # shapes (4,) and (1, 3)
+    assert joined_span(layout, ("sh0", "missing"), 3) is None
+    rest = AttributeSpec("rest", (3, 3), 1.0, sh_rest=True)
+    gap, _ = row_layout([rest, AttributeSpec("dc", (1, 3), 1.0)])
+    assert joined_span(gap, ("rest", "dc"), 3) == (0, 12, (4, 3))
+    assert joined_span(gap, ("rest", "dc"), 0) is None  # inactive bands sit between them
+
+
 def lazily_stepped_rows(n: int, steps: int, pinned: bool = False, chunk_shift: int = 4):
     """Host rows of the 3DGS host attributes stepped by lazy Adam through ``steps`` steps (a
     random quarter of the rows has a gradient each step), and the same rows stepped by torch's

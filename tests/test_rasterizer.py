@@ -10,7 +10,7 @@ from gsplat.cuda._torch_impl import _fully_fused_projection, _spherical_harmonic
 from clm.render.base import View
 from clm.render.projection import project, quat_to_rotmat
 from clm.render.sh import sh_to_rgb
-from clm.render.splats import render_torch
+from clm.render.splats import SH_COEFFS, render_torch
 from clm.render.torch_rasterizer import rasterize
 
 
@@ -125,6 +125,33 @@ def test_matches_float64_reference_image_and_gradients(degree):
             continue
         scale = want.abs().max().clamp_min(1e-6)
         assert (got - want).abs().max() / scale < 2e-3, name
+
+
+@pytest.mark.parametrize("degree", [1, 3])
+def test_joined_sh_coefficients_are_read_in_place_of_the_attributes(degree):
+    """Given the joined coefficients (a view of one packed leaf), the renderer reads them and
+    not ``sh0``/``shN`` (NaN here): the image and the leaf's gradient match the float64
+    reference's."""
+    params = random_scene(24, seed=2)
+    view, bg = camera(20, 14), torch.tensor([0.1, 0.2, 0.3])
+    bands = (degree + 1) ** 2
+    coeffs = torch.cat([params["sh0"], params["shN"][:, : bands - 1]], dim=1)
+    packed = coeffs.reshape(24, -1).clone().requires_grad_()
+    inputs = {k: params[k] for k in ("means", "quats", "scales", "opacities")}
+    inputs |= {"sh0": torch.full_like(params["sh0"], math.nan)}
+    inputs |= {"shN": torch.full_like(params["shN"], math.nan)}
+    inputs[SH_COEFFS] = packed.view(24, bands, 3)
+    ours = render_torch(inputs, view, degree, bg).image
+    ref_leaves = {k: v.double().clone().requires_grad_() for k, v in params.items()}
+    ref = reference_render(ref_leaves, view, degree, bg)
+    torch.testing.assert_close(ours.double(), ref, atol=2e-5, rtol=1e-5)
+
+    weights = torch.rand(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    (ours.double() * weights).sum().backward()
+    (ref * weights).sum().backward()
+    want = torch.cat([ref_leaves["sh0"].grad, ref_leaves["shN"].grad[:, : bands - 1]], dim=1)
+    want = want.reshape(24, -1)
+    assert (packed.grad.double() - want).abs().max() / want.abs().max() < 2e-3
 
 
 def test_gradcheck_in_float64():

@@ -56,6 +56,7 @@ from clm.offload.resident_rows import ResidentBudget, ResidentRows, Split
 from clm.offload.row_inputs import RowInputs, Source
 from clm.offload.step_memory import MEASURED_STEPS, StepMemory
 from clm.render.base import View, reach_of
+from clm.render.splats import JOINED_INPUTS
 
 __all__ = ["STAGING_ROWS", "OffloadEngine"]
 
@@ -142,7 +143,7 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         self._training_views = list(views)
         self.gather = RowGather(self.host.store, self.device)
         self.culler = PieceCuller(self.device, bound=self.spec.cull.shape)
-        self.inputs = RowInputs([self.key.layout, self.host.layout])
+        self.inputs = RowInputs([self.key.layout, self.host.layout], JOINED_INPUTS)
         self.capacity = cache_rows
         width = self.host.width
         self.cache_param = torch.empty(0, width, device=self.device)

@@ -8,6 +8,7 @@ memory as columns of one row per Gaussian, and only the rows a camera sees cross
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -227,3 +228,23 @@ def active_span(
         width = attr.active_width(sh_degree)
         return seg.start, width, (width // attr.shape[1], attr.shape[1])
     return seg.start, attr.width, tuple(attr.shape)
+
+
+def joined_span(
+    segments: Sequence[ColumnSegment], names: Sequence[str], sh_degree: int | None = None
+) -> tuple[int, int, tuple[int, ...]] | None:
+    """Attributes ``names``, side by side in a packed row, as one span of per-row shape
+    ``(k, c)`` (their leading sizes summed, active bands only with ``sh_degree``); None when
+    their columns are not consecutive there or they do not share their last size ``c``.
+    Viewing them joined spares a renderer that wants them side by side a copy of every row."""
+    at = {seg.attr.name: seg for seg in segments}
+    if not names or any(n not in at for n in names):
+        return None
+    spans = [active_span(at[n], sh_degree) for n in names]
+    if any(len(shape) != 2 or shape[1] != spans[0][2][1] for _, _, shape in spans):
+        return None
+    if any(a + w != b for (a, w, _), (b, _, _) in itertools.pairwise(spans)):
+        return None  # an attribute with inactive bands before another leaves a gap
+    start, width = spans[0][0], sum(w for _, w, _ in spans)
+    channels = spans[0][2][1]
+    return start, width, (width // channels, channels)

@@ -25,14 +25,24 @@ from clm.render.reach import REACH_GSPLAT, REACH_TORCH
 from clm.render.sh import sh_to_rgb
 from clm.render.torch_rasterizer import rasterize
 
+#: The render input that holds ``sh0`` and the active ``shN`` bands side by side, ``[N, K, 3]``.
+#: Engines that keep them adjacent in packed rows hand it over as a view (see
+#: :class:`clm.offload.row_inputs.RowInputs`), which spares the renderers a copy of every row.
+SH_COEFFS = "sh_coeffs"
+JOINED_INPUTS = {SH_COEFFS: ("sh0", "shN")}
+
 
 def sh_coefficients(
     params: Mapping[str, Tensor], sh_degree: int, ids: Tensor | None = None
 ) -> Tensor:
     """``[N, (d + 1)², 3]``: degree 0 and the active higher bands side by side, of rows ``ids``
     only when given (selected before they are joined: no copy of the other rows)."""
-    bands = (sh_degree + 1) ** 2 - 1
-    sh0, shN = params["sh0"], params["shN"][:, :bands]
+    bands = (sh_degree + 1) ** 2
+    joined = params.get(SH_COEFFS)
+    if joined is not None and joined.shape[1] >= bands:
+        joined = joined[:, :bands]
+        return joined if ids is None else joined.index_select(0, ids)
+    sh0, shN = params["sh0"], params["shN"][:, : bands - 1]
     if ids is not None:
         sh0, shN = sh0.index_select(0, ids), shN.index_select(0, ids)
     return torch.cat([sh0, shN], dim=1)
