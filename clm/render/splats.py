@@ -130,14 +130,19 @@ def render_gsplat(
     extra: Sequence[str] = (),
 ) -> RenderOutput:
     """3DGS through gsplat 1.5.3's CUDA rasterizer (packed mode: memory scales with visibility).
-    With ``extra`` channels the colours are evaluated here (gsplat's SH path takes RGB only)."""
-    from gsplat import rasterization
 
-    colors, degree = sh_coefficients(params, sh_degree), sh_degree
+    The colours are evaluated here, for every row given, with gsplat's SH kernel: engines hand
+    over the rows they culled in (or that pixels read), nearly all of which project, and then
+    gsplat selects (and in backward scatters) 3 floats per projected row where its own SH path
+    would move all 48 coefficients."""
+    from gsplat import rasterization, spherical_harmonics
+
+    coeffs = sh_coefficients(params, sh_degree)
+    dirs = params["means"] - view.camera_center
+    colors = torch.clamp_min(spherical_harmonics(sh_degree, dirs, coeffs) + 0.5, 0.0)
     features, background = _extra_channels(params, extra, background)
     if features is not None:
-        rgb = sh_to_rgb(sh_degree, colors, params["means"] - view.camera_center)
-        colors, degree = torch.cat([rgb, features], dim=1), None
+        colors = torch.cat([colors, features], dim=1)
     image, alpha, info = rasterization(
         means=params["means"],
         quats=params["quats"],
@@ -148,7 +153,7 @@ def render_gsplat(
         Ks=view.K[None],
         width=view.width,
         height=view.height,
-        sh_degree=degree,
+        sh_degree=None,
         packed=True,
         render_mode="RGB+ED" if depth else "RGB",
     )
