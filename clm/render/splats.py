@@ -54,6 +54,20 @@ def visible_colors(params: Mapping[str, Tensor], ids: Tensor, sh_degree: int, vi
     return sh_to_rgb(sh_degree, coeffs, params["means"].index_select(0, ids) - view.camera_center)
 
 
+def gsplat_colors(
+    params: Mapping[str, Tensor], sh_degree: int, view: View, ids: Tensor | None = None
+) -> Tensor:
+    """``[N, 3]`` RGB seen from ``view``'s centre through gsplat's SH kernel (CUDA), of rows
+    ``ids`` only when given: the colours the gsplat renderers hand to the rasterizer."""
+    from gsplat import spherical_harmonics
+
+    means = params["means"] if ids is None else params["means"].index_select(0, ids)
+    coeffs = sh_coefficients(params, sh_degree, ids)
+    return torch.clamp_min(
+        spherical_harmonics(sh_degree, means - view.camera_center, coeffs) + 0.5, 0.0
+    )
+
+
 def split_depth(image: Tensor) -> tuple[Tensor, Tensor]:
     """RGB ``[H, W, 3]`` and expected depth ``[H, W]`` of an image rendered with ``depth=True``."""
     return image[..., :3], image[..., 3]
@@ -135,11 +149,9 @@ def render_gsplat(
     over the rows they culled in (or that pixels read), nearly all of which project, and then
     gsplat selects (and in backward scatters) 3 floats per projected row where its own SH path
     would move all 48 coefficients."""
-    from gsplat import rasterization, spherical_harmonics
+    from gsplat import rasterization
 
-    coeffs = sh_coefficients(params, sh_degree)
-    dirs = params["means"] - view.camera_center
-    colors = torch.clamp_min(spherical_harmonics(sh_degree, dirs, coeffs) + 0.5, 0.0)
+    colors = gsplat_colors(params, sh_degree, view)
     features, background = _extra_channels(params, extra, background)
     if features is not None:
         colors = torch.cat([colors, features], dim=1)

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from clm.render.base import RenderFn, RenderOutput, View
 from clm.render.projection import quat_to_rotmat
-from clm.render.splats import sh_coefficients, visible_colors
+from clm.render.splats import gsplat_colors, visible_colors
 from clm.render.surfel_raster import TILE_SIZE, rasterize_surfels
 
 EXTRA_CHANNELS = 5  # expected depth, normal (3), distortion: the channels after RGB
@@ -279,7 +279,6 @@ def render_surfels_gsplat(
         isect_offset_encode,
         isect_tiles,
         rasterize_to_pixels_2dgs,
-        spherical_harmonics,
     )
 
     means = params["means"]
@@ -304,9 +303,7 @@ def render_surfels_gsplat(
     means2d, probed = _densification_probe(centres, transforms)
     if means2d.requires_grad:
         means2d.retain_grad()
-    coeffs = sh_coefficients(params, sh_degree, ids)
-    dirs = means.index_select(0, ids) - view.camera_center
-    colors = torch.clamp_min(spherical_harmonics(sh_degree, dirs, coeffs) + 0.5, 0.0)
+    colors = gsplat_colors(params, sh_degree, view, ids)
     if depth or extras:  # the kernels read the last channel as depth (distortion)
         colors = torch.cat([colors, depths[:, None]], dim=1)
 
