@@ -28,6 +28,12 @@
 /* Rows ahead of the current one whose cache lines are requested early (random row order). */
 #define PREFETCH_DISTANCE 8
 
+/* Rows a thread takes at a time. The loops are scheduled dynamically: while training, the
+ * threads share the cores with the main thread (which spins on CUDA syncs) and the image
+ * loader, so a static split waits for whichever thread was descheduled. At 40M Gaussians on
+ * 16 cores, stepping a batch's 5M rows took 190 ms with a static split, 145 ms this way. */
+#define ROWS_PER_GRAB 2048
+
 typedef struct {
     float *const *param;      /* chunk pointers, each [2^chunk_shift, row_stride] */
     float *const *exp_avg;
@@ -143,7 +149,7 @@ int64_t clm_adam_step_rows(const clm_store *store, int64_t width, const int64_t 
                            int32_t n_threads)
 {
     int64_t stepped = 0;
-#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(+ : stepped)
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, ROWS_PER_GRAB) reduction(+ : stepped)
     for (int64_t i = 0; i < n; i++) {
         const int64_t ahead = i + PREFETCH_DISTANCE;
         if (ahead < n && !(skip_zero && all_zero(grads + ahead * grad_stride, width)))
@@ -168,7 +174,7 @@ int64_t clm_adam_catch_up(const clm_store *store, int64_t width, const int64_t *
                           const double *decay1, const double *decay2, int32_t n_threads)
 {
     int64_t pending = 0;
-#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(+ : pending)
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, ROWS_PER_GRAB) reduction(+ : pending)
     for (int64_t i = 0; i < n; i++) {
         /* Rows are often already up to date (caught up ahead): look at `last` two distances
          * ahead, and fetch a row's values only when it has steps pending. */
