@@ -59,18 +59,31 @@ class TargetStager:
         return out
 
     def prepare(self, batch: list[int]) -> None:
+        """Start reading ``batch``; before or after taking the batch before it (the trainer
+        prepares the next batch first, then takes this one)."""
         key = tuple(batch)
-        if key not in self._pending:
-            self._pending[key] = self._pool.submit(self._read, key)
+        if key in self._pending:
+            return
+        while len(self._pending) >= 2:  # two batches of buffers: the oldest read ahead goes
+            self._release(self._pending.pop(next(iter(self._pending))))
+        self._pending[key] = self._pool.submit(self._read, key)
+
+    def _release(self, read: Future) -> None:
+        """Give back the buffers of a batch read ahead that will not be taken."""
+        for _, buffer in read.result():
+            if buffer is not None:
+                self._free.put(buffer)
 
     def take(self, batch: list[int]) -> list[Tensor]:
         key = tuple(batch)
+        # Batches read ahead before this one did not come: their buffers go back. The one
+        # read ahead last is kept when this batch was not read ahead (the trainer prepares
+        # the next batch before taking this one), which leaves a batch of buffers to read it.
+        order = list(self._pending)
+        stale = order[: order.index(key)] if key in self._pending else order[:-1]
+        for other in stale:
+            self._release(self._pending.pop(other))
         future = self._pending.pop(key, None)
-        for stale in self._pending.values():  # read ahead for a batch that did not come
-            for _, buffer in stale.result():
-                if buffer is not None:
-                    self._free.put(buffer)
-        self._pending.clear()
         staged = future.result() if future is not None else self._read(key)
         targets = []
         for image, buffer in staged:
