@@ -303,13 +303,14 @@ def pick_views(params, views: list, max_share: float | None) -> tuple[list[int],
 
 
 @contextlib.contextmanager
-def host_timers(engine: Engine):
-    """The engine's phases timed on the host (tools/profile_step.py's labels), as a clock
-    whose ``seconds`` sum each phase while ``active``."""
+def host_timers(engine: Engine, stager: TargetStager | None = None):
+    """The engine's phases, and the stager's ``take``, timed on the host
+    (tools/profile_step.py's labels), as a clock whose ``seconds`` sum each phase while
+    ``active``."""
     from profile_step import CLOCK, phase_labels
 
     CLOCK.seconds, CLOCK.active = {}, False
-    with phase_labels(engine):
+    with phase_labels(engine, stager):
         yield CLOCK
     CLOCK.active = False
 
@@ -392,7 +393,7 @@ def run_largest(args, scene, images, all_views, count, mode, cap) -> dict:
         # thread while this step runs, and uploaded asynchronously
         largest = max(f.width * f.height * 3 for f in scene.train)
         stager = TargetStager(images, device, args.batch_size, largest)
-        timers = host_timers(engine) if args.host_timers else contextlib.nullcontext()
+        timers = host_timers(engine, stager) if args.host_timers else contextlib.nullcontext()
         with timers as clock, contextlib.closing(stager):
             batches = [
                 [frames[i] for i in rng.choice(len(views), args.batch_size, replace=False)]

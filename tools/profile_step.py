@@ -82,10 +82,12 @@ def labelled_loss(loss_fn):
 
 
 @contextlib.contextmanager
-def phase_labels(engine) -> Iterator[None]:
+def phase_labels(engine, stager=None) -> Iterator[None]:
     """Wrap the engine's phases in profiler ranges and host timers; the engine's code is left
     unchanged. Phases named after the pipeline's modules (cull, plan, catch-up, gather, flush,
-    resident rows), the pieces path's, and the rest of a step."""
+    resident rows), the pieces path's, and the rest of a step; with ``stager`` (a
+    :class:`clm.train.targets.TargetStager`), the main thread's time taking each batch's
+    images, outside the engine's step (a stager that does not read ahead shows here)."""
     patched: list[tuple[object, str, object]] = []
 
     def wrap(owner, attr: str, name: str) -> None:
@@ -94,6 +96,8 @@ def phase_labels(engine) -> Iterator[None]:
         setattr(owner, attr, labelled(original, name))
 
     wrap(engine, "render_fn", "render")
+    if stager is not None:
+        wrap(stager, "take", "take the batch's images")
     step = engine.train_step
 
     def train_step(views, loss_fn, observe, *rest):
@@ -237,7 +241,7 @@ def profile_mode(args: argparse.Namespace, mode: str, tmp: Path) -> list[dict[st
 
     engine.train_step = step
     try:
-        with phase_labels(engine):
+        with phase_labels(engine, trainer.targets):
             trainer.run()
     finally:
         trainer.close()
