@@ -17,7 +17,7 @@ from torch import Tensor
 from clm.engine.base import STREAM_ROWS, Engine, LossFn, ObserveFn, RowChunk, RowSource, StepStats
 from clm.model.table import Compaction, RowTable
 from clm.offload.culling import Culler, CullResult
-from clm.optim.lazy_adam import adam_step
+from clm.optim.gpu_adam import adam_step_table
 from clm.render.base import RenderOutput, View
 
 
@@ -63,8 +63,8 @@ class ResidentEngine(Engine):
             for name, leaf in leaves.items():
                 grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
                 lr = self.lrs.at(name, step)
-                p, m, v = self.params[name], self.exp_avg[name], self.exp_avg_sq[name]
-                adam_step(p, grad, m, v, step, lr, config)
+                p, m, v = (_as_rows(t[name]) for t in (self.params, self.exp_avg, self.exp_avg_sq))
+                adam_step_table(p, _as_rows(grad), m, v, step, [(0, p.shape[1], lr)], config)
         self.step = step
         self.last_stats = StepStats(visible_rows=int(culled.ids.numel()))
 
@@ -129,3 +129,10 @@ class ResidentEngine(Engine):
             ):
                 table.append({n: values[n].to(self.device, torch.float32) for n in self.spec.names})
         self.step = source.step
+
+
+def _as_rows(t: Tensor) -> Tensor:
+    """An attribute as ``[n, W]`` rows, a view of the same memory (so steps land in it)."""
+    rows = t.unsqueeze(1) if t.dim() == 1 else t.flatten(1)
+    assert rows.data_ptr() == t.data_ptr()
+    return rows

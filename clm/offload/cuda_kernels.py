@@ -53,14 +53,15 @@ def launch(fn: Any, n: int, args: tuple, stream: Any = None, block: int = 256) -
         fn(grid, (block,), args)
 
 
-def launch_tiles(fn: Any, tiles: int, block: tuple[int, int], args: tuple) -> None:
-    """Launch one ``block`` of threads per tile, on the current torch CUDA stream."""
+def launch_blocks(fn: Any, blocks: int, block: tuple[int, ...], args: tuple) -> None:
+    """Launch ``blocks`` blocks of ``block`` threads (a tile, a run of rows: the kernel says
+    what each covers), on the current torch CUDA stream."""
     import torch
 
-    if tiles == 0:
+    if blocks == 0:
         return
     with _cupy_stream(torch.cuda.current_stream().cuda_stream):
-        fn((tiles,), (*block, 1), args)
+        fn((blocks,), (*block, 1, 1)[:3], args)
 
 
 @functools.cache

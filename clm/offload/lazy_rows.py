@@ -17,7 +17,8 @@ from clm.model.spec import AttributeSpec, pack_rows, row_layout, unpack_rows
 from clm.model.table import Compaction, RowTable
 from clm.offload.host_store import HostStore
 from clm.optim.cpu_adam import CpuRowAdam
-from clm.optim.lazy_adam import AdamConfig, Segment, SkipTable, adam_step_columns
+from clm.optim.gpu_adam import adam_step_table
+from clm.optim.lazy_adam import AdamConfig, Segment, SkipTable
 from clm.optim.learning_rates import LearningRates
 
 
@@ -287,7 +288,7 @@ class DeviceRows:
             lo, hi = bounds[k], bounds[k + 1]
             grad = torch.zeros(b - a, self.width, device=self.device)
             grad[rows[lo:hi] - a] = grads[lo:hi]
-            adam_step_columns(p[a:b], grad, m[a:b], v[a:b], step, lrs, self.config)
+            adam_step_table(p[a:b], grad, m[a:b], v[a:b], step, lrs, self.config)
 
     def room_for(self, count: int) -> int:
         """The capacity appending ``count`` rows grows the table to (its own when it fits)."""

@@ -25,7 +25,8 @@ from clm.model.spec import ColumnSegment
 from clm.model.table import Compaction
 from clm.offload.culling import Culler, CullResult
 from clm.offload.lazy_rows import HostRows
-from clm.optim.lazy_adam import AdamConfig, adam_step_columns
+from clm.optim.gpu_adam import adam_step_table
+from clm.optim.lazy_adam import AdamConfig
 from clm.optim.learning_rates import LearningRates
 from clm.render.base import View
 
@@ -306,5 +307,4 @@ class ResidentRows:
             rows = slice(a, min(a + STEP_ROWS, self.used))
             p, g = self.param[rows, :width], self.grad[rows, :width]
             m, v = self.exp_avg[rows, :width], self.exp_avg_sq[rows, :width]
-            adam_step_columns(p, g, m, v, step, lrs, self.config)
-            g.zero_()
+            adam_step_table(p, g, m, v, step, lrs, self.config, zero_grad=True)

@@ -48,7 +48,7 @@ def reached_gsplat(params: Mapping[str, Tensor], view: View) -> Reach:
     walked by ``kernels/reach.cu``."""
     from gsplat.cuda._wrapper import fully_fused_projection, isect_offset_encode, isect_tiles
 
-    from clm.offload.cuda_kernels import kernel, launch_tiles, pointer
+    from clm.offload.cuda_kernels import kernel, launch_blocks, pointer
 
     means = params["means"]
     drawn = torch.zeros(means.shape[0], dtype=torch.bool, device=means.device)
@@ -102,7 +102,7 @@ def reached_gsplat(params: Mapping[str, Tensor], view: View) -> Reach:
             *(np.int32(v) for v in (tile_width, tiles)),
             pointer(marks),
         )
-        launch_tiles(kernel("reach.cu", "mark_reached"), tiles, (TILE, TILE), args)
+        launch_blocks(kernel("reach.cu", "mark_reached"), tiles, (TILE, TILE), args)
     reached[gaussian_ids[marks.bool()]] = True
     return Reach(drawn, reached)
 
