@@ -264,12 +264,15 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         )  # fmt: skip
         read = None
         if not everything:
-            split = self.resident.split(culled)
+            # (the walk needs the host rows alone; its rows are split again after it)
+            split = self.resident.split(culled, per_view=self.reach is None)
             stats.host_rows = split.host.ids.numel()
             read = self._read(batch, culled, views, split)
             if read is not None:
                 split = self.resident.split(read.culled)
                 batch.rows = read.culled.ids
+            elif self.reach is not None:  # the walk did not fit: every culled row is read
+                split = self.resident.split(culled)
             host_rows = split.host.ids.numel()
             capacity = max(self.capacity if self.capacity is not None else host_rows, 1)
             survey = overlap_and_uses(split.host.vis)  # the plan's one sync: who needs pieces

@@ -192,12 +192,15 @@ class ResidentRows:
         """The slot of each of ``ids`` (int64), or -1 where the row is on the host."""
         return self.slot_of[ids].long()
 
-    def split(self, culled: CullResult) -> Split:
-        """``culled`` split into its host rows and each view's resident rows (one host sync)."""
+    def split(self, culled: CullResult, per_view: bool = True) -> Split:
+        """``culled`` split into its host rows and each view's resident rows (one host sync).
+        Without ``per_view``, only the host rows: what the walk, before its own split, needs."""
         if self.count == 0:
             return Split(culled)
         on_host = self.slots(culled.ids) < 0
         at = torch.nonzero(on_host).squeeze(1)
+        if not per_view:
+            return Split(CullResult(culled.ids[at], culled.vis[:, at]), at)
         pairs = torch.nonzero(culled.vis & ~on_host)  # (view, position), by view
         counts = torch.bincount(pairs[:, 0], minlength=culled.vis.shape[0]).tolist()
         resident = list(torch.split(pairs[:, 1], counts))
