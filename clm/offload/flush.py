@@ -82,6 +82,7 @@ class GradientFlush:
         self.rows_flushed = 0  # over the run, final gradient rows sent towards the host
         self.rows_sent = 0  # of those, and of deferred ones, rows that crossed to the host
         self.rows_stepped = 0  # rows the CPU Adam updated (the rest had no gradient)
+        self._deferring = False  # whether this batch sent partial gradients
 
     def _download(self, grads: Tensor, rows: Tensor) -> tuple[int, torch.cuda.Event | None]:
         """Gradient rows into the staging ring, on the D2H stream; how many arrived is
@@ -176,12 +177,17 @@ class GradientFlush:
                 self.staging.release()
 
             self.worker.submit(job)
+            self._deferring = True
             total += n * width * 4
         return total
 
     def flush_deferred(self, width: int, step: int) -> None:
         """Step the deferred rows once, with their summed gradients (on the CPU Adam thread,
-        after every part has arrived)."""
+        after every part has arrived). A batch that deferred none queues nothing: a job wakes
+        the CPU Adam thread, which then takes the GIL from the main thread."""
+        if not self._deferring:
+            return
+        self._deferring = False
 
         def job() -> None:
             for rows, summed in self.deferred.sums(width):

@@ -71,7 +71,7 @@ def reached_gsplat(params: Mapping[str, Tensor], view: View) -> Reach:
         calc_compensations=False,
         opacities=opacities,
     )
-    drawn[gaussian_ids] = True
+    drawn.index_fill_(0, gaussian_ids, True)  # (no scalar copied to the GPU, no sync)
     if gaussian_ids.numel() == 0:
         return Reach(drawn, reached)
     tile_width, tile_height = math.ceil(view.width / TILE), math.ceil(view.height / TILE)
@@ -103,7 +103,7 @@ def reached_gsplat(params: Mapping[str, Tensor], view: View) -> Reach:
             pointer(marks),
         )
         launch_blocks(kernel("reach.cu", "mark_reached"), tiles, (TILE, TILE), args)
-    reached[gaussian_ids[marks.bool()]] = True
+    reached.index_put_((gaussian_ids,), marks.bool())  # each row once: packed, one camera
     return Reach(drawn, reached)
 
 
