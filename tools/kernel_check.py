@@ -12,6 +12,8 @@ from clm.offload.flush import GradientFlush
 from clm.offload.gather import RowGather
 from clm.offload.host_store import HostStore
 from clm.offload.worker import wait_for
+from clm.optim.gpu_adam import adam_step_table
+from clm.optim.lazy_adam import AdamConfig, adam_step_columns
 from clm.render.base import View
 
 
@@ -56,9 +58,16 @@ def main() -> None:
     kept = int(flush.staging.filled[start])
     assert kept == int((grads != 0).any(1).sum())
     flush.close()
+
+    table = [torch.randn(900, 48, generator=g).abs().to(device) for _ in range(4)]
+    twin = [t.clone() for t in table]
+    lrs, config = [(0, 3, 1e-3), (3, 27, 2e-2)], AdamConfig()
+    adam_step_table(*(t[:, :27] for t in table), 7, lrs, config, zero_grad=True)
+    adam_step_columns(*(t[:, :27] for t in twin), 7, lrs, config)
+    assert all(torch.equal(table[i], twin[i]) for i in (0, 2, 3))  # (param, both moments)
     print(
         f"kernels ok: {result.ids.numel()} culled rows ({surfels.ids.numel()} as surfels), "
-        f"700 gathered rows, {kept} of 700 gradient rows packed"
+        f"700 gathered rows, {kept} of 700 gradient rows packed, 900 rows stepped by Adam"
     )
 
 
