@@ -76,7 +76,11 @@ def reset_gpu() -> None:
 
 
 class StepMeter:
-    """Wraps an engine's ``train_step`` to sum its per-step figures after a warm-up."""
+    """Wraps an engine's ``train_step`` to sum its per-step figures after a warm-up.
+
+    The clock runs from the warm-up's end to the end of the last step's GPU work, whenever
+    :meth:`stop` is called: what a trainer does after its last step (the final evaluation, the
+    export) is not a step's."""
 
     def __init__(self, engine: Engine, warmup: int) -> None:
         self.engine, self.warmup = engine, warmup
@@ -84,6 +88,7 @@ class StepMeter:
         self.steps = self.images = self.up = self.down = self.hits = self.lookups = 0
         self.visible = self.host_rows = self.read_rows = 0
         self.start: float | None = None
+        self._marks: list[torch.cuda.Event | float] = []  # the warm-up's end, the last step's
         self.elapsed = 0.0
         # host rows stepped by the CPU Adam, gradient rows that crossed to the host (on CUDA,
         # rows without gradient stay on the GPU), rows whose skipped steps were caught up in
@@ -98,9 +103,11 @@ class StepMeter:
             if self.engine.step == self.warmup:
                 synchronize()
                 self.start = time.perf_counter()
+                self._marks = [step_mark()]
                 self._counted = self._flush_counts()
             inner(views, *rest, **kw)
             if self.engine.step > self.warmup:
+                self._marks[1:] = [step_mark()]
                 s = self.engine.last_stats
                 self.steps += 1
                 self.images += len(views)
@@ -125,7 +132,10 @@ class StepMeter:
     def stop(self) -> None:
         synchronize()
         if self.start is not None:
-            self.elapsed = time.perf_counter() - self.start
+            if len(self._marks) == 2:
+                self.elapsed = seconds_between(*self._marks)
+            else:  # stopped before a step was timed
+                self.elapsed = time.perf_counter() - self.start
             counts = [b - a for a, b in zip(self._counted, self._flush_counts(), strict=True)]
             self.stepped, self.sent, self.caught_up, self.gathered_stale = counts
 
@@ -142,6 +152,23 @@ class StepMeter:
         adam = self.stepped * 7 * row_bytes + (self.sent - self.stepped) * row_bytes
         catch_up = self.caught_up * 6 * row_bytes + self.gathered_stale * 2 * 4
         return (self.up + down + adam + catch_up) / self.steps
+
+
+def step_mark() -> torch.cuda.Event | float:
+    """A point in the loop: on CUDA, where the GPU reaches what was queued so far (an event in
+    the stream, read after the run, so timing adds no sync to the loop); else the host clock."""
+    if not torch.cuda.is_available():
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def seconds_between(a: torch.cuda.Event | float, b: torch.cuda.Event | float) -> float:
+    """Seconds from mark ``a`` to mark ``b`` (events: once both have passed)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return b - a
+    return a.elapsed_time(b) / 1e3
 
 
 def synchronize() -> None:
