@@ -418,8 +418,7 @@ def run_largest(args, scene, images, all_views, count, mode, cap) -> dict:
 
         # the trainer's staging: the next batch's images are copied into pinned buffers on a
         # thread while this step runs, and uploaded asynchronously
-        largest = max(f.width * f.height * 3 for f in scene.train)
-        stager = TargetStager(images, device, args.batch_size, largest)
+        stager = TargetStager.for_frames(images, device, args.batch_size, scene.train)
         timers = host_timers(engine, stager) if args.host_timers else contextlib.nullcontext()
         with timers as clock, contextlib.closing(stager):
             batches = [

@@ -10,6 +10,7 @@ has finished on the GPU.
 from __future__ import annotations
 
 import queue
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from clm.data.images import ImageCache
+from clm.data.types import Frame
 
 
 class _Buffer:
@@ -42,6 +44,13 @@ class TargetStager:
                 self._free.put(_Buffer(max_bytes, pinned=True))
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="clm-stage")
         self._pending: dict[tuple[int, ...], Future] = {}
+
+    @classmethod
+    def for_frames(
+        cls, images: ImageCache, device: torch.device, batch_size: int, frames: Sequence[Frame]
+    ) -> TargetStager:
+        """A stager whose buffers hold the largest of ``frames`` (8-bit RGB)."""
+        return cls(images, device, batch_size, max(f.width * f.height * 3 for f in frames))
 
     def _read(self, batch: tuple[int, ...]) -> list[tuple[Tensor, _Buffer | None]]:
         out = []

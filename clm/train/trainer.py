@@ -102,8 +102,7 @@ class Trainer(TrainerCheckpoints):
         self.total_steps = cfg.total_steps()
         batch = min(cfg.batch_size, len(scene.train))
         self.batch_size = batch
-        largest = max(f.width * f.height * 3 for f in scene.train)
-        self.targets = TargetStager(self.images, self.device, batch, largest)
+        self.targets = TargetStager.for_frames(self.images, self.device, batch, scene.train)
         lrs = LearningRates(self.spec, self.total_steps, extent=scene.extent, batch_size=batch)
         adam = AdamConfig(betas=adam_betas(batch))
         key = None  # the attributes the engine keeps on the GPU (None: its own choice)
