@@ -253,13 +253,14 @@ def assert_same_training(got, ref) -> None:
 
 
 @pytest.mark.parametrize(
-    ("cache_rows", "resident"),
-    [(None, 0), (9000, 0), (9000, 8000), (None, 10**6)],
+    ("cache_rows", "resident", "walk"),
+    [(None, 0, True), (9000, 0, True), (9000, 8000, True), (None, 10**6, True), (None, 0, False)],
 )
-def test_stream_ordering_under_stress(cache_rows, resident):
+def test_stream_ordering_under_stress(cache_rows, resident, walk):
     """Many small micro-batches through a cache that must reuse slots (and, when small, split
     batches), with some, none or all rows resident: the CUDA pipeline gives what the
-    GPU-resident engine gives."""
+    GPU-resident engine gives. With the walk, the flush copies gradient rows whole; without,
+    it packs out the many rows without gradient (GradientFlush)."""
     spec = gaussian_splatting_spec(3)
     params = random_params(20_000, seed=5)
     views = ring_views(32, 96, 72, device=CUDA)
@@ -286,6 +287,7 @@ def test_stream_ordering_under_stress(cache_rows, resident):
         chunk_shift=12,
         resident=resident,
         views=views,
+        leave_unread=None if walk else False,
         **common(),
     )
     got = _train(engine, views, targets, batches, degrees)
@@ -294,10 +296,17 @@ def test_stream_ordering_under_stress(cache_rows, resident):
     assert engine.resident.count == min(resident, 20_000)
     stats = engine.last_stats
     assert (stats.host_rows < stats.visible_rows) == (resident > 0)
-    assert engine.reach is not None  # rows no pixel reads were left out (on CUDA by default)
+    # rows no pixel reads were left out (on CUDA by default)
+    assert (engine.reach is not None) == walk
     assert stats.read_rows <= stats.host_rows
-    if resident == 0:
+    if resident == 0 and walk:
         assert 0 < stats.read_rows < stats.host_rows
+    flush = engine.flusher
+    if cache_rows is None and resident == 0:  # a batch is one stretch: nothing is deferred
+        if walk:  # copied whole: every flushed row crossed; the CPU Adam skipped any zero rows
+            assert 0 < flush.rows_stepped <= flush.rows_sent == flush.rows_flushed
+        else:  # packed: the rows without gradient stayed on the GPU
+            assert 0 < flush.rows_stepped == flush.rows_sent < flush.rows_flushed
 
 
 def test_short_training_run(tmp_path):

@@ -27,7 +27,7 @@ def test_rows_without_gradient_stay_on_the_gpu(width):
     ids = torch.randperm(10 * n, device=cuda, generator=g)[:n]
     host = types.SimpleNamespace(width=48, adam=types.SimpleNamespace(threads=2))
     flush = GradientFlush(host, cuda, staging_rows=1 << 14)
-    assert flush.compact
+    assert flush.can_compact
     flush.staging.acquire(17)  # start the ring off zero
     start, done = flush._download(grads, ids)
     wait_for(done)
@@ -68,3 +68,35 @@ def test_flush_sends_the_rows_with_gradient_in_address_order():
     order = torch.argsort(ids[kept])
     assert torch.equal(rows, ids[kept][order].cpu())
     assert torch.equal(grads, cache_grad[slots][kept][order].cpu())
+
+
+def test_flush_without_compaction_copies_every_row():
+    """``compact=False`` (rows a walk found read): every row reaches the CPU Adam in address
+    order with its own gradient, the zero ones too, for it to skip."""
+    cuda = torch.device("cuda")
+    g = torch.Generator(device=cuda).manual_seed(3)
+    n, width = 3000, 12
+    ids = torch.randperm(20 * n, device=cuda, generator=g)[:n]
+    slots = torch.randperm(n, device=cuda, generator=g)
+    cache_grad = torch.randn(n, width, device=cuda, generator=g)
+    cache_grad[torch.rand(n, device=cuda, generator=g) < 0.3] = 0
+    seen = []
+
+    def step_rows(rows, grads, width, step):
+        seen.append((rows.clone(), grads.clone()))
+        return int(grads.ne(0).any(dim=1).sum())
+
+    host = types.SimpleNamespace(width=width, adam=types.SimpleNamespace(threads=2))
+    host.step_rows = step_rows
+    flush = GradientFlush(host, cuda, staging_rows=1 << 12)
+    flush.flush(cache_grad, ids, slots, width, step=1, compact=False)
+    flush.drain()
+    flush.close()
+    rows = torch.cat([r for r, _ in seen])
+    grads = torch.cat([x for _, x in seen])
+    order = torch.argsort(ids)
+    assert torch.equal(rows, ids[order].cpu())
+    assert torch.equal(grads, cache_grad[slots][order].cpu())
+    kept = int(cache_grad.ne(0).any(dim=1).sum())
+    assert flush.rows_sent == flush.rows_flushed == n
+    assert flush.rows_stepped == kept < n

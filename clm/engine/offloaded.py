@@ -81,6 +81,7 @@ class _Batch:
     catch_up: CatchUpTo  # what loads need to catch rows up to the last step
     in_pieces: dict[int, ImageGrad | CropGrad] = field(default_factory=dict)  # views in pieces
     key_cuts: ChunkCuts | None = None  # where the key Adam's chunks begin in rows
+    walked: bool = False  # its rows are those the walk found read: nearly all get a gradient
 
 
 class OffloadEngine(InPieces, RowsAcrossSets, Engine):
@@ -271,6 +272,7 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
             if read is not None:
                 split = self.resident.split(read.culled)
                 batch.rows = read.culled.ids
+                batch.walked = True
             elif self.reach is not None:  # the walk did not fit: every culled row is read
                 split = self.resident.split(culled)
             host_rows = split.host.ids.numel()
@@ -416,8 +418,12 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
             )
             unread = drawn[mb.view] if drawn is not None else None
             self._render_unit(batch, units[mb.view], owner[mb.view], params, gids, unread)
-            sent = self.flusher.flush(cache_grad, mb.flush_ids, mb.flush_slots, width, step)
-            sent += self.flusher.defer(cache_grad, mb.defer_ids, mb.defer_slots, width)
+            # Rows the walk found read nearly all have a gradient: copying them whole holds no
+            # SMs, where leaving out the few without would (GradientFlush).
+            compact = not batch.walked
+            flush, defer = self.flusher.flush, self.flusher.defer
+            sent = flush(cache_grad, mb.flush_ids, mb.flush_slots, width, step, compact)
+            sent += defer(cache_grad, mb.defer_ids, mb.defer_slots, width, compact)
             stats.bytes_to_host += sent
             flushed.append(self._event())
 

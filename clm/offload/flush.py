@@ -6,7 +6,10 @@ A row whose batch gradient is zero in every column (it was culled in but occlude
 the alpha threshold everywhere) is not stepped: its step is a skipped step, applied in closed
 form when the row is next caught up, which is exact. On CUDA such rows do not even leave the
 GPU: a kernel packs the others into the staging ring with zero-copy writes
-(``kernels/compact.cu``); elsewhere the CPU Adam reads and skips them. Rows used in several
+(``kernels/compact.cu``); elsewhere the CPU Adam reads and skips them. The packing's blocks
+hold SMs while PCIe drains their writes, so where nearly every row has a gradient (the rows a
+walk found read, :mod:`clm.offload.read_rows`) the flush copies them whole with the copy
+engine instead, and the CPU Adam skips the few zero rows. Rows used in several
 stretches of a batch's views have partial gradients; they are *deferred*, summed per row on
 the host as they arrive (:mod:`clm.offload.row_sums`) and stepped once at the end of the batch
 (a zero partial gradient adds nothing, so it stays behind too).
@@ -77,16 +80,19 @@ class GradientFlush:
         self.staging = StagingRing(staging_rows, host.width, pinned=cuda)
         self.worker = BackgroundQueue("clm-cpu-adam")
         self.stream = torch.cuda.Stream(device) if cuda else None
-        self.compact = cuda and cupy_available()  # rows without gradient stay on the GPU
+        self.can_compact = cuda and cupy_available()  # rows without gradient may stay on the GPU
         self.deferred = RowSums(host.width, host.adam.threads)  # (the CPU Adam thread's alone)
         self.rows_flushed = 0  # over the run, final gradient rows sent towards the host
         self.rows_sent = 0  # of those, and of deferred ones, rows that crossed to the host
         self.rows_stepped = 0  # rows the CPU Adam updated (the rest had no gradient)
         self._deferring = False  # whether this batch sent partial gradients
 
-    def _download(self, grads: Tensor, rows: Tensor) -> tuple[int, torch.cuda.Event | None]:
-        """Gradient rows into the staging ring, on the D2H stream; how many arrived is
-        ``staging.filled[start]`` once the returned event has passed."""
+    def _download(
+        self, grads: Tensor, rows: Tensor, compact: bool = True
+    ) -> tuple[int, torch.cuda.Event | None]:
+        """Gradient rows into the staging ring, on the D2H stream (``compact``: the rows without
+        gradient left out, where a kernel can); how many arrived is ``staging.filled[start]``
+        once the returned event has passed."""
         n = rows.numel()
         start = self.staging.acquire(n)
         ready = record_event(self.device)
@@ -96,7 +102,7 @@ class GradientFlush:
                 # Made on the compute stream, read on this one: not to be reused before.
                 grads.record_stream(self.stream)
                 rows.record_stream(self.stream)
-            if self.compact:
+            if compact and self.can_compact:
                 self._compact(grads, rows, start)
             else:
                 self.staging.grads_view(start, n, grads.shape[1]).copy_(grads, non_blocking=True)
@@ -131,16 +137,25 @@ class GradientFlush:
         self.rows_sent += m
         return self.staging.rows[start : start + m], m
 
-    def flush(self, cache_grad: Tensor, ids: Tensor, slots: Tensor, width: int, step: int) -> int:
+    def flush(
+        self,
+        cache_grad: Tensor,
+        ids: Tensor,
+        slots: Tensor,
+        width: int,
+        step: int,
+        compact: bool = True,
+    ) -> int:
         """Final gradients of rows ``ids`` (in ``cache_grad[slots]``): to the host, then the
-        CPU Adam, in the background; returns the bytes queued (on CUDA the rows without
-        gradient among them stay on the GPU: :attr:`rows_sent` counts what crossed)."""
+        CPU Adam, in the background; returns the bytes queued. With ``compact``, on CUDA, the
+        rows without gradient among them stay on the GPU (:attr:`rows_sent` counts what
+        crossed); without, every row is copied (for rows that nearly all have a gradient)."""
         total = 0
         part = min(self.staging.capacity // 2, PART_ROWS)
         ids, slots = in_row_order(ids, slots)
         for lo in range(0, ids.numel(), part):
             rows, s = ids[lo : lo + part], slots[lo : lo + part]
-            start, done = self._download(cache_grad[s, :width], rows)
+            start, done = self._download(cache_grad[s, :width], rows, compact)
             n = rows.numel()
 
             def job(start=start, n=n, done=done) -> None:
@@ -158,16 +173,18 @@ class GradientFlush:
         self.rows_flushed += flushed
         self.rows_stepped += stepped
 
-    def defer(self, cache_grad: Tensor, ids: Tensor, slots: Tensor, width: int) -> int:
+    def defer(
+        self, cache_grad: Tensor, ids: Tensor, slots: Tensor, width: int, compact: bool = True
+    ) -> int:
         """Partial gradients of rows used in several stretches: kept until the batch ends. They
         leave the GPU like final ones, through the staging ring on the copy stream; the CPU
-        Adam thread adds them to their rows' sums (no wait here). Returns the bytes queued, as
-        :meth:`flush`."""
+        Adam thread adds them to their rows' sums (no wait here). ``compact`` and the bytes
+        returned are as in :meth:`flush`."""
         total = 0
         part = min(self.staging.capacity // 2, PART_ROWS)
         for lo in range(0, ids.numel(), part):
             rows = ids[lo : lo + part]
-            start, done = self._download(cache_grad[slots[lo : lo + part], :width], rows)
+            start, done = self._download(cache_grad[slots[lo : lo + part], :width], rows, compact)
             n = rows.numel()
 
             def job(start=start, done=done) -> None:
