@@ -39,47 +39,16 @@ def test_rows_without_gradient_stay_on_the_gpu(width):
     flush.close()
 
 
-def test_flush_sends_the_rows_with_gradient_in_address_order():
-    """Whatever order the cache holds them in, rows reach the CPU Adam ascending, each with
-    its own gradient, and the rows without gradient do not reach it."""
+def _flush_through_a_recording_adam(n, width, zero_share, seed, compact):
+    """Flush ``n`` rows of a shuffled cache (``zero_share`` of them without gradient) to a
+    host whose CPU Adam records what it is given; returns the inputs, what it got, in how
+    many parts, and the flush (closed)."""
     cuda = torch.device("cuda")
-    g = torch.Generator(device=cuda).manual_seed(1)
-    n, width = 5000, 8
-    ids = torch.randperm(50 * n, device=cuda, generator=g)[:n]
-    slots = torch.randperm(n, device=cuda, generator=g)
-    cache_grad = torch.randn(n, width, device=cuda, generator=g)
-    cache_grad[torch.rand(n, device=cuda, generator=g) < 0.6] = 0
-    seen = []
-
-    def step_rows(rows, grads, width, step):
-        seen.append((rows.clone(), grads.clone()))
-        return rows.numel()
-
-    host = types.SimpleNamespace(width=width, adam=types.SimpleNamespace(threads=2))
-    host.step_rows = step_rows
-    flush = GradientFlush(host, cuda, staging_rows=1 << 12)
-    flush.flush(cache_grad, ids, slots, width, step=1)
-    flush.drain()
-    flush.close()
-    assert len(seen) == 3  # parts of half the ring
-    rows = torch.cat([r for r, _ in seen])
-    grads = torch.cat([x for _, x in seen])
-    kept = cache_grad[slots].ne(0).any(dim=1)
-    order = torch.argsort(ids[kept])
-    assert torch.equal(rows, ids[kept][order].cpu())
-    assert torch.equal(grads, cache_grad[slots][kept][order].cpu())
-
-
-def test_flush_without_compaction_copies_every_row():
-    """``compact=False`` (rows a walk found read): every row reaches the CPU Adam in address
-    order with its own gradient, the zero ones too, for it to skip."""
-    cuda = torch.device("cuda")
-    g = torch.Generator(device=cuda).manual_seed(3)
-    n, width = 3000, 12
+    g = torch.Generator(device=cuda).manual_seed(seed)
     ids = torch.randperm(20 * n, device=cuda, generator=g)[:n]
     slots = torch.randperm(n, device=cuda, generator=g)
     cache_grad = torch.randn(n, width, device=cuda, generator=g)
-    cache_grad[torch.rand(n, device=cuda, generator=g) < 0.3] = 0
+    cache_grad[torch.rand(n, device=cuda, generator=g) < zero_share] = 0
     seen = []
 
     def step_rows(rows, grads, width, step):
@@ -89,14 +58,33 @@ def test_flush_without_compaction_copies_every_row():
     host = types.SimpleNamespace(width=width, adam=types.SimpleNamespace(threads=2))
     host.step_rows = step_rows
     flush = GradientFlush(host, cuda, staging_rows=1 << 12)
-    flush.flush(cache_grad, ids, slots, width, step=1, compact=False)
+    flush.flush(cache_grad, ids, slots, width, step=1, compact=compact)
     flush.drain()
     flush.close()
     rows = torch.cat([r for r, _ in seen])
     grads = torch.cat([x for _, x in seen])
+    return ids, cache_grad[slots], rows, grads, len(seen), flush
+
+
+def test_flush_sends_the_rows_with_gradient_in_address_order():
+    """Whatever order the cache holds them in, rows reach the CPU Adam ascending, each with
+    its own gradient, and the rows without gradient do not reach it."""
+    ids, sent, rows, grads, parts, _ = _flush_through_a_recording_adam(5000, 8, 0.6, 1, True)
+    assert parts == 3  # parts of half the ring
+    kept = sent.ne(0).any(dim=1)
+    order = torch.argsort(ids[kept])
+    assert torch.equal(rows, ids[kept][order].cpu())
+    assert torch.equal(grads, sent[kept][order].cpu())
+
+
+def test_flush_without_compaction_copies_every_row():
+    """``compact=False`` (rows a walk found read): every row reaches the CPU Adam in address
+    order with its own gradient, the zero ones too, for it to skip."""
+    n = 3000
+    ids, sent, rows, grads, _, flush = _flush_through_a_recording_adam(n, 12, 0.3, 3, False)
     order = torch.argsort(ids)
     assert torch.equal(rows, ids[order].cpu())
-    assert torch.equal(grads, cache_grad[slots][order].cpu())
-    kept = int(cache_grad.ne(0).any(dim=1).sum())
+    assert torch.equal(grads, sent[order].cpu())
+    kept = int(sent.ne(0).any(dim=1).sum())
     assert flush.rows_sent == flush.rows_flushed == n
     assert flush.rows_stepped == kept < n
