@@ -388,6 +388,9 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
         if self.copy_stream is not None:  # the loads read the plan, made on this stream
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         cache_grad = self.cache_grad[:, :width]
+        # Rows the walk found read nearly all have a gradient: copying them whole holds no SMs,
+        # where leaving out the few without would (GradientFlush).
+        compact = not batch.walked
         loaded: list[torch.cuda.Event | None] = []
         flushed: list[torch.cuda.Event | None] = []
         for k, mb in enumerate(plan.micro):
@@ -418,12 +421,10 @@ class OffloadEngine(InPieces, RowsAcrossSets, Engine):
             )
             unread = drawn[mb.view] if drawn is not None else None
             self._render_unit(batch, units[mb.view], owner[mb.view], params, gids, unread)
-            # Rows the walk found read nearly all have a gradient: copying them whole holds no
-            # SMs, where leaving out the few without would (GradientFlush).
-            compact = not batch.walked
-            flush, defer = self.flusher.flush, self.flusher.defer
-            sent = flush(cache_grad, mb.flush_ids, mb.flush_slots, width, step, compact)
-            sent += defer(cache_grad, mb.defer_ids, mb.defer_slots, width, compact)
+            sent = self.flusher.flush(
+                cache_grad, mb.flush_ids, mb.flush_slots, width, step, compact
+            )
+            sent += self.flusher.defer(cache_grad, mb.defer_ids, mb.defer_slots, width, compact)
             stats.bytes_to_host += sent
             flushed.append(self._event())
 

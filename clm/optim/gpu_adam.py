@@ -48,10 +48,7 @@ def adam_step_table(
     _check_rows(param, grad, exp_avg, exp_avg_sq)
     b1, b2 = config.betas
     bc1, bc2_sqrt = bias_corrections(config, step)
-    sizes = np.zeros(width, dtype=np.float32)
-    for start, end, lr in column_lrs:
-        sizes[start:end] = -(lr / bc1)
-    step_size = _on_device(tuple(sizes.tolist()), param.device)
+    step_size = _step_sizes(tuple(column_lrs), bc1, width, param.device)
     args = (
         _base(param),
         _base(exp_avg),
@@ -74,10 +71,15 @@ def adam_step_table(
 
 
 @functools.lru_cache(maxsize=8)
-def _on_device(sizes: tuple[float, ...], device: torch.device) -> Tensor:
-    """Per-column step sizes on the GPU, copied once for the chunks of a step that share them."""
-    pinned = torch.tensor(sizes, dtype=torch.float32).pin_memory()
-    return pinned.to(device, non_blocking=True)
+def _step_sizes(
+    column_lrs: tuple[tuple[int, int, float], ...], bc1: float, width: int, device: torch.device
+) -> Tensor:
+    """``-lr / bc1`` of each column (zero outside the ranges) on the GPU, made once for the
+    chunks of a step that share them."""
+    sizes = torch.zeros(width, dtype=torch.float32)
+    for start, end, lr in column_lrs:
+        sizes[start:end] = -(lr / bc1)
+    return sizes.pin_memory().to(device, non_blocking=True)
 
 
 def _check_rows(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
