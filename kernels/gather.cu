@@ -5,8 +5,10 @@
 // Only the first `width` columns move (the active SH degree); the slot's gradient is zeroed.
 //
 // Random rows over PCIe are bound by the requests in flight, not by bytes, so each thread
-// moves a 4-float piece of a row with independent loads (one 16-byte load when aligned):
-// neighbouring threads cover neighbouring pieces, and a warp keeps many rows in flight.
+// moves 4-float pieces of rows (one 16-byte load when aligned), PIECES_AT_ONCE of them with
+// their loads issued together: neighbouring threads cover neighbouring pieces, and a warp keeps
+// many rows in flight. The grid is small (a block per SM, each thread striding over the pieces)
+// so the render, which this overlaps, finds room on every SM (see clm/offload/gather.py).
 //
 // With `sums` (else null), rows may have skipped Adam steps pending (lazy Adam,
 // clm/optim/lazy_adam.py): a row whose `last` step is before `upto` is caught up on the way,
@@ -29,6 +31,8 @@ __device__ __forceinline__ void load_piece(float* v, const float* src, int count
     for (int k = 0; k < 4; ++k) v[k] = k < count ? src[k] : 0.0f;
 }
 
+constexpr int PIECES_AT_ONCE = 4;
+
 extern "C" __global__ void gather_rows(
     const unsigned long long* __restrict__ chunk_ptrs,  // [4, n_chunks]: param, m, v, last
     const long long n_chunks,
@@ -48,57 +52,78 @@ extern "C" __global__ void gather_rows(
     unsigned long long* __restrict__ caught_up)
 {
     const int pieces = (width + 3) >> 2;
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    bool counted = false;
-    if (idx < n * pieces) {
-        const long long j = idx / pieces;
-        const int c = (int)(idx - j * pieces) << 2;
-        const long long r = rows[j];
-        const long long chunk = r >> chunk_shift;
-        const long long in_chunk = r & ((1LL << chunk_shift) - 1);
-        const long long at = in_chunk * row_stride + c;
-        const int count = min(4, width - c);
-        const bool aligned = ((row_stride | out_stride) & 3) == 0 && count == 4;
-        const int t0 = sums == nullptr
-            ? upto
-            : reinterpret_cast<const int*>(chunk_ptrs[3 * n_chunks + chunk])[in_chunk];
-        float p[4];
-        load_piece(p, reinterpret_cast<const float*>(chunk_ptrs[chunk]) + at, count, aligned);
-        if (t0 < upto) {
-            float m[4], v[4];
-            load_piece(m, reinterpret_cast<const float*>(chunk_ptrs[n_chunks + chunk]) + at,
-                       count, aligned);
-            load_piece(v, reinterpret_cast<const float*>(chunk_ptrs[2 * n_chunks + chunk]) + at,
-                       count, aligned);
+    const long long total = n * pieces;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long mask = (1LL << chunk_shift) - 1;
+    unsigned counted = 0;
+    for (long long base = (long long)blockIdx.x * blockDim.x + threadIdx.x; base < total;
+         base += stride * PIECES_AT_ONCE) {
+        long long j[PIECES_AT_ONCE], chunk[PIECES_AT_ONCE], in_chunk[PIECES_AT_ONCE];
+        int c[PIECES_AT_ONCE], t0[PIECES_AT_ONCE];
+        float p[PIECES_AT_ONCE][4];
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                const double vk = v[k];
-                if (k < count && vk > 0.0) {
-                    const double s = sums[column_segment[c + k] * sums_stride + t0];
-                    const double update = __dmul_rn(__ddiv_rn((double)m[k], __dsqrt_rn(vk)), s);
-                    p[k] = __double2float_rn(__dsub_rn((double)p[k], update));
-                }
-            }
-            counted = c == 0;
+        for (int u = 0; u < PIECES_AT_ONCE; ++u) {
+            const long long idx = base + u * stride;
+            j[u] = idx < total ? idx / pieces : -1;
+            c[u] = j[u] >= 0 ? (int)(idx - j[u] * pieces) << 2 : 0;
+            const long long r = j[u] >= 0 ? rows[j[u]] : 0;
+            chunk[u] = r >> chunk_shift;
+            in_chunk[u] = r & mask;
         }
-        const long long dst = slots[j] * out_stride + c;
-        if (aligned) {
-            *reinterpret_cast<float4*>(out + dst) = make_float4(p[0], p[1], p[2], p[3]);
-            if (grad_out != nullptr) {
-                *reinterpret_cast<float4*>(grad_out + dst) = make_float4(0.f, 0.f, 0.f, 0.f);
-            }
-        } else {
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                if (k < count) {
-                    out[dst + k] = p[k];
-                    if (grad_out != nullptr) grad_out[dst + k] = 0.0f;
+        for (int u = 0; u < PIECES_AT_ONCE; ++u) {
+            if (j[u] < 0) continue;
+            const int count = min(4, width - c[u]);
+            const bool aligned = ((row_stride | out_stride) & 3) == 0 && count == 4;
+            t0[u] = sums == nullptr
+                ? upto
+                : reinterpret_cast<const int*>(chunk_ptrs[3 * n_chunks + chunk[u]])[in_chunk[u]];
+            load_piece(p[u], reinterpret_cast<const float*>(chunk_ptrs[chunk[u]])
+                                 + in_chunk[u] * row_stride + c[u], count, aligned);
+        }
+#pragma unroll
+        for (int u = 0; u < PIECES_AT_ONCE; ++u) {
+            if (j[u] < 0) continue;
+            const int count = min(4, width - c[u]);
+            const bool aligned = ((row_stride | out_stride) & 3) == 0 && count == 4;
+            if (t0[u] < upto) {
+                const long long at = in_chunk[u] * row_stride + c[u];
+                float m[4], v[4];
+                load_piece(m, reinterpret_cast<const float*>(chunk_ptrs[n_chunks + chunk[u]]) + at,
+                           count, aligned);
+                load_piece(v, reinterpret_cast<const float*>(chunk_ptrs[2 * n_chunks + chunk[u]]) + at,
+                           count, aligned);
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const double vk = v[k];
+                    if (k < count && vk > 0.0) {
+                        const double s = sums[column_segment[c[u] + k] * sums_stride + t0[u]];
+                        const double update = __dmul_rn(__ddiv_rn((double)m[k], __dsqrt_rn(vk)), s);
+                        p[u][k] = __double2float_rn(__dsub_rn((double)p[u][k], update));
+                    }
+                }
+                counted += c[u] == 0;
+            }
+            const long long dst = slots[j[u]] * out_stride + c[u];
+            if (aligned) {
+                *reinterpret_cast<float4*>(out + dst) = make_float4(p[u][0], p[u][1], p[u][2], p[u][3]);
+                if (grad_out != nullptr) {
+                    *reinterpret_cast<float4*>(grad_out + dst) = make_float4(0.f, 0.f, 0.f, 0.f);
+                }
+            } else {
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    if (k < count) {
+                        out[dst + k] = p[u][k];
+                        if (grad_out != nullptr) grad_out[dst + k] = 0.0f;
+                    }
                 }
             }
         }
     }
-    const unsigned ballot = __ballot_sync(0xffffffffu, counted);
-    if ((threadIdx.x & 31) == 0 && ballot != 0u) {
-        atomicAdd(caught_up, (unsigned long long)__popc(ballot) * (unsigned long long)width);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) counted += __shfl_down_sync(0xffffffffu, counted, off);
+    if ((threadIdx.x & 31) == 0 && counted != 0u) {
+        atomicAdd(caught_up, (unsigned long long)counted * (unsigned long long)width);
     }
 }

@@ -171,12 +171,15 @@ def test_cull_kernel_matches_torch_twin_and_is_conservative():
     assert not torch.equal(moved.ids, result.ids)
 
 
-def test_gather_kernel_matches_twin_across_chunks():
+@pytest.mark.parametrize("blocks", [None, 1])
+def test_gather_kernel_matches_twin_across_chunks(blocks):
+    """``blocks=1``: a one-block grid, so each thread strides over many groups of pieces."""
     store = HostStore(48, chunk_shift=10, pinned=True)
     rows_host = torch.randn(5000, 48)
     store.append(rows_host, step=0)
     gather = RowGather(store, CUDA)
     assert gather.use_kernel
+    gather.max_blocks = blocks or gather.max_blocks
     g = torch.Generator().manual_seed(0)
     rows = torch.randperm(5000, generator=g)[:1500].to(CUDA)
     slots = torch.randperm(2000, generator=g)[:1500].to(CUDA)
@@ -193,12 +196,15 @@ def test_gather_kernel_matches_twin_across_chunks():
         assert (grad[slots, :width] == 0).all() and (grad[untouched.to(CUDA)] == 1).all()
 
 
-def test_gather_kernel_catches_rows_up_as_the_cpu_adam_does():
+@pytest.mark.parametrize("blocks", [None, 1])
+def test_gather_kernel_catches_rows_up_as_the_cpu_adam_does(blocks):
     """Rows with skipped steps pending, gathered by the kernel: bit for bit the twin's values
-    and the CPU Adam's own catch-up, across chunks and at every active width."""
+    and the CPU Adam's own catch-up, across chunks and at every active width (``blocks=1``: a
+    one-block grid, each thread striding)."""
     host, spec, lrs, config, _ = lazily_stepped_rows(3000, steps=5, pinned=True, chunk_shift=10)
     store = host.store
     kernel = RowGather(store, CUDA)
+    kernel.max_blocks = blocks or kernel.max_blocks
     twin = RowGather(store, torch.device("cpu"))
     assert kernel.use_kernel and not twin.use_kernel
     g = torch.Generator().manual_seed(1)

@@ -53,6 +53,32 @@ def launch(fn: Any, n: int, args: tuple, stream: Any = None, block: int = 256) -
         fn(grid, (block,), args)
 
 
+@functools.cache
+def side_kernel(source: str, name: str) -> Any:
+    """:func:`kernel`, for a kernel that runs on a side stream beside the render and uses no
+    shared memory: it asks for an SM's largest shared-memory carveout.
+
+    An SM splits its on-chip memory between L1 and shared memory, and changes the split only
+    when it is empty. A kernel that uses none gets an SM configured with none, and a render
+    kernel that needs shared memory then waits for that SM to drain: in the (e) benchmark the
+    render of a view waited for a whole 18 ms gather of the next view's rows."""
+    fn = kernel(source, name)
+    fn.preferred_shared_memory_carveout = 100  # percent of the most an SM can have
+    return fn
+
+
+def launch_strided(
+    fn: Any, n: int, args: tuple, stream: Any, blocks: int, block: int = 256
+) -> None:
+    """Launch a grid-stride kernel over ``n`` items in at most ``blocks`` blocks on a torch
+    CUDA stream (each thread covers items ``i, i + grid size, ...``)."""
+    if n == 0:
+        return
+    grid = (max(1, min(blocks, (n + block - 1) // block)),)
+    with _cupy_stream(stream.cuda_stream):
+        fn(grid, (block,), args)
+
+
 def launch_blocks(fn: Any, blocks: int, block: tuple[int, ...], args: tuple) -> None:
     """Launch ``blocks`` blocks of ``block`` threads (a tile, a run of rows: the kernel says
     what each covers), on the current torch CUDA stream."""

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from clm.offload.catch_up import CatchUpTo
-from clm.offload.cuda_kernels import cupy_available, kernel, launch, pointer
+from clm.offload.cuda_kernels import cupy_available, launch_strided, pointer, side_kernel
 from clm.offload.host_store import HostStore
 from clm.optim.lazy_adam import catch_up_block
 
@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 # cudaDevAttrCanUseHostPointerForRegisteredMem: kernels may use a registered host pointer as is.
 _HOST_POINTER_ATTRIBUTE = 91
+# SMs per block of the gather kernel. Its loads wait microseconds on PCIe, and an SM that
+# holds them slows every kernel beside it (a render's rasterization 12 times), so the gather
+# runs in a block on one SM in four, each thread keeping four pieces in flight.
+_SMS_PER_BLOCK = 4
 
 
 def _host_pointers_usable(device: torch.device) -> bool:
@@ -43,6 +47,12 @@ class RowGather:
             and store.pinned
             and cupy_available()
             and _host_pointers_usable(device)
+        )
+        # the kernel's grid (a test may shrink it, to make every thread stride)
+        self.max_blocks = (
+            max(1, torch.cuda.get_device_properties(device).multi_processor_count // _SMS_PER_BLOCK)
+            if self.use_kernel
+            else 0
         )
         self._pointers: Tensor | None = None
         self._pointer_key: tuple[int, ...] = ()
@@ -112,8 +122,10 @@ class RowGather:
             null if catch_up is None else pointer(catch_up.column_segment),
             pointer(self._caught_up),
         )
-        pieces = (width + 3) // 4  # one thread per 4-float piece of a row
-        launch(kernel("gather.cu", "gather_rows"), rows.numel() * pieces, args, stream=stream)
+        pieces = (width + 3) // 4  # the kernel moves rows in 4-float pieces
+        fn = side_kernel("gather.cu", "gather_rows")
+        stream = stream if stream is not None else torch.cuda.current_stream(self.device)
+        launch_strided(fn, rows.numel() * pieces, args, stream, self.max_blocks)
 
     def _caught_up_twin(self, rows: Tensor, width: int, catch_up: CatchUpTo) -> Tensor:
         """The kernel's catch-up in torch, on copies of the rows."""
