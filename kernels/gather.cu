@@ -7,8 +7,8 @@
 // Random rows over PCIe are bound by the requests in flight, not by bytes, so each thread
 // moves 4-float pieces of rows (one 16-byte load when aligned), PIECES_AT_ONCE of them with
 // their loads issued together: neighbouring threads cover neighbouring pieces, and a warp keeps
-// many rows in flight. The grid is small (a block per SM, each thread striding over the pieces)
-// so the render, which this overlaps, finds room on every SM (see clm/offload/gather.py).
+// many rows in flight. The grid is small (a block for every four SMs, each thread striding over
+// the pieces), so the render this overlaps has the other SMs to itself (clm/offload/gather.py).
 //
 // With `sums` (else null), rows may have skipped Adam steps pending (lazy Adam,
 // clm/optim/lazy_adam.py): a row whose `last` step is before `upto` is caught up on the way,
